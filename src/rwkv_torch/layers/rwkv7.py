@@ -1,0 +1,142 @@
+"""RWKV-7 "Goose" (x070) layers: TimeMix and ChannelMix exactly as spec section 4, and the official init (4.8)."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import RWKVConfig
+from ..ops import token_shift, wkv7
+
+# exp(-0.5): the soft clamp w = -softplus(-w_raw) - 0.5 gives log decay -e^{-0.5} * sigmoid(w_raw).
+DECAY_SCALE = math.exp(-0.5)
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 attention-like mixer. Parameter names and shapes follow the official checkpoints (spec 4.1)."""
+
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        C, H, N = config.hidden_size, config.num_heads, config.head_size
+        self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
+            setattr(self, name, nn.Parameter(torch.zeros(C)))
+        self.w1 = nn.Parameter(torch.zeros(C, config.decay_lora_dim))
+        self.w2 = nn.Parameter(torch.zeros(config.decay_lora_dim, C))
+        self.a1 = nn.Parameter(torch.zeros(C, config.a_lora_dim))
+        self.a2 = nn.Parameter(torch.zeros(config.a_lora_dim, C))
+        if layer_id > 0:  # layer 0 defines v_first; its v0/v1/v2 would be unused
+            self.v0 = nn.Parameter(torch.zeros(C))
+            self.v1 = nn.Parameter(torch.zeros(C, config.v_lora_dim))
+            self.v2 = nn.Parameter(torch.zeros(config.v_lora_dim, C))
+        self.g1 = nn.Parameter(torch.zeros(C, config.gate_lora_dim))
+        self.g2 = nn.Parameter(torch.zeros(config.gate_lora_dim, C))
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, shift, wkv_state, v_first, *, backend="auto"):
+        """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N, N] fp32; v_first: [B, T, C] or None.
+
+        Returns (out [B, T, C], new shift [B, C], new wkv_state, v_first).
+        """
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = token_shift(x, shift) - x
+        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        w_raw = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        log_decay = -DECAY_SCALE * torch.sigmoid(w_raw.float())  # = -exp(-softplus(-w_raw) - 0.5), in fp32
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12).view(B, T, C)
+        k = k * (1 + (a - 1) * self.k_a)
+
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        dt = r.dtype
+        y, wkv_state = wkv7(
+            heads(r), heads(log_decay.to(dt)), heads(k), heads(v), heads(-kk), heads(kk * a), wkv_state, backend=backend
+        )
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
+        y = y + bonus.view(B, T, C)
+        return self.output(y * g), x[:, -1], wkv_state, v_first
+
+    @torch.no_grad()
+    def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
+        """The official from-scratch init (spec 4.8)."""
+        C, N, l = self.x_r.numel(), self.head_size, self.layer_id
+        r0 = l / (num_layers - 1) if num_layers > 1 else 0.0
+        r1 = 1.0 - l / num_layers
+        n = torch.arange(C, dtype=torch.float64)
+        ddd = n / C
+        linear = n / (C - 1) - 0.5 if C > 1 else torch.zeros(C, dtype=torch.float64)
+        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2) if N > 1 else torch.zeros(C, dtype=torch.float64)
+        zigzag = z * z.abs()
+        www = -6 + 6 * (n / (C - 1) if C > 1 else n) ** (1 + r0**0.3)
+
+        for name, p in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+            getattr(self, name).copy_(1 - ddd ** (p * r1))
+        self.w0.copy_(www + 0.5 + 2.5 * zigzag)
+        self.a0.copy_(-0.19 + 0.3 * zigzag + 0.4 * linear)
+        self.k_k.copy_(0.71 - 0.1 * linear)
+        self.k_a.fill_(1.02)
+        self.r_k.fill_(-0.04)
+        lora_pairs = [(self.w1, self.w2), (self.a1, self.a2), (self.g1, self.g2)]
+        if l > 0:
+            self.v0.copy_(0.73 - 0.4 * linear)
+            lora_pairs.insert(2, (self.v1, self.v2))
+        for first, second in lora_pairs:
+            first.zero_()
+            _ortho(second, 0.1, generator)
+        _ortho(self.receptance.weight, 1.0, generator)
+        _ortho(self.key.weight, 0.1, generator)
+        _ortho(self.value.weight, 1.0, generator)
+        self.output.weight.zero_()
+        self.ln_x.weight.copy_(((1 + l) / num_layers) ** 0.7 * torch.ones(C))
+        self.ln_x.bias.zero_()
+
+
+class ChannelMix(nn.Module):
+    """RWKV-7 feed-forward: relu² with a token-shift lerp, no receptance gate (spec 4.5)."""
+
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        C = config.hidden_size
+        self.layer_id = layer_id
+        self.x_k = nn.Parameter(torch.zeros(C))
+        self.key = nn.Linear(C, config.ffn_dim, bias=False)
+        self.value = nn.Linear(config.ffn_dim, C, bias=False)
+
+    def forward(self, x, shift):
+        """x: [B, T, C] (ln2 output); shift: [B, C]. Returns (out [B, T, C], new shift [B, C])."""
+        xk = x + (token_shift(x, shift) - x) * self.x_k
+        return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1]
+
+    @torch.no_grad()
+    def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
+        C = self.x_k.numel()
+        r1 = 1.0 - self.layer_id / num_layers
+        ddd = torch.arange(C, dtype=torch.float64) / C
+        self.x_k.copy_(1 - ddd ** (r1**4))
+        _ortho(self.key.weight, 1.0, generator)
+        self.value.weight.zero_()
+
+
+def _ortho(weight: torch.Tensor, scale: float, generator: torch.Generator | None) -> None:
+    """orthogonal_ with gain scale * sqrt(rows/cols) when rows > cols (the official generate_init_weight)."""
+    rows, cols = weight.shape
+    gain = scale * (math.sqrt(rows / cols) if rows > cols else 1.0)
+    nn.init.orthogonal_(weight, gain=gain, generator=generator)

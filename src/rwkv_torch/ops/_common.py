@@ -1,0 +1,66 @@
+"""Input checks and variable-length packing shared by the WKV ops."""
+
+import torch
+
+BACKENDS = ("auto", "naive", "chunk", "step", "triton")
+
+
+def check_same(name_ref: str, ref: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Every tensor must have ref's shape, dtype and device."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} must have the shape of {name_ref} {tuple(ref.shape)}, got {tuple(t.shape)}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} must have the dtype of {name_ref} ({ref.dtype}), got {t.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} must be on {ref.device} like {name_ref}, got {t.device}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_log_decay(w: torch.Tensor) -> None:
+    """w is a log decay: finite and <= 0 (the per-step factor exp(w) lies in (0, 1])."""
+    if not torch.isfinite(w).all():
+        raise ValueError("w (log decay) must be finite; got inf or NaN")
+    if (w > 0).any():
+        raise ValueError(f"w is the log decay and must be <= 0; got max {w.max().item():.4g}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int) -> list[int]:
+    """Validate cu_seqlens ([S+1], 0 first, B*T last, non-decreasing, B == 1); return it as a list."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("cu_seqlens must be an int32 or int64 tensor [S+1]")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={batch}")
+    cs = cu_seqlens.tolist()
+    if cs[0] != 0 or cs[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {cs[0]} ... {cs[-1]}")
+    if any(x > y for x, y in zip(cs[:-1], cs[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return cs
+
+
+def pack_to_batch(cs: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """[1, T, ...] packed rows -> [S, T_max, ...] zero-padded at the end of each sequence."""
+    lens = [y - x for x, y in zip(cs[:-1], cs[1:])]
+    t_max = max(max(lens), 1)
+    out = []
+    for t in tensors:
+        buf = t.new_zeros((len(lens), t_max) + tuple(t.shape[2:]))
+        for i, (s, n) in enumerate(zip(cs[:-1], lens)):
+            buf[i, :n] = t[0, s : s + n]
+        out.append(buf)
+    return out
+
+
+def unpack_from_batch(cs: list[int], padded: torch.Tensor) -> torch.Tensor:
+    """[S, T_max, ...] -> [1, T, ...] keeping each sequence's first len rows."""
+    parts = [padded[i, : y - x] for i, (x, y) in enumerate(zip(cs[:-1], cs[1:]))]
+    return torch.cat(parts, dim=0).unsqueeze(0)

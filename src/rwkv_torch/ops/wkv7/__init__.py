@@ -1,0 +1,96 @@
+"""WKV-7: the generalised delta-rule recurrence of RWKV-7 (spec section 4.4). Derivation in README.md."""
+
+import torch
+
+from .._common import (
+    BACKENDS,
+    check_cu_seqlens,
+    check_float,
+    check_log_decay,
+    check_same,
+    pack_to_batch,
+    unpack_from_batch,
+)
+from .chunk import DEFAULT_CHUNK_SIZE, wkv7_chunk
+from .naive import compute_dtype, wkv7_naive, wkv7_step
+
+__all__ = ["wkv7", "wkv7_naive", "wkv7_chunk", "wkv7_step", "DEFAULT_CHUNK_SIZE"]
+
+
+def _resolve_backend(backend: str, device: torch.device, T: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        raise ValueError("backend='triton' is not available yet for wkv7; use 'chunk', 'naive' or 'step'")
+    if backend != "auto":
+        return backend
+    return "chunk" if T > 1 else "step"
+
+
+def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto", chunk_size: int | None = None):
+    """RWKV-7 WKV over a sequence, from an initial state.
+
+    Per head, with the official state layout ``S [N_v, N_k]`` (row = value index)::
+
+        S_t = S_{t-1} (diag(exp(w_t)) + a_t b_tᵀ) + v_t k_tᵀ,     y_t = S_t r_t
+
+    Args:
+        r, w, k, v, a, b: ``[B, T, H, N]``, one floating dtype (fp32/bf16/fp16/fp64), one device.
+            ``w`` is the log decay (finite, <= 0; RWKV-7 passes ``-0.6065306597 * sigmoid(w_raw)``),
+            ``a = -kk`` and ``b = kk * a_rate``. No ``1/sqrt(N)`` scale is applied.
+        state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
+        cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
+            at every boundary and one final state per sequence is returned.
+        backend: ``"auto"`` (chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``.
+        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``).
+
+    Returns:
+        ``(out [B, T, H, N] in the input dtype, final_state [B or S, H, N, N])``; the state is float32,
+        or float64 for float64 inputs.
+
+    Example:
+        >>> r, w, k, v, a, b = (torch.randn(1, 8, 2, 4) for _ in range(6))
+        >>> out, s = wkv7(r, -torch.rand(1, 8, 2, 4), k, v, a, b)
+        >>> out.shape, s.shape
+        (torch.Size([1, 8, 2, 4]), torch.Size([1, 2, 4, 4]))
+    """
+    if not isinstance(r, torch.Tensor):
+        raise TypeError(f"r must be a torch.Tensor, got {type(r).__name__}")
+    if r.dim() != 4:
+        raise ValueError(f"r must be [B, T, H, N] (4-D), got shape {tuple(r.shape)}")
+    check_float("r", r)
+    check_same("r", r, w=w, k=k, v=v, a=a, b=b)
+    check_log_decay(w)
+    B, T, H, N = r.shape
+    cd = compute_dtype(r.dtype)
+    n_states = B
+    cs = None
+    if cu_seqlens is not None:
+        cs = check_cu_seqlens(cu_seqlens, B, T)
+        n_states = len(cs) - 1
+    if state is not None:
+        if not isinstance(state, torch.Tensor) or state.shape != (n_states, H, N, N):
+            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(f"state must be [{n_states}, {H}, {N}, {N}] ([B or S, H, N_v, N_k]), got {got}")
+        if state.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"state must be float32 (or float64), got {state.dtype}")
+        if state.device != r.device:
+            raise ValueError(f"state must be on {r.device}, got {state.device}")
+    be = _resolve_backend(backend, r.device, T)
+
+    if cs is not None:
+        # Zero padding at the end of a sequence (w = 0, k = b = 0) leaves its state unchanged.
+        packed = pack_to_batch(cs, r, w, k, v, a, b)
+        out, final = _run(be, *packed, state, chunk_size)
+        return unpack_from_batch(cs, out).to(r.dtype), final
+    out, final = _run(be, r, w, k, v, a, b, state, chunk_size)
+    return out.to(r.dtype), final.to(cd)
+
+
+def _run(be, r, w, k, v, a, b, state, chunk_size):
+    if be == "naive":
+        return wkv7_naive(r, w, k, v, a, b, state)
+    if be == "chunk":
+        return wkv7_chunk(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+    # "step": the recurrence token by token (the decode path; for T == 1 one call).
+    return wkv7_naive(r, w, k, v, a, b, state)

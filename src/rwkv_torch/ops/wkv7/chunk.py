@@ -1,0 +1,103 @@
+"""WKV-7 in chunked parallel (WY / UT-transform) form, plain PyTorch with autograd backward (spec section 5.2).
+
+Internally the state is fla's ``h = Sᵀ [K, V]``; the public layout ``[V, K]`` is restored at the end.
+Per chunk of length L (positions i, j), with Γ the inclusive cumulative log decay and Γ⁻ = Γ - w::
+
+    A_qk[i,j] = Σ_c r_i k_j e^{Γ_i-Γ_j}  (j<=i)     A_qb[i,j] = Σ_c r_i b_j e^{Γ_i-Γ_j}  (j<=i)
+    A_ak[i,j] = Σ_c a_i k_j e^{Γ⁻_i-Γ_j} (j<i)      A_ab[i,j] = Σ_c a_i b_j e^{Γ⁻_i-Γ_j} (j<i)
+    W = (I - A_ab)⁻¹ (a ⊙ e^{Γ⁻}),  U = (I - A_ab)⁻¹ A_ak V,   S = U + W h₀   (the per-token "sa")
+    O   = (r ⊙ e^{Γ}) h₀ + A_qk V + A_qb S
+    h_L = e^{Γ_L} ⊙ h₀ + (k ⊙ e^{Γ_L-Γ})ᵀ V + (b ⊙ e^{Γ_L-Γ})ᵀ S
+
+Everything that does not depend on h₀ is computed for all chunks at once; the loop over chunks then costs two
+matrix products each: ``O_c = P_c h + Q_c`` and ``h = M_c h + R_c``.
+
+Numerics: the pair factors e^{Γ_i-Γ_j} are formed either by factorising around the middle of the chunk
+(matrix products; legal while a chunk's total log decay stays within the dtype's exponent headroom, which the
+RWKV-7 soft clamp w >= -0.6065 guarantees for L <= 64) or, for stronger decays, elementwise per pair (exact for
+any w <= 0, more memory). The choice is made per call from the data.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .naive import compute_dtype
+
+DEFAULT_CHUNK_SIZE = 32
+# Largest total |log decay| of one chunk for the factorised form: every valid factor then stays within e^{±span}.
+_FACTOR_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+def _pair_matrices_factored(r, k, a, b, G, Gm):
+    # Reference point: the middle of each chunk, so no factor exceeds e^{span}.
+    L = r.shape[-2]
+    ref = G[..., L // 2 : L // 2 + 1, :]
+    e_q, e_a, e_k = (G - ref).exp(), (Gm - ref).exp(), (ref - G).exp()
+    rq, aq, kk, bk = r * e_q, a * e_a, k * e_k, b * e_k
+    A_qk = rq @ kk.transpose(-1, -2)
+    A_qb = rq @ bk.transpose(-1, -2)
+    A_ak = aq @ kk.transpose(-1, -2)
+    A_ab = aq @ bk.transpose(-1, -2)
+    return A_qk, A_qb, A_ak, A_ab
+
+
+def _pair_matrices_exact(r, k, a, b, G, Gm):
+    L = r.shape[-2]
+    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril()
+    # [.., L, L, K]: e^{Γ_i - Γ_j} with the upper triangle masked before exp, so nothing overflows.
+    d_q = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[:, :, None], float("-inf")).exp()
+    d_a = (Gm.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[:, :, None], float("-inf")).exp()
+    A_qk = torch.einsum("...ic,...ijc,...jc->...ij", r, d_q, k)
+    A_qb = torch.einsum("...ic,...ijc,...jc->...ij", r, d_q, b)
+    A_ak = torch.einsum("...ic,...ijc,...jc->...ij", a, d_a, k)
+    A_ab = torch.einsum("...ic,...ijc,...jc->...ij", a, d_a, b)
+    return A_qk, A_qb, A_ak, A_ab
+
+
+def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """r, w, k, v, a, b: [B, T, H, N]; state: [B, H, N_v, N_k] or None. Returns (out [B, T, H, N], state)."""
+    B, T, H, N = r.shape
+    cd = compute_dtype(r.dtype)
+    L = int(chunk_size)
+    pad = (-T) % L
+    # Padding with w = 0 and k = b = 0 leaves the state unchanged through the tail.
+    r, w, k, v, a, b = (F.pad(t.to(cd), (0, 0, 0, 0, 0, pad)) for t in (r, w, k, v, a, b))
+    nc = (T + pad) // L
+    # [B, H, nc, L, N]
+    r, w, k, v, a, b = (t.view(B, nc, L, H, N).permute(0, 3, 1, 2, 4) for t in (r, w, k, v, a, b))
+
+    G = w.cumsum(-2)  # Γ, inclusive
+    Gm = G - w  # Γ⁻, exclusive
+    G_last = G[..., -1:, :]  # [B, H, nc, 1, N]
+    span = (-G_last).amax().item() if G_last.numel() else 0.0
+    if span <= _FACTOR_SPAN[cd]:
+        A_qk, A_qb, A_ak, A_ab = _pair_matrices_factored(r, k, a, b, G, Gm)
+    else:
+        A_qk, A_qb, A_ak, A_ab = _pair_matrices_exact(r, k, a, b, G, Gm)
+    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril()
+    strict = incl.tril(-1)
+    zero = r.new_zeros(())
+    A_qk, A_qb = torch.where(incl, A_qk, zero), torch.where(incl, A_qb, zero)
+    A_ak, A_ab = torch.where(strict, A_ak, zero), torch.where(strict, A_ab, zero)
+
+    # UT transform: one unit-lower-triangular solve for both right-hand sides.
+    eye = torch.eye(L, dtype=cd, device=r.device)
+    rhs = torch.cat([a * Gm.exp(), A_ak @ v], dim=-1)
+    WU = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
+    W, U = WU[..., :N], WU[..., N:]  # [B, H, nc, L, K], [B, H, nc, L, V]
+
+    decay_to_end = (G_last - G).exp()  # [B, H, nc, L, K], <= 1
+    kg, bg = k * decay_to_end, b * decay_to_end
+    P = r * G.exp() + A_qb @ W  # O_c = P h + Q
+    Q = A_qk @ v + A_qb @ U
+    M = torch.diag_embed(G_last.squeeze(-2).exp()) + bg.transpose(-1, -2) @ W  # h' = M h + R
+    R = kg.transpose(-1, -2) @ v + bg.transpose(-1, -2) @ U
+
+    h = r.new_zeros(B, H, N, N) if state is None else state.to(cd).transpose(-1, -2)
+    outs = []
+    for c in range(nc):
+        outs.append(P[:, :, c] @ h + Q[:, :, c])
+        h = M[:, :, c] @ h + R[:, :, c]
+    out = torch.stack(outs, dim=2)  # [B, H, nc, L, V]
+    out = out.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
+    return out, h.transpose(-1, -2)

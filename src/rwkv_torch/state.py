@@ -1,0 +1,92 @@
+"""The recurrent state of an RWKV model: a small typed object passed in and returned, never kept on the model."""
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FORMAT = "rwkv-torch-state"
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass
+class RWKVState:
+    """Per layer l: ``shift_att[l] [B, C]`` (last ln1 output), ``shift_ffn[l] [B, C]`` (last ln2 output) and
+    ``wkv[l]``: ``[B, H, N, N]`` float32 for v5-v7 (v7 layout ``[N_v, N_k]``, v5/v6 ``[N_k, N_v]``), or
+    ``[B, 3, C]`` float32 for v4 (the stacked aa, bb, pp).
+    ``meta`` identifies the model shape the state belongs to (version, hidden_size, num_layers, head_size)."""
+
+    shift_att: list[torch.Tensor]
+    shift_ffn: list[torch.Tensor]
+    wkv: list[torch.Tensor]
+    meta: dict
+
+    @property
+    def batch_size(self) -> int:
+        return self.wkv[0].shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.wkv)
+
+    def _map(self, fn, wkv_fn=None) -> "RWKVState":
+        wkv_fn = wkv_fn or fn
+        return RWKVState(
+            [fn(t) for t in self.shift_att], [fn(t) for t in self.shift_ffn], [wkv_fn(t) for t in self.wkv],
+            dict(self.meta),
+        )
+
+    def select(self, batch_idx) -> "RWKVState":
+        """Rows of the batch: an int, a slice, a list or an index tensor (an int keeps a batch dim of 1)."""
+        if isinstance(batch_idx, int):
+            batch_idx = [batch_idx]
+        return self._map(lambda t: t[batch_idx])
+
+    def detach(self) -> "RWKVState":
+        return self._map(lambda t: t.detach())
+
+    def clone(self) -> "RWKVState":
+        return self._map(lambda t: t.clone())
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "RWKVState":
+        """Move to a device; ``dtype`` applies to the shift states only (the wkv state stays float32/64)."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype), lambda t: t.to(device=device))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for l in range(self.num_layers):
+            out[f"{l}.shift_att"], out[f"{l}.shift_ffn"], out[f"{l}.wkv"] = (
+                self.shift_att[l], self.shift_ffn[l], self.wkv[l]
+            )
+        return out
+
+    def save(self, path) -> None:
+        """Write a versioned safetensors file (format name and version, model shape in the metadata)."""
+        meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION), "model": json.dumps(self.meta)}
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path, device=None) -> "RWKVState":
+        """Read a file written by ``save``; raises ValueError for another format or a newer version."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not an rwkv-torch state file (format {meta.get('format')!r})")
+        version = int(meta.get("format_version", "0"))
+        if version > STATE_FORMAT_VERSION:
+            raise ValueError(f"{path}: state format version {version} is newer than supported {STATE_FORMAT_VERSION}")
+        tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
+        model_meta = json.loads(meta["model"])
+        L = model_meta["num_layers"]
+        try:
+            return cls(
+                [tensors[f"{l}.shift_att"] for l in range(L)],
+                [tensors[f"{l}.shift_ffn"] for l in range(L)],
+                [tensors[f"{l}.wkv"] for l in range(L)],
+                model_meta,
+            )
+        except KeyError as e:
+            raise ValueError(f"{path}: state file is missing tensor {e}") from None

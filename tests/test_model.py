@@ -1,0 +1,245 @@
+"""The model: parallel forward == step-by-step, carried state, shapes, parameter counts, init, input checks."""
+
+import math
+
+import pytest
+import torch
+from tests.utils import assert_close
+
+import rwkv_torch as rt
+
+SMALL = dict(hidden_size=64, num_layers=2, head_size=16)
+
+
+def perturbed(model, scale=0.2, seed=0):
+    """The official init zeroes several matrices (att.output, ffn.value); perturb every parameter so that every
+    path of the layer carries signal in the tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model.eval()
+
+
+def run_steps(model, xs, state):
+    outs = []
+    for t in range(xs.shape[1]):
+        y, state = model.step(xs[:, t], state)
+        outs.append(y)
+    return torch.stack(outs, 1), state
+
+
+def assert_states_close(ref, out, rtol):
+    for l in range(ref.num_layers):
+        assert_close(f"shift_att[{l}]", ref.shift_att[l], out.shift_att[l], rtol)
+        assert_close(f"shift_ffn[{l}]", ref.shift_ffn[l], out.shift_ffn[l], rtol)
+        assert_close(f"wkv[{l}]", ref.wkv[l], out.wkv[l], rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("kind", ["frames", "tokens"])
+def test_forward_equals_step_by_step(kind, dtype, rtol):
+    if kind == "frames":
+        model = perturbed(rt.build(embed_dim=20, **SMALL)).to(dtype)
+        x = torch.randn(3, 45, 20, dtype=dtype)
+    else:
+        model = perturbed(rt.build(vocab_size=50, **SMALL)).to(dtype)
+        x = torch.randint(0, 50, (3, 45))
+    seq, st = model(x, return_sequence=True, return_state=True)
+    steps, st2 = run_steps(model, x, model.init_state(3, dtype=dtype))
+    assert_close("outputs", seq, steps, rtol)
+    assert_states_close(st, st2, rtol)
+
+
+def test_continuing_from_carried_state():
+    model = perturbed(rt.build(embed_dim=20, **SMALL)).double()
+    x = torch.randn(2, 70, 20, dtype=torch.float64)
+    full, st_full = model(x, return_sequence=True, return_state=True)
+    a, st = model(x[:, :33], return_sequence=True, return_state=True)
+    b, st = model(x[:, 33:50], st, return_sequence=True, return_state=True)
+    c, st = run_steps(model, x[:, 50:], st)
+    assert_close("split", full, torch.cat([a, b, c], 1), 1e-10)
+    assert_states_close(st_full, st, 1e-10)
+
+
+def test_forward_does_not_modify_the_given_state():
+    model = perturbed(rt.build(embed_dim=8, **SMALL))
+    st = model(torch.randn(1, 5, 8), return_state=True)[1]
+    before = st.clone()
+    model(torch.randn(1, 5, 8), st)
+    model.step(torch.randn(1, 8), st)
+    assert_states_close(before, st, 0.0)
+
+
+def test_backends_agree_at_model_level():
+    model = perturbed(rt.build(vocab_size=40, **SMALL)).double()
+    x = torch.randint(0, 40, (2, 50))
+    ref = model(x, backend="naive")
+    assert_close("chunk", ref, model(x, backend="chunk"), 1e-10)
+
+
+def test_build_shapes_and_defaults():
+    m = rt.build(embed_dim=287)
+    c = m.config
+    assert (c.hidden_size, c.num_layers, c.head_size, c.dropout, c.window_size, c.version) == (256, 6, 64, 0.1, 60, 7)
+    assert m(torch.randn(2, 60, 287)).shape == (2, 256)
+    m = rt.build(embed_dim=20, **SMALL).eval()
+    x = torch.randn(2, 9, 20)
+    seq, st = m(x, return_sequence=True, return_state=True)
+    assert seq.shape == (2, 9, 64) and st.batch_size == 2 and st.wkv[0].shape == (2, 4, 16, 16)
+    assert st.wkv[0].dtype == torch.float32
+    assert torch.equal(seq[:, -1], m(x))
+    y, st = m.step(x[:, 0], m.init_cache(2))
+    assert y.shape == (2, 64)
+    head = rt.build(embed_dim=20, output_dim=7, **SMALL)
+    assert head(x).shape == (2, 7) and rt.output_size(embed_dim=20, output_dim=7) == 7
+    lm = rt.build(vocab_size=33, **SMALL)
+    assert lm(torch.randint(0, 33, (2, 5))).shape == (2, 5, 33)
+    assert lm.step(torch.tensor([1, 2]), lm.init_state(2))[0].shape == (2, 33)
+    assert rt.output_size(vocab_size=33) == 33 and rt.output_size(embed_dim=3) == 256
+    assert rt.recommended_defaults()["hidden_size"] == 256
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(embed_dim=287), dict(embed_dim=20, output_dim=5, **SMALL), dict(vocab_size=300, hidden_size=128,
+     num_layers=3, head_size=32), dict(embed_dim=10, hidden_size=96, num_layers=1, head_size=32, decay_lora=8,
+     a_lora=16, v_lora=4, gate_lora=12, ffn_size=100)],
+    ids=["default", "output-head", "token", "custom-ranks"],
+)
+def test_param_count_is_exact(opts):
+    assert rt.param_count(**opts) == rt.build(**opts).param_count()
+
+
+def test_lora_defaults_follow_the_training_code():
+    # RWKV-7 0.1B (C=768) ships with decay/a/v/gate ranks 64/64/32/128 (spec 4.1).
+    c = rt.config_for(vocab_size=65536, hidden_size=768, num_layers=12)
+    assert (c.decay_lora_dim, c.a_lora_dim, c.v_lora_dim, c.gate_lora_dim, c.ffn_dim) == (64, 64, 32, 128, 3072)
+
+
+def test_init_is_deterministic_and_follows_the_spec():
+    a, b = rt.build(embed_dim=8, seed=3, **SMALL), rt.build(embed_dim=8, seed=3, **SMALL)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    assert not torch.equal(a.blocks[0].att.receptance.weight, rt.build(embed_dim=8, seed=4, **SMALL).blocks[0]
+                           .att.receptance.weight)
+    C, N, L = 64, 16, 2
+    att = a.blocks[1].att
+    n = torch.arange(C, dtype=torch.float64)
+    r0, r1 = 1 / (L - 1), 1 - 1 / L
+    z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+    zigzag, linear = z * z.abs(), n / (C - 1) - 0.5
+    www = -6 + 6 * (n / (C - 1)) ** (1 + r0**0.3)
+    torch.testing.assert_close(att.w0.double(), www + 0.5 + 2.5 * zigzag, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(att.x_r.double(), 1 - (n / C) ** (0.2 * r1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(att.a0.double(), -0.19 + 0.3 * zigzag + 0.4 * linear, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(att.v0.double(), 0.73 - 0.4 * linear, rtol=1e-6, atol=1e-6)
+    assert torch.all(att.k_a == 1.02) and torch.all(att.r_k == -0.04) and torch.all(att.w1 == 0)
+    assert torch.all(att.output.weight == 0) and torch.all(a.blocks[1].ffn.value.weight == 0)
+    assert math.isclose(att.ln_x.weight[0].item(), 1.0) and math.isclose(a.blocks[0].att.ln_x.weight[0].item(),
+                                                                         0.5**0.7, rel_tol=1e-6)
+    W = att.receptance.weight.double()
+    torch.testing.assert_close(W @ W.T, torch.eye(C, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    K = att.key.weight.double()
+    torch.testing.assert_close(K @ K.T, 0.01 * torch.eye(C, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert not hasattr(a.blocks[0].att, "v0")  # layer 0 defines v_first and has no value-residual LoRA
+
+
+def test_dropout_active_only_in_training():
+    m = perturbed(rt.build(embed_dim=8, **SMALL | {"dropout": 0.5}))
+    x = torch.randn(2, 6, 8)
+    assert torch.equal(m(x), m(x))
+    m.train()
+    assert not torch.equal(m(x), m(x))
+
+
+def test_state_select_detach_clone_to_and_file_round_trip(tmp_path):
+    m = perturbed(rt.build(embed_dim=8, **SMALL))
+    x = torch.randn(3, 10, 8)
+    _, st = m(x, return_state=True)
+    one = st.select(1)
+    assert one.batch_size == 1
+    _, st1 = m(x[1:2], return_state=True)
+    assert_states_close(st1, one, 1e-6)
+    assert st.select([0, 2]).batch_size == 2
+    c = st.clone()
+    c.wkv[0].add_(1)
+    assert not torch.equal(c.wkv[0], st.wkv[0])
+    d = st.to(dtype=torch.float64)
+    assert d.shift_att[0].dtype == torch.float64 and d.wkv[0].dtype == torch.float32
+    assert not st.detach().wkv[0].requires_grad
+    path = tmp_path / "s.safetensors"
+    st.save(path)
+    back = rt.RWKVState.load(path)
+    assert back.meta == st.meta
+    assert_states_close(st, back, 0.0)
+    y1, _ = m.step(x[:, 0], st)
+    y2, _ = m.step(x[:, 0], back)
+    assert torch.equal(y1, y2)
+
+
+def test_state_errors(tmp_path):
+    m = rt.build(embed_dim=8, **SMALL)
+    other = rt.build(embed_dim=8, hidden_size=32, num_layers=2, head_size=16)
+    with pytest.raises(ValueError, match="batch size 2"):
+        m(torch.randn(3, 4, 8), m.init_state(2))
+    with pytest.raises(ValueError, match="belongs to a model"):
+        m.step(torch.randn(1, 8), other.init_state(1))
+    with pytest.raises(TypeError, match="RWKVState"):
+        m(torch.randn(1, 4, 8), state=[torch.zeros(1)])
+    bad = tmp_path / "x.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, str(bad))
+    with pytest.raises(ValueError, match="not an rwkv-torch state"):
+        rt.RWKVState.load(bad)
+
+
+def test_bad_inputs_raise_value_errors():
+    m = rt.build(embed_dim=8, **SMALL)
+    with pytest.raises(ValueError, match=r"\[B, T, embed_dim\]"):
+        m(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="embed_dim=8"):
+        m(torch.randn(2, 4, 9))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        m(torch.full((1, 3, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"\[B, embed_dim\]"):
+        m.step(torch.randn(1, 1, 8), m.init_state(1))
+    with pytest.raises(ValueError, match="empty"):
+        m(torch.randn(1, 0, 8))
+    lm = rt.build(vocab_size=10, **SMALL)
+    with pytest.raises(ValueError, match=r"in \[0, 10\)"):
+        lm(torch.tensor([[1, 10]]))
+    with pytest.raises(TypeError, match="integer"):
+        lm(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="head_size"):
+        rt.build(embed_dim=8, hidden_size=64, head_size=24)
+    with pytest.raises(ValueError, match="exactly one of vocab_size"):
+        rt.build(embed_dim=8, vocab_size=10)
+    with pytest.raises(ValueError, match="num_layers"):
+        rt.build(embed_dim=8, num_layers=0)
+    with pytest.raises(TypeError, match="unknown build option"):
+        rt.build(embed_dim=8, hiden_size=64)
+    with pytest.raises(ValueError, match="batch_size"):
+        m.init_state(0)
+
+
+def test_config_round_trip_and_frozen():
+    c = rt.config_for(embed_dim=8, **SMALL)
+    assert rt.RWKVConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(Exception):  # noqa: B017  frozen dataclass
+        c.hidden_size = 3
+    with pytest.raises(ValueError, match="unknown RWKVConfig fields"):
+        rt.RWKVConfig.from_dict({"hidden": 3})
+
+
+def test_backprop_through_model_and_initial_state():
+    m = perturbed(rt.build(embed_dim=8, **SMALL)).double()
+    x = torch.randn(2, 20, 8, dtype=torch.float64)
+    st = m.init_state(2)
+    st.wkv[1].normal_()
+    st.wkv[1].requires_grad_(True)
+    out = m(x, st, return_sequence=True)
+    out.square().sum().backward()
+    assert st.wkv[1].grad is not None and torch.isfinite(st.wkv[1].grad).all()
+    assert all(p.grad is not None for p in m.parameters())
