@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .naive import compute_dtype
 
-DEFAULT_CHUNK_SIZE = 32
+DEFAULT_CHUNK_SIZE = 64  # measured: benchmarks/bench_ops.py (RESULTS.md)
 # Largest total |log decay| of one chunk for the factorised form: every valid factor then stays within e^{±span}.
 _FACTOR_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
 
