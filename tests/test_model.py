@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from tests.utils import assert_close
 
 import rwkv_torch as rt
+from tests.utils import assert_close
 
 SMALL = dict(hidden_size=64, num_layers=2, head_size=16)
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.utils import assert_close
 
 from rwkv_torch.ops import wkv7
 from rwkv_torch.ops.wkv7 import wkv7_chunk
+from tests.utils import assert_close
 
 NAMES = ("r", "w", "k", "v", "a", "b")
 
