@@ -14,10 +14,11 @@ from . import ops
 from .config import RWKVConfig, count_params, recommended_defaults
 from .model import RWKV
 from .state import RWKVState
+from .stream import Stream
 
 __all__ = [
-    "RWKV", "RWKVConfig", "RWKVState", "build", "config_for", "param_count", "output_size", "recommended_defaults",
-    "ops",
+    "RWKV", "RWKVConfig", "RWKVState", "Stream", "build", "config_for", "param_count", "output_size",
+    "recommended_defaults", "ops",
 ]
 __version__ = "0.1.0"
 

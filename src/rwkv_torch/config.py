@@ -134,12 +134,29 @@ def _layer_params_v7(c: RWKVConfig, layer_id: int) -> int:
     return att + ffn + 4 * C  # + ln1, ln2
 
 
+def _layer_params_v56(c: RWKVConfig, layer_id: int) -> int:
+    C, F = c.hidden_size, c.ffn_dim
+    if c.version == 6:
+        D, Dd = c.mix_lora_dim, c.decay_lora_dim
+        att = 6 * C + 10 * C * D + C + 2 * C * Dd  # time_maa_*; time_maa_w1/w2; time_decay, time_decay_w1/w2
+    else:
+        att = 4 * C + C  # time_mix_k/v/r/g; time_decay [H, N]
+    att += C + 5 * C * C + 2 * C  # time_faaaa; receptance, key, value, gate, output; ln_x
+    ffn = 2 * C + 2 * C * F + C * C  # time_maa/mix_k, _r; key, value; receptance
+    return att + ffn + 4 * C
+
+
+def _layer_params_v4(c: RWKVConfig, layer_id: int) -> int:
+    C, F = c.hidden_size, c.ffn_dim
+    att = 5 * C + 4 * C * C  # time_decay, time_first, time_mix_k/v/r; key, value, receptance, output
+    ffn = 2 * C + 2 * C * F + C * C
+    return att + ffn + 4 * C
+
+
 def count_params(c: RWKVConfig) -> int:
     """Exact parameter count of ``RWKV(c)``, from the sizes alone."""
     C = c.hidden_size
-    per_layer = {7: _layer_params_v7}
-    if c.version not in per_layer:
-        raise NotImplementedError(f"RWKV-{c.version} is not implemented yet")
+    per_layer = {4: _layer_params_v4, 5: _layer_params_v56, 6: _layer_params_v56, 7: _layer_params_v7}
     layers = sum(per_layer[c.version](c, i) for i in range(c.num_layers))
     total = layers + 2 * C + 2 * C  # ln0, ln_out
     if c.vocab_size is not None:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .config import RWKVConfig
 from .layers import rwkv7
-from .state import RWKVState
+from .state import RWKVState, state_meta, zero_state
 
 _LAYERS = {7: rwkv7}
 
@@ -87,29 +87,13 @@ class RWKV(nn.Module):
         return self.config.vocab_size is not None
 
     def state_meta(self) -> dict:
-        c = self.config
-        return dict(version=c.version, hidden_size=c.hidden_size, num_layers=c.num_layers, head_size=c.head_size)
+        return state_meta(self.config)
 
     def init_state(self, batch_size: int = 1, *, device=None, dtype: torch.dtype | None = None) -> RWKVState:
         """A zero state for ``batch_size`` sequences (shift states in ``dtype``, the wkv state in float32)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        c = self.config
         p = next(self.parameters())
-        device = device if device is not None else p.device
-        dtype = dtype or p.dtype
-        wkv_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        C, H, N = c.hidden_size, c.num_heads, c.head_size
-        shifts = lambda: [torch.zeros(batch_size, C, device=device, dtype=dtype) for _ in range(c.num_layers)]  # noqa: E731
-        if c.version == 4:
-            wkv = []
-            for _ in range(c.num_layers):
-                s = torch.zeros(batch_size, 3, C, device=device, dtype=wkv_dtype)
-                s[:, 2] = -1e38  # pp: the running max exponent starts at "minus infinity"
-                wkv.append(s)
-        else:
-            wkv = [torch.zeros(batch_size, H, N, N, device=device, dtype=wkv_dtype) for _ in range(c.num_layers)]
-        return RWKVState(shifts(), shifts(), wkv, self.state_meta())
+        return zero_state(self.config, batch_size, device=device if device is not None else p.device,
+                          dtype=dtype or p.dtype)
 
     init_cache = init_state
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import RWKVConfig
+
 STATE_FORMAT = "rwkv-torch-state"
 STATE_FORMAT_VERSION = 1
 
@@ -90,3 +92,29 @@ class RWKVState:
             )
         except KeyError as e:
             raise ValueError(f"{path}: state file is missing tensor {e}") from None
+
+
+def state_meta(config: RWKVConfig) -> dict:
+    """What identifies the model shape a state belongs to."""
+    c = config
+    return dict(version=c.version, hidden_size=c.hidden_size, num_layers=c.num_layers, head_size=c.head_size)
+
+
+def zero_state(config: RWKVConfig, batch_size: int, *, device=None, dtype: torch.dtype = torch.float32) -> RWKVState:
+    """The state of a fresh sequence: shift states zero in ``dtype``; wkv zero in float32 (float64 for float64),
+    except RWKV-4's running max exponent pp, which starts at -1e38."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    c = config
+    C, H, N, L = c.hidden_size, c.num_heads, c.head_size, c.num_layers
+    wkv_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    shifts = [torch.zeros(batch_size, C, device=device, dtype=dtype) for _ in range(2 * L)]
+    if c.version == 4:
+        wkv = []
+        for _ in range(L):
+            s = torch.zeros(batch_size, 3, C, device=device, dtype=wkv_dtype)
+            s[:, 2] = -1e38
+            wkv.append(s)
+    else:
+        wkv = [torch.zeros(batch_size, H, N, N, device=device, dtype=wkv_dtype) for _ in range(L)]
+    return RWKVState(shifts[:L], shifts[L:], wkv, state_meta(c))

@@ -1,0 +1,47 @@
+"""Stream: one frame in, one output out, with O(1) state, snapshots for rollback and a reset."""
+
+import torch
+
+from .state import RWKVState
+
+
+class Stream:
+    """Run a model (an ``RWKV`` or an ``export.OnnxStep``) one frame or token at a time.
+
+    ``push(frame)`` takes ``[embed_dim]`` (or ``[B, embed_dim]``; a token id or ``[B]`` ids for token models) and
+    returns the output for that position. ``snapshot()`` returns an independent copy of the state;
+    ``restore(snap)`` rewinds to it, so restore-then-replay reproduces the same outputs bit for bit (netplay
+    rollback). ``reset()`` starts a fresh sequence.
+    """
+
+    def __init__(self, model, batch_size: int = 1):
+        self.model = model
+        self.batch_size = batch_size
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = self.model.init_state(self.batch_size)
+        self.position = 0
+
+    @torch.inference_mode()
+    def push(self, frame) -> torch.Tensor:
+        x = torch.as_tensor(frame)
+        single = x.dim() == (0 if self.model.is_token_model else 1)
+        if single:
+            x = x.unsqueeze(0)
+        y, self.state = self.model.step(x, self.state)
+        self.position += 1
+        return y[0] if single else y
+
+    def snapshot(self) -> tuple[RWKVState, int]:
+        return self.state.clone(), self.position
+
+    def restore(self, snap: tuple[RWKVState, int]) -> None:
+        state, position = snap
+        self.state, self.position = state.clone(), position
+
+    def state_bytes(self) -> int:
+        """Bytes held by the recurrent state (constant in the sequence length)."""
+        return sum(t.numel() * t.element_size() for t in self.state.tensors().values())
