@@ -51,7 +51,52 @@ def _add_demo(sub):
     p.set_defaults(func=lambda a: 0 if demo(a.frames, a.embed_dim, a.seed, a.threads)["agree"] else 1)
 
 
-COMMANDS = {"demo": _add_demo}
+def stream_bench(frames: int = 10_000, embed_dim: int = 288, hidden_size: int = 256, num_layers: int = 6,
+                 version: int = 7, onnx: bool = True, threads: int | None = None) -> list[dict]:
+    """Per-frame latency p50/p99 of the streaming step in PyTorch and onnxruntime against the 60 FPS budget."""
+    import tempfile
+    from pathlib import Path
+
+    import rwkv_torch as rt
+    from rwkv_torch.stream import bench_stream
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = rt.build(embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers, version=version,
+                     seed=0).eval()
+    runners = [("pytorch", model)]
+    if onnx:
+        from rwkv_torch.export import OnnxStep, export_onnx
+
+        tmp = Path(tempfile.mkdtemp()) / "step.onnx"
+        runners.append(("onnxruntime", OnnxStep(export_onnx(model, tmp), threads=threads)))
+    print(f"RWKV-{version} C={hidden_size} L={num_layers} embed_dim={embed_dim}, batch 1, {frames} frames, "
+          f"{torch.get_num_threads()} threads")
+    print("| runtime | p50 ms | p99 ms | mean ms | within 16.7 ms |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for name, runner in runners:
+        r = bench_stream(runner, frames)
+        rows.append(dict(runtime=name, **r))
+        print(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | "
+              f"{'yes' if r['p99_ms'] < 16.7 else 'NO'} |")
+    return rows
+
+
+def _add_stream_bench(sub):
+    p = sub.add_parser("stream-bench", help="per-frame streaming latency (PyTorch and onnxruntime)")
+    p.add_argument("--frames", type=int, default=10_000, help="frames to stream (default 10000)")
+    p.add_argument("--embed-dim", type=int, default=288, help="features per frame (default 288)")
+    p.add_argument("--hidden-size", type=int, default=256, help="model width (default 256)")
+    p.add_argument("--num-layers", type=int, default=6, help="layers (default 6)")
+    p.add_argument("--version", type=int, default=7, choices=[4, 5, 6, 7], help="RWKV version (default 7)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime row")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for both runtimes")
+    p.set_defaults(func=lambda a: stream_bench(a.frames, a.embed_dim, a.hidden_size, a.num_layers, a.version,
+                                               not a.no_onnx, a.threads) and 0)
+
+
+COMMANDS = {"demo": _add_demo, "stream-bench": _add_stream_bench}
 
 
 def main(argv=None) -> int:
