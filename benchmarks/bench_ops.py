@@ -54,7 +54,8 @@ def main():
         assert (out - ref).abs().max() < 1e-9, "chunk disagrees with naive: fix before benchmarking"
 
     print(f"# wkv7, B={a.B} T={a.T} H={a.H} N={a.N} fp32, {a.threads} threads")
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, python {platform.python_version()}")
+    machine = platform.processor() or platform.machine()
+    print(f"# {machine}, torch {torch.__version__}, python {platform.python_version()}")
     print("| backend | chunk | forward ms | fwd+bwd ms | tokens/s fwd+bwd |")
     print("|---|---|---|---|---|")
     configs = [("chunk", L) for L in (16, 32, 64, 128)]

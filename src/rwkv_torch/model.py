@@ -8,17 +8,15 @@ import torch
 import torch.nn as nn
 
 from .config import RWKVConfig
-from .layers import rwkv7
+from .layers import rwkv4, rwkv6, rwkv7
 from .state import RWKVState, state_meta, zero_state
 
-_LAYERS = {7: rwkv7}
+_LAYERS = {4: rwkv4, 5: rwkv6, 6: rwkv6, 7: rwkv7}  # RWKV-5 shares the RWKV-6 module (version switch inside)
 
 
 class Block(nn.Module):
     def __init__(self, config: RWKVConfig, layer_id: int):
         super().__init__()
-        if config.version not in _LAYERS:
-            raise NotImplementedError(f"RWKV-{config.version} layers are not implemented yet")
         layers = _LAYERS[config.version]
         C = config.hidden_size
         self.ln1 = nn.LayerNorm(C)

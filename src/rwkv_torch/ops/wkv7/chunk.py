@@ -32,7 +32,7 @@ def _pair_matrices_factored(r, k, a, b, G, Gm):
     # Reference point: the middle of each chunk, so no factor exceeds e^{span}.
     L = r.shape[-2]
     ref = G[..., L // 2 : L // 2 + 1, :]
-    e_q, e_a, e_k = (G - ref).exp(), (Gm - ref).exp(), (ref - G).exp()
+    e_q, e_a, e_k = (d.exp().to(r.dtype) for d in (G - ref, Gm - ref, ref - G))
     rq, aq, kk, bk = r * e_q, a * e_a, k * e_k, b * e_k
     A_qk = rq @ kk.transpose(-1, -2)
     A_qb = rq @ bk.transpose(-1, -2)
@@ -45,8 +45,8 @@ def _pair_matrices_exact(r, k, a, b, G, Gm):
     L = r.shape[-2]
     incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril()
     # [.., L, L, K]: e^{Γ_i - Γ_j} with the upper triangle masked before exp, so nothing overflows.
-    d_q = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[:, :, None], float("-inf")).exp()
-    d_a = (Gm.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[:, :, None], float("-inf")).exp()
+    d_q = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[:, :, None], float("-inf")).exp().to(r.dtype)
+    d_a = (Gm.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~incl[:, :, None], float("-inf")).exp().to(r.dtype)
     A_qk = torch.einsum("...ic,...ijc,...jc->...ij", r, d_q, k)
     A_qb = torch.einsum("...ic,...ijc,...jc->...ij", r, d_q, b)
     A_ak = torch.einsum("...ic,...ijc,...jc->...ij", a, d_a, k)
@@ -66,8 +66,9 @@ def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZ
     # [B, H, nc, L, N]
     r, w, k, v, a, b = (t.view(B, nc, L, H, N).permute(0, 3, 1, 2, 4) for t in (r, w, k, v, a, b))
 
-    G = w.cumsum(-2)  # Γ, inclusive
-    Gm = G - w  # Γ⁻, exclusive
+    # Γ (inclusive) and Γ⁻ (exclusive) in float64: differences of long fp32 sums would lose digits in exponents.
+    G = w.double().cumsum(-2)
+    Gm = G - w.double()
     G_last = G[..., -1:, :]  # [B, H, nc, 1, N]
     span = (-G_last).amax().item() if G_last.numel() else 0.0
     if span <= _FACTOR_SPAN[cd]:
@@ -82,15 +83,15 @@ def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZ
 
     # UT transform: one unit-lower-triangular solve for both right-hand sides.
     eye = torch.eye(L, dtype=cd, device=r.device)
-    rhs = torch.cat([a * Gm.exp(), A_ak @ v], dim=-1)
+    rhs = torch.cat([a * Gm.exp().to(cd), A_ak @ v], dim=-1)
     WU = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
     W, U = WU[..., :N], WU[..., N:]  # [B, H, nc, L, K], [B, H, nc, L, V]
 
-    decay_to_end = (G_last - G).exp()  # [B, H, nc, L, K], <= 1
+    decay_to_end = (G_last - G).exp().to(cd)  # [B, H, nc, L, K], <= 1
     kg, bg = k * decay_to_end, b * decay_to_end
-    P = r * G.exp() + A_qb @ W  # O_c = P h + Q
+    P = r * G.exp().to(cd) + A_qb @ W  # O_c = P h + Q
     Q = A_qk @ v + A_qb @ U
-    M = torch.diag_embed(G_last.squeeze(-2).exp()) + bg.transpose(-1, -2) @ W  # h' = M h + R
+    M = torch.diag_embed(G_last.squeeze(-2).exp().to(cd)) + bg.transpose(-1, -2) @ W  # h' = M h + R
     R = kg.transpose(-1, -2) @ v + bg.transpose(-1, -2) @ U
 
     h = r.new_zeros(B, H, N, N) if state is None else state.to(cd).transpose(-1, -2)
