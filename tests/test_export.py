@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime", reason="needs the onnx extra")
 from rwkv_torch.export import OnnxStep, export_onnx, state_names  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_layers=2, head_size=16)
-VERSIONS = [7]
+VERSIONS = [4, 5, 6, 7]
 
 
 def stream_both(model, onnx_step, xs):
@@ -59,6 +59,8 @@ def test_export_errors(tmp_path):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="batch_size"):
         export_onnx(rt.build(embed_dim=4, **SMALL), tmp_path / "x.onnx", batch_size=0)
+    with pytest.raises(ValueError, match="opset must be"):
+        export_onnx(rt.build(embed_dim=4, **SMALL), tmp_path / "x.onnx", opset=11)
     plain = tmp_path / "plain.onnx"
     torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), str(plain), dynamo=False)
     with pytest.raises(ValueError, match="not written by"):

@@ -20,6 +20,7 @@ from .model import RWKV
 from .state import RWKVState, zero_state
 
 META_KEY = "rwkv_torch_config"
+MIN_OPSET = 12
 
 
 def state_names(num_layers: int, suffix: str = "") -> list[str]:
@@ -71,6 +72,8 @@ def export_onnx(model: RWKV, path, *, batch_size: int | None = None, opset: int 
         raise TypeError(f"export_onnx expects an rwkv_torch.RWKV model, got {type(model).__name__}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be None (dynamic) or a positive int, got {batch_size!r}")
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset must be an int >= {MIN_OPSET} (the step uses einsum), got {opset!r}")
     c = model.config
     graph = _StepGraph(_float32_copy(model)).eval()
     B = batch_size or 2
@@ -81,8 +84,13 @@ def export_onnx(model: RWKV, path, *, batch_size: int | None = None, opset: int 
     dyn = None if batch_size else {n: {0: "batch"} for n in in_names + out_names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about the op's input checks, evaluated once at trace time
-        torch.onnx.export(graph, (x, *_flatten(state)), str(path), input_names=in_names, output_names=out_names,
-                          dynamic_axes=dyn, opset_version=opset, dynamo=False)
+        try:
+            torch.onnx.export(graph, (x, *_flatten(state)), str(path), input_names=in_names,
+                              output_names=out_names, dynamic_axes=dyn, opset_version=opset, dynamo=False)
+        except Exception as e:
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(f"ONNX export of the RWKV-{c.version} step (C={c.hidden_size}, L={c.num_layers}, "
+                             f"opset {opset}) failed: {first}") from e
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(c.to_dict())
