@@ -84,3 +84,21 @@ def test_stream_rollback_is_bit_exact(kind, tmp_path):
     assert s.state_bytes() == sum(t.numel() * 4 for t in model.init_state(1).tensors().values())
     s.reset()
     assert s.position == 0 and torch.equal(s.push(frames[0]), rt.Stream(runner).push(frames[0]))
+
+
+def test_save_load_and_export_cli(tmp_path):
+    from rwkv_torch import cli
+
+    model = perturbed(rt.build(embed_dim=5, version=6, **SMALL))
+    rt.save(model, tmp_path / "m")
+    back = rt.load(tmp_path / "m")
+    x = torch.randn(2, 9, 5)
+    assert torch.equal(model(x), back(x)) and back.config == model.config
+    out = tmp_path / "step.onnx"
+    assert cli.main(["export", "--model", str(tmp_path / "m"), "--out", str(out)]) == 0
+    stream_both(model, OnnxStep(out), torch.randn(10, 2, 5))
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="format"):
+        rt.load(tmp_path / "m")
+    with pytest.raises(ValueError, match="expected a directory"):
+        rt.load(tmp_path / "nothing")

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from . import ops
+from .checkpoints import load, save
 from .config import RWKVConfig, count_params, recommended_defaults
 from .model import RWKV
 from .state import RWKVState
@@ -18,7 +19,7 @@ from .stream import Stream
 
 __all__ = [
     "RWKV", "RWKVConfig", "RWKVState", "Stream", "build", "config_for", "param_count", "output_size",
-    "recommended_defaults", "ops",
+    "recommended_defaults", "ops", "load", "save",
 ]
 __version__ = "0.1.0"
 

@@ -96,7 +96,32 @@ def _add_stream_bench(sub):
                                                not a.no_onnx, a.threads) and 0)
 
 
-COMMANDS = {"demo": _add_demo, "stream-bench": _add_stream_bench}
+def export(out: str, model: str | None = None, embed_dim: int = 64, batch_size: int | None = None,
+           int8: bool = False) -> str:
+    """Export the one-step function of a saved model (or of the default backbone) to ONNX."""
+    import rwkv_torch as rt
+    from rwkv_torch.export import export_onnx, state_names
+
+    m = rt.load(model) if model else rt.build(embed_dim=embed_dim, seed=0)
+    export_onnx(m.eval(), out, batch_size=batch_size, quantize_int8=int8)
+    c = m.config
+    print(f"wrote {out}: RWKV-{c.version} step, inputs x_t + {len(state_names(c.num_layers))} state tensors "
+          f"({', '.join(state_names(c.num_layers)[:3])}, ...), batch {'dynamic' if batch_size is None else batch_size}"
+          f"{', int8 weights' if int8 else ''}")
+    return out
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="export the recurrent step to ONNX (state as explicit inputs/outputs)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--model", default=None, help="a model directory written by rt.save (default: a fresh backbone)")
+    p.add_argument("--embed-dim", type=int, default=64, help="embed_dim of the fresh backbone when --model is absent")
+    p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (default: dynamic)")
+    p.add_argument("--int8", action="store_true", help="dynamic int8 weight quantization (onnxruntime)")
+    p.set_defaults(func=lambda a: export(a.out, a.model, a.embed_dim, a.batch_size, a.int8) and 0)
+
+
+COMMANDS = {"demo": _add_demo, "stream-bench": _add_stream_bench, "export": _add_export}
 
 
 def main(argv=None) -> int:
