@@ -64,3 +64,19 @@ def unpack_from_batch(cs: list[int], padded: torch.Tensor) -> torch.Tensor:
     """[S, T_max, ...] -> [1, T, ...] keeping each sequence's first len rows."""
     parts = [padded[i, : y - x] for i, (x, y) in enumerate(zip(cs[:-1], cs[1:]))]
     return torch.cat(parts, dim=0).unsqueeze(0)
+
+
+def check_seq_and_state(r: torch.Tensor, cu_seqlens, state, layout: str) -> list[int] | None:
+    """Validate cu_seqlens and the [B or S, H, N, N] float32/64 state of a head-wise op; return cu_seqlens as a list."""
+    B, T, H, N = r.shape
+    cs = check_cu_seqlens(cu_seqlens, B, T) if cu_seqlens is not None else None
+    n_states = B if cs is None else len(cs) - 1
+    if state is not None:
+        if not isinstance(state, torch.Tensor) or state.shape != (n_states, H, N, N):
+            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(f"state must be [{n_states}, {H}, {N}, {N}] ([B or S, H, {layout}]), got {got}")
+        if state.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"state must be float32 (or float64), got {state.dtype}")
+        if state.device != r.device:
+            raise ValueError(f"state must be on {r.device}, got {state.device}")
+    return cs

@@ -4,10 +4,10 @@ import torch
 
 from .._common import (
     BACKENDS,
-    check_cu_seqlens,
     check_float,
     check_log_decay,
     check_same,
+    check_seq_and_state,
     pack_to_batch,
     unpack_from_batch,
 )
@@ -61,19 +61,7 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
     check_float("u", u)
     if u.device != r.device:
         raise ValueError(f"u must be on {r.device}, got {u.device}")
-    cs = None
-    n_states = B
-    if cu_seqlens is not None:
-        cs = check_cu_seqlens(cu_seqlens, B, T)
-        n_states = len(cs) - 1
-    if state is not None:
-        if not isinstance(state, torch.Tensor) or state.shape != (n_states, H, N, N):
-            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"state must be [{n_states}, {H}, {N}, {N}] ([B or S, H, N_k, N_v]), got {got}")
-        if state.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"state must be float32 (or float64), got {state.dtype}")
-        if state.device != r.device:
-            raise ValueError(f"state must be on {r.device}, got {state.device}")
+    cs = check_seq_and_state(r, cu_seqlens, state, "N_k, N_v")
     be = _resolve_backend(backend, T)
     if cs is not None:
         packed = pack_to_batch(cs, r, w, k, v)

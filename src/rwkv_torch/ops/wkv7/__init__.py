@@ -4,10 +4,10 @@ import torch
 
 from .._common import (
     BACKENDS,
-    check_cu_seqlens,
     check_float,
     check_log_decay,
     check_same,
+    check_seq_and_state,
     pack_to_batch,
     unpack_from_batch,
 )
@@ -63,19 +63,7 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
     check_log_decay(w)
     B, T, H, N = r.shape
     cd = compute_dtype(r.dtype)
-    n_states = B
-    cs = None
-    if cu_seqlens is not None:
-        cs = check_cu_seqlens(cu_seqlens, B, T)
-        n_states = len(cs) - 1
-    if state is not None:
-        if not isinstance(state, torch.Tensor) or state.shape != (n_states, H, N, N):
-            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"state must be [{n_states}, {H}, {N}, {N}] ([B or S, H, N_v, N_k]), got {got}")
-        if state.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"state must be float32 (or float64), got {state.dtype}")
-        if state.device != r.device:
-            raise ValueError(f"state must be on {r.device}, got {state.device}")
+    cs = check_seq_and_state(r, cu_seqlens, state, "N_v, N_k")
     be = _resolve_backend(backend, r.device, T)
 
     if cs is not None:
