@@ -243,3 +243,13 @@ def test_backprop_through_model_and_initial_state():
     out.square().sum().backward()
     assert st.wkv[1].grad is not None and torch.isfinite(st.wkv[1].grad).all()
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_bf16_autocast_forward_is_close_to_fp32():
+    m = perturbed(rt.build(embed_dim=8, **SMALL))
+    x = torch.randn(2, 30, 8)
+    ref = m(x, return_sequence=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, return_sequence=True)
+    assert out.dtype == torch.bfloat16
+    assert_close("bf16", ref, out.float(), 5e-2)

@@ -121,7 +121,60 @@ def _add_export(sub):
     p.set_defaults(func=lambda a: export(a.out, a.model, a.embed_dim, a.batch_size, a.int8) and 0)
 
 
-COMMANDS = {"demo": _add_demo, "stream-bench": _add_stream_bench, "export": _add_export}
+def _add_train(sub):
+    from rwkv_torch.train import BACKBONES
+
+    p = sub.add_parser("train", help="train a model on episodes (.npz), text, or the built-in default corpus")
+    a = p.add_argument
+    a("--backbone", choices=BACKBONES, default=None, help="rwkv7 (default), rwkv6/5/4, or a same-budget baseline")
+    a("--hidden-size", type=int, default=None, help="model width (default 256)")
+    a("--num-layers", type=int, default=None, help="layers (default 6)")
+    a("--head-size", type=int, default=None, help="head size (default 64)")
+    a("--window-size", type=int, default=None, help="positions per training window (default 256)")
+    a("--stride", type=int, default=None,
+      help="window start spacing (default: window size, which carries the state across consecutive windows)")
+    a("--dropout", type=float, default=None, help="dropout (default 0)")
+    a("--precision", choices=["fp32", "bf16"], default=None, help="fp32 (default) or bf16 autocast")
+    a("--truncate-bptt", type=int, default=None, help="back-propagate through at most N positions (default: window)")
+    a("--data", default=None,
+      help=".npz episode file or directory, or a text file/directory (default: the Python stdlib sources)")
+    a("--max-bytes", type=int, default=None, help="read at most this many bytes of text (default corpus: 8 MB)")
+    a("--val-fraction", type=float, default=None, help="fraction of episodes/documents held out (default 0.05)")
+    a("--out", default=None, help="run directory (default runs/<date-time>)")
+    a("--steps", type=int, default=None, help="total optimizer steps (default 1000)")
+    a("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this invocation")
+    a("--batch-size", type=int, default=None, help="windows per step (default 16)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 6e-4)")
+    a("--lr-final", type=float, default=None, help="learning rate at the end of the cosine (default 1e-5)")
+    a("--warmup", type=int, default=None, help="warm-up steps (default 50)")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay on 2-D weights (default 0)")
+    a("--adam-eps", type=float, default=None, help="Adam epsilon (default 1e-18, the official recipe)")
+    a("--seed", type=int, default=None, help="seed for weights, data order and dropout (default 0)")
+    a("--resume", default=None, help="run directory or checkpoint to continue from")
+    a("--eval-every", type=int, default=None, help="validate every N steps (default 200)")
+    a("--eval-batches", type=int, default=None, help="batches per validation (default 8)")
+    a("--save-every", type=int, default=None, help="checkpoint every N steps (default 500)")
+    a("--keep-checkpoints", type=int, default=None, help="checkpoints kept (default 3)")
+    a("--log-every", type=int, default=None, help="write metrics.jsonl every N steps (default 10)")
+    a("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+    def run(args):
+        from rwkv_torch.train import train
+
+        try:
+            res = train(args)
+        except ValueError as e:  # bad data or options: the message names the file or flag
+            print(f"rwkv-torch train: error: {e}", file=sys.stderr)
+            return 2
+        val = f", val_loss {res['val_loss']:.4f}" if res["val_loss"] is not None else ""
+        print(f"step {res['step']}: loss {res['loss']:.4f}{val}; checkpoint {res['checkpoint']}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = {"demo": _add_demo, "stream-bench": _add_stream_bench, "export": _add_export, "train": _add_train}
 
 
 def main(argv=None) -> int:

@@ -64,10 +64,10 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12).view(B, T, C)
         k = k * (1 + (a - 1) * self.k_a)
 
-        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        dt = r.dtype
+        dt = r.dtype  # under autocast the elementwise terms may come out in another dtype than r
+        heads = lambda t: t.to(dt).view(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv7(
-            heads(r), heads(log_decay.to(dt)), heads(k), heads(v), heads(-kk), heads(kk * a), wkv_state, backend=backend
+            heads(r), heads(log_decay), heads(k), heads(v), heads(-kk), heads(kk * a), wkv_state, backend=backend
         )
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)

@@ -1,0 +1,282 @@
+"""Training data: episode files (``.npz`` replays), byte-level text, the built-in default corpus, and the window
+plans that walk each sequence in order so the recurrent state can be carried from one window to the next.
+
+Numpy only; ``train.py`` turns batches into tensors.
+"""
+
+import sysconfig
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BYTE_VOCAB = 256
+DEFAULT_CORPUS_BYTES = 8_000_000
+
+
+@dataclass(frozen=True)
+class Target:
+    """One per-frame output of an episode task: ``categorical`` (``size`` classes, cross-entropy), ``bernoulli``
+    (``size`` independent bits, BCE) or ``regression`` (``size`` floats, MSE)."""
+
+    name: str
+    kind: str
+    size: int
+
+
+@dataclass
+class Sequence:
+    """One episode or document: inputs ``x`` (frames ``[T, D]`` float32 or tokens ``[T]`` uint8) and per-target
+    arrays ``y[name]`` of length T (for text, ``y["next"]`` is ``x`` shifted by one)."""
+
+    name: str
+    x: np.ndarray
+    y: dict
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass
+class Dataset:
+    """Sequences plus what a model needs to know about them: ``embed_dim`` (frames) or ``vocab_size`` (tokens)."""
+
+    sequences: list
+    targets: list
+    embed_dim: int | None = None
+    vocab_size: int | None = None
+    source: str = ""
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocab_size is not None
+
+    def subset(self, indices) -> "Dataset":
+        return Dataset([self.sequences[i] for i in indices], self.targets, self.embed_dim, self.vocab_size,
+                       self.source)
+
+
+def _read_npz(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:  # object arrays (ragged lists) cannot be loaded without pickle
+        raise ValueError(f"{path}: unreadable array ({e}); ragged or object arrays are not supported, "
+                         f"store one rectangular array per key") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def _episode_targets(path: Path, arrays: dict, T: int) -> tuple[dict, dict]:
+    """The target arrays of one episode (``[T]`` int64 or ``[T, K]`` float32) and their kinds/sizes."""
+    ys, kinds = {}, {}
+    for key in sorted(k for k in arrays if k.startswith("classes_")):
+        if "target_" + key[len("classes_"):] not in arrays:
+            raise ValueError(f"{path}: {key} has no matching target_{key[len('classes_'):]}")
+    for key in sorted(k for k in arrays if k.startswith("target_")):
+        name, a = key[len("target_"):], arrays[key]
+        if not name.isidentifier():
+            raise ValueError(f"{path}: target name {name!r} must be a Python identifier (letters, digits, _)")
+        if a.ndim == 0 or len(a) != T:
+            raise ValueError(f"{path}: {key} has shape {a.shape} but frames has T={T} rows; every target needs T")
+        if a.dtype == np.bool_:
+            ys[name] = a.reshape(T, -1).astype(np.float32)
+            kinds[name] = ("bernoulli", ys[name].shape[1])
+        elif np.issubdtype(a.dtype, np.integer):
+            if a.ndim != 1:
+                raise ValueError(f"{path}: categorical {key} must be [T] class ids, got shape {a.shape}")
+            if a.min() < 0:
+                raise ValueError(f"{path}: {key} has a negative class id {a.min()}")
+            classes = int(a.max()) + 1
+            if f"classes_{name}" in arrays:
+                given = int(arrays[f"classes_{name}"])
+                if given <= a.max():
+                    raise ValueError(f"{path}: {key} has class id {a.max()} but classes_{name}={given}")
+                classes = given
+            ys[name] = a.astype(np.int64)
+            kinds[name] = ("categorical", classes, f"classes_{name}" in arrays)
+        elif np.issubdtype(a.dtype, np.floating):
+            ys[name] = a.reshape(T, -1).astype(np.float32)
+            if not np.isfinite(ys[name]).all():
+                raise ValueError(f"{path}: {key} contains NaN or inf")
+            kinds[name] = ("regression", ys[name].shape[1])
+        else:
+            raise ValueError(f"{path}: {key} has dtype {a.dtype}; use int (classes), bool (bits) or float (values)")
+    if not ys:
+        raise ValueError(f"{path}: no target_<name> arrays; an episode needs at least one target to train on")
+    return ys, kinds
+
+
+def load_episodes(path) -> Dataset:
+    """A directory of ``.npz`` episodes (searched recursively) or one ``.npz`` file.
+
+    Each file holds ``frames`` ``[T, D]`` (finite floats) and ``target_<name>`` arrays of length T: int -> a
+    categorical head (classes = max id + 1 over all episodes, or a ``classes_<name>`` scalar), bool ``[T]`` or
+    ``[T, K]`` -> K Bernoulli outputs, float ``[T]`` or ``[T, K]`` -> K regression outputs. Every episode must have
+    the same D and the same targets. Raises ValueError naming the offending file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.npz"))
+        if not files:
+            raise ValueError(f"{path}: directory has no .npz episode files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ValueError(f"{path}: no such file or directory")
+    sequences, spec, first = [], None, None
+    for f in files:
+        arrays = _read_npz(f)
+        if "frames" not in arrays:
+            raise ValueError(f"{f}: no 'frames' array (keys: {sorted(arrays)})")
+        frames = arrays["frames"]
+        if frames.ndim != 2 or len(frames) == 0 or not np.issubdtype(frames.dtype, np.number):
+            raise ValueError(f"{f}: frames must be a non-empty numeric [T, D] array, got {frames.dtype} "
+                             f"{frames.shape}")
+        frames = frames.astype(np.float32)
+        bad = ~np.isfinite(frames)
+        if bad.any():
+            raise ValueError(f"{f}: frames contain NaN or inf (first at row {int(np.argwhere(bad)[0, 0])})")
+        ys, kinds = _episode_targets(f, arrays, len(frames))
+        this = (frames.shape[1], {n: k[:2] if k[0] != "categorical" else ("categorical",) for n, k in kinds.items()})
+        if spec is None:
+            spec, first = this, f
+        elif this != spec:
+            raise ValueError(f"{f}: frames width / targets {this} differ from {first}: {spec}")
+        sequences.append((Sequence(str(f), frames, ys), kinds))
+    targets = []
+    for name in sorted(spec[1]):
+        kind = sequences[0][1][name]
+        if kind[0] == "categorical":
+            given = {k[name][1] for _, k in sequences if k[name][2]}
+            if len(given) > 1:
+                raise ValueError(f"{path}: episodes disagree on classes_{name}: {sorted(given)}")
+            size = max(k[name][1] for _, k in sequences)
+            if given and size > min(given):
+                raise ValueError(f"{path}: target_{name} has ids up to {size - 1} but classes_{name}={min(given)}")
+        else:
+            size = kind[1]
+        targets.append(Target(name, kind[0], size))
+    return Dataset([s for s, _ in sequences], targets, embed_dim=spec[0], source=str(path))
+
+
+def _documents(files: list, max_bytes: int | None) -> list:
+    docs, total = [], 0
+    for f in files:
+        data = np.frombuffer(Path(f).read_bytes(), dtype=np.uint8)
+        if len(data) < 2:
+            continue
+        if max_bytes is not None and total + len(data) > max_bytes:
+            break
+        docs.append(Sequence(str(f), data[:-1], {"next": data[1:]}))
+        total += len(data)
+    return docs
+
+
+def load_text(path, max_bytes: int | None = None) -> Dataset:
+    """A text file, or every file under a directory (sorted), as byte-level documents (vocab 256). Each file is
+    one document; windows never cross a document boundary."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ValueError(f"{path}: no such file or directory")
+    docs = _documents(files, max_bytes)
+    if not docs:
+        raise ValueError(f"{path}: no non-empty text files")
+    return Dataset(docs, [Target("next", "categorical", BYTE_VOCAB)], vocab_size=BYTE_VOCAB, source=str(path))
+
+
+def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> Dataset:
+    """The Python standard library's own ``.py`` sources, found at run time (no download), as byte-level text."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    docs = _documents(files, max_bytes)
+    if not docs:
+        raise ValueError(f"{root}: found no standard-library sources for the default corpus; pass --data")
+    return Dataset(docs, [Target("next", "categorical", BYTE_VOCAB)], vocab_size=BYTE_VOCAB,
+                   source=f"python-stdlib:{root}")
+
+
+def load_data(path=None, max_bytes: int | None = None) -> Dataset:
+    """``None`` -> the default corpus; ``.npz`` files or a directory holding any -> episodes; else text."""
+    if path is None:
+        return default_corpus() if max_bytes is None else default_corpus(max_bytes)
+    p = Path(path)
+    if p.suffix == ".npz" or (p.is_dir() and next(p.rglob("*.npz"), None) is not None):
+        return load_episodes(p)
+    if p.is_dir() and next((q for q in p.rglob("*") if q.is_file()), None) is None:
+        raise ValueError(f"{p}: directory is empty")
+    return load_text(p, max_bytes)
+
+
+def split_by_sequence(data: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out whole episodes/documents for validation (at least one when val_fraction > 0 and there are two)."""
+    n = len(data.sequences)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 else 0
+    if n_val <= 0:
+        return data, None
+    order = np.random.default_rng(seed).permutation(n)
+    return data.subset(sorted(order[n_val:].tolist())), data.subset(sorted(order[:n_val].tolist()))
+
+
+def check_window(data: Dataset, window: int) -> None:
+    """Raise ValueError when no sequence is long enough for one window."""
+    longest = max(data.sequences, key=len)
+    if len(longest) < window:
+        raise ValueError(f"--window-size {window} is longer than every sequence of {data.source}; the longest is "
+                         f"{longest.name} with {len(longest)} positions")
+
+
+def window_plans(lengths: list, window: int, stride: int, batch_size: int, seed: int) -> Iterator[list]:
+    """Endless, deterministic batch plans: per step a list of ``batch_size`` ``(sequence, start, reset)``.
+
+    With ``stride == window`` (stateful) each batch row is a lane that walks one sequence window after window, so
+    the state after a window is the right start for the next; ``reset`` marks a lane's first window of a new
+    sequence. A trailing part shorter than a window is skipped. Otherwise windows overlap or leave gaps, so they
+    are independent samples, shuffled, each with ``reset=True``. Sequences are taken in a fresh permutation
+    each epoch. The plan depends only on the arguments, so a resumed run replays it by skipping steps.
+    """
+    rng = np.random.default_rng(seed)
+    counts = [0 if n < window else (n - window) // stride + 1 for n in lengths]
+    usable = [i for i, c in enumerate(counts) if c > 0]
+    if not usable:
+        raise ValueError(f"window {window} is longer than every sequence (longest {max(lengths, default=0)})")
+    if stride != window:
+        seq = np.repeat(np.arange(len(counts)), counts)
+        start = np.concatenate([np.arange(c) * stride for c in counts])
+        order = np.empty(0, dtype=np.int64)
+        while True:
+            while len(order) < batch_size:
+                order = np.concatenate([order, rng.permutation(len(seq))])
+            take, order = order[:batch_size], order[batch_size:]
+            yield [(int(seq[j]), int(start[j]), True) for j in take]
+    queue: list = []
+
+    def next_sequence() -> int:
+        if not queue:
+            queue.extend(int(i) for i in rng.permutation(usable)[::-1])
+        return queue.pop()
+
+    lanes = [[next_sequence(), 0] for _ in range(batch_size)]
+    while True:
+        plan = []
+        for lane in lanes:
+            if lane[1] >= counts[lane[0]]:
+                lane[:] = [next_sequence(), 0]
+            plan.append((lane[0], lane[1] * window, lane[1] == 0))
+            lane[1] += 1
+        yield plan
+
+
+def make_batch(data: Dataset, plan: list, window: int) -> tuple:
+    """``(x [B, W, ...], {name: y [B, W, ...]}, reset [B] bool)`` numpy arrays for one plan."""
+    seqs = [(data.sequences[i], s) for i, s, _ in plan]
+    x = np.stack([q.x[s:s + window] for q, s in seqs])
+    ys = {t.name: np.stack([q.y[t.name][s:s + window] for q, s in seqs]) for t in data.targets}
+    return x, ys, np.array([r for _, _, r in plan], dtype=bool)

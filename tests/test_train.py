@@ -1,0 +1,214 @@
+import json
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from rwkv_torch import cli
+from rwkv_torch.data import default_corpus, load_data, load_episodes, make_batch, window_plans
+from rwkv_torch.train import build_model, param_groups, train
+
+TINY = dict(hidden_size=32, num_layers=1, head_size=16, window_size=16, batch_size=4, lr=3e-3, warmup=5,
+            log_every=1, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_episodes(d, n=6, T=80, D=4, seed=0):
+    """Targets a model can learn: a class and a bit from the current frame, a bit from the previous frame, a
+    value from the current frame."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        f = rng.standard_normal((T, D)).astype(np.float32)
+        np.savez(d / f"ep{i}.npz", frames=f, target_act=(f[:, 0] > 0).astype(np.int64) + 2 * (f[:, 1] > 0),
+                 target_bits=np.stack([f[:, 1] > 0, np.roll(f[:, 2], 1) > 0], 1),
+                 target_val=(2 * f[:, 3]).astype(np.float32), classes_act=np.int64(5))
+    return d
+
+
+def write_text(d):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "a.txt").write_text("the cat sat on the mat. " * 40)
+    (d / "b.txt").write_text("abcdefghij" * 100)
+    (d / "c.txt").write_text("hello world, hello rwkv. " * 40)
+    return d
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_episode_targets_are_inferred(tmp_path):
+    data = load_episodes(write_episodes(tmp_path / "eps"))
+    kinds = {t.name: (t.kind, t.size) for t in data.targets}
+    assert kinds == {"act": ("categorical", 5), "bits": ("bernoulli", 2), "val": ("regression", 1)}
+    assert data.embed_dim == 4 and len(data.sequences) == 6
+
+
+def test_loss_falls_on_episodes(tmp_path):
+    res = train(dict(TINY, data=str(write_episodes(tmp_path / "eps")), out=str(tmp_path / "run"), steps=40))
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 40 and {"loss_act", "loss_bits", "loss_val"} <= set(rows[0])
+    assert np.mean([r["loss"] for r in rows[-5:]]) < 0.5 * rows[0]["loss"]
+    assert res["val_loss"] is not None and np.isfinite(res["val_loss"])
+
+
+def test_loss_falls_on_text(tmp_path):
+    train(dict(TINY, data=str(write_text(tmp_path / "txt")), out=str(tmp_path / "run"), steps=40, val_fraction=0))
+    rows = metrics(tmp_path / "run")
+    assert np.mean([r["loss"] for r in rows[-5:]]) < 0.7 * rows[0]["loss"]
+    assert "tokens_per_s" in rows[0]
+
+
+def test_resume_is_bit_exact(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps"))
+    base = dict(TINY, data=eps, num_layers=2, batch_size=3, steps=10, eval_every=4, dropout=0.1)
+    full = train(dict(base, out=str(tmp_path / "a")))
+    half = train(dict(base, out=str(tmp_path / "b"), stop_after=3))
+    assert half["step"] == 3
+    rest = train(dict(resume=str(tmp_path / "b"), steps=10, progress=False))  # stop_after is not inherited
+    assert rest["step"] == 10 and rest["loss"] == full["loss"]
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [(r["step"], r["loss"], r.get("val_loss")) for r in a] == [(r["step"], r["loss"], r.get("val_loss"))
+                                                                     for r in b]
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps"))
+    res = train(dict(TINY, data=eps, out=str(tmp_path / "run"), steps=7, save_every=2, keep_checkpoints=2))
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert [n for n in names if n.startswith("ckpt")] == ["ckpt-00000006.pt", "ckpt-00000007.pt"]
+    assert not [n for n in names if n.endswith(".tmp")]
+    ckpt = torch.load(res["checkpoint"], weights_only=True)
+    assert ckpt["step"] == 7 and ckpt["config"]["steps"] == 7
+
+
+def _bad(d, name, **arrays):
+    d.mkdir(parents=True, exist_ok=True)
+    np.savez(d / name, **arrays)
+    return d
+
+
+def _frames(T=20):
+    return np.zeros((T, 3), np.float32)
+
+
+@pytest.mark.parametrize("case", ["nan", "length", "ragged", "empty", "classes", "no_target", "width"])
+def test_bad_data_names_the_file(tmp_path, case):
+    d = tmp_path / "eps"
+    y = np.zeros(20, np.int64)
+    if case == "nan":
+        f = _frames()
+        f[3, 1] = np.nan
+        _bad(d, "bad.npz", frames=f, target_y=y)
+    elif case == "length":
+        _bad(d, "bad.npz", frames=_frames(), target_y=y[:19])
+    elif case == "ragged":
+        ragged = np.empty(2, dtype=object)
+        ragged[:] = [np.zeros(3), np.zeros(4)]
+        _bad(d, "bad.npz", frames=_frames(), target_y=ragged)
+    elif case == "empty":
+        d.mkdir()
+    elif case == "classes":
+        _bad(d, "bad.npz", frames=_frames(), target_y=y + 3, classes_y=np.int64(2))
+    elif case == "no_target":
+        _bad(d, "bad.npz", frames=_frames())
+    elif case == "width":
+        _bad(d, "a.npz", frames=_frames(), target_y=y)
+        _bad(d, "bad.npz", frames=np.zeros((20, 4), np.float32), target_y=y)
+    with pytest.raises(ValueError, match="bad.npz" if case != "empty" else "eps"):
+        load_data(str(d))
+
+
+def test_window_longer_than_every_episode(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps", T=30))
+    with pytest.raises(ValueError, match="longer than every sequence.*ep0.npz with 30"):
+        train(dict(TINY, data=eps, out=str(tmp_path / "run"), window_size=31, steps=1))
+
+
+def test_stateful_plans_walk_each_sequence_in_order():
+    plans = window_plans([40, 25, 64], window=10, stride=10, batch_size=2, seed=0)
+    seen = {0: [], 1: []}
+    for plan in (next(plans) for _ in range(12)):
+        for lane, (seq, start, reset) in enumerate(plan):
+            seen[lane].append((seq, start, reset))
+    for walk in seen.values():
+        for (s0, a0, _), (s1, a1, r1) in zip(walk, walk[1:]):
+            assert (s1, a1, r1) == (s0, a0 + 10, False) or (a1 == 0 and r1)
+
+
+def test_text_windows_stay_inside_one_document(tmp_path):
+    data = load_data(str(write_text(tmp_path / "txt")))
+    assert data.vocab_size == 256 and len(data.sequences) == 3
+    plans = window_plans([len(s) for s in data.sequences], 32, 32, 4, 0)
+    for _ in range(50):
+        plan = next(plans)
+        x, ys, _ = make_batch(data, plan, 32)
+        for row, (i, start, _) in enumerate(plan):
+            doc = data.sequences[i]
+            assert start + 32 <= len(doc)
+            np.testing.assert_array_equal(x[row, 1:], ys["next"][row, :-1])
+
+
+def test_default_corpus_is_the_stdlib():
+    data = default_corpus(max_bytes=50_000)
+    assert data.vocab_size == 256 and data.sequences and data.source.startswith("python-stdlib")
+
+
+def test_param_groups_follow_the_recipe(tmp_path):
+    from rwkv_torch.train import TrainConfig
+
+    model = build_model(TrainConfig(**dict(TINY, num_layers=2)),
+                        load_data(str(write_episodes(tmp_path / "eps", n=2))))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in param_groups(model, lr=1.0, weight_decay=0.1):
+        for p in g["params"]:
+            n = names[id(p)]
+            assert g["lr"] == (2.0 if n.endswith("att.w0") else 1.0), n
+            assert g["weight_decay"] == (0.1 if p.dim() == 2 and n.endswith(".weight") else 0.0), n
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "lstm"])
+def test_baselines_train(tmp_path, backbone):
+    res = train(dict(TINY, backbone=backbone, data=str(write_episodes(tmp_path / "eps", n=3)),
+                     out=str(tmp_path / "run"), steps=3, truncate_bptt=8))
+    assert res["step"] == 3 and np.isfinite(res["loss"])
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps", n=3))
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        res = train(dict(TINY, data=eps, out=str(tmp_path / "run"), steps=100_000))
+    finally:
+        timer.cancel()
+    assert res["interrupted"] and 0 < res["step"] < 100_000
+    assert os.path.exists(res["checkpoint"])
+
+
+def test_cli_train(tmp_path, capsys):
+    eps = str(write_episodes(tmp_path / "eps", n=3))
+    assert cli.main(["train", "--data", eps, "--out", str(tmp_path / "run"), "--steps", "2", "--hidden-size", "32",
+                     "--num-layers", "1", "--head-size", "16", "--window-size", "16", "--batch-size", "2",
+                     "--no-progress"]) == 0
+    assert "step 2: loss" in capsys.readouterr().out
+    assert len(metrics(tmp_path / "run")) == 1  # log_every 10: only the last step
+    assert cli.main(["train", "--data", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert "missing: no such file or directory" in capsys.readouterr().err
+
+
+def test_loss_plot_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    train(dict(TINY, data=str(write_episodes(tmp_path / "eps", n=3)), out=str(tmp_path / "run"), steps=2))
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
