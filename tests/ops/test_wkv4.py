@@ -1,104 +1,234 @@
-"""WKV-4: backends against the naive stable recurrence, the recurrence against the textbook formula, stability."""
-
-import math
+"""WKV-4: every backend against the naive stable recurrence, the recurrence against the textbook formula, stability."""
 
 import pytest
 import torch
 
 from rwkv_torch.ops import wkv4
+from rwkv_torch.ops.wkv4 import PP_INIT
 from tests.utils import assert_close
 
+NAMES = ("w", "u", "k", "v", "aa0", "bb0", "pp0")
 
-def make_inputs(B, T, C, dtype=torch.float64, requires_grad=False, k_scale=2.0):
-    w = -torch.exp(torch.randn(C, dtype=torch.float64))
+
+def make_inputs(B, T, C, dtype=torch.float64, requires_grad=False, k_scale=2.0, decay_scale=1.0):
+    """RWKV-4-shaped inputs: w = -decay_scale * exp(time_decay) [C], u = time_first [C], k, v [B, T, C]."""
+    w = -decay_scale * torch.exp(torch.randn(C, dtype=torch.float64))
     u = torch.randn(C, dtype=torch.float64)
     k = k_scale * torch.randn(B, T, C, dtype=torch.float64)
     v = torch.randn(B, T, C, dtype=torch.float64)
     return [t.to(dtype).requires_grad_(requires_grad) for t in (w, u, k, v)]
 
 
+def make_state(B, C, dtype=torch.float64, requires_grad=False):
+    """A non-zero state as the recurrence would leave it: bb >= 1 (its largest term is e^0), pp any exponent."""
+    aa = torch.randn(B, C, dtype=torch.float64)
+    bb = 1 + torch.rand(B, C, dtype=torch.float64)
+    pp = torch.randn(B, C, dtype=torch.float64)
+    return tuple(s.to(dtype).requires_grad_(requires_grad) for s in (aa, bb, pp))
+
+
 def textbook(w, u, k, v, num0, den0):
-    """spec 2.2 with explicit sums (float64): the carried state is the true numerator/denominator (num0, den0)."""
+    """Spec 2.2 with explicit sums in float64, from a carried true numerator/denominator (num0, den0) [B, C]:
+    out_t = (num0 e^{tw} + Σ_{i<t} e^{(t-1-i)w + k_i} v_i + e^{u+k_t} v_t) / (den0 e^{tw} + Σ_{i<t} e^{(t-1-i)w + k_i}
+    + e^{u+k_t}). Returns (out, numerator, denominator) after the last token."""
     B, T, C = k.shape
-    w, u, k, v = w.double(), u.double(), k.double(), v.double()
+    w, u, k, v = (x.detach().double() for x in (w, u, k, v))
     out = torch.zeros(B, T, C, dtype=torch.float64)
-    for t in range(T):
-        num = num0 * torch.exp(t * w) + torch.exp(u + k[:, t]) * v[:, t]
-        den = den0 * torch.exp(t * w) + torch.exp(u + k[:, t])
+    for t in range(T + 1):
+        num, den = num0 * torch.exp(t * w), den0 * torch.exp(t * w)
         for i in range(t):
             e = torch.exp((t - 1 - i) * w + k[:, i])
             num, den = num + e * v[:, i], den + e
-        out[:, t] = num / den
-    return out
+        if t < T:
+            bonus = torch.exp(u + k[:, t])
+            out[:, t] = (num + bonus * v[:, t]) / (den + bonus)
+    return out, num, den
 
 
-def test_naive_matches_textbook_from_a_nonzero_state():
-    w, u, k, v = make_inputs(2, 20, 6)
-    aa, bb, pp = torch.randn(2, 6, dtype=torch.float64), torch.rand(2, 6, dtype=torch.float64) + 0.1, \
-        torch.randn(2, 6, dtype=torch.float64)
-    out, _ = wkv4(w, u, k, v, (aa, bb, pp), backend="naive")
-    assert_close("o", textbook(w, u, k, v, aa * pp.exp(), bb * pp.exp()), out, 1e-12)
+SPEC_CASES = [(2, 1, 6), (2, 20, 6), (1, 45, 3)]
+
+
+@pytest.mark.parametrize("B,T,C", SPEC_CASES, ids=[f"B{b}-T{t}-C{c}" for b, t, c in SPEC_CASES])
+def test_naive_matches_textbook_formula(B, T, C):
+    w, u, k, v = make_inputs(B, T, C)
+    aa0, bb0, pp0 = make_state(B, C)
+    out, (aa, bb, pp) = wkv4(w, u, k, v, (aa0, bb0, pp0), backend="naive")
+    ref, num, den = textbook(w, u, k, v, aa0 * pp0.exp(), bb0 * pp0.exp())
+    assert_close("o", ref, out, 1e-12)
+    assert_close("numerator aa e^pp", num, aa * pp.exp(), 1e-12)
+    assert_close("denominator bb e^pp", den, bb * pp.exp(), 1e-12)
+    # From the empty state, the first token's output is exactly its own value.
     out0, _ = wkv4(w, u, k, v, backend="naive")
-    zero = torch.zeros(2, 6, dtype=torch.float64)
-    assert_close("o from empty state", textbook(w, u, k, v, zero, zero), out0, 1e-12)
+    zero = torch.zeros(B, C, dtype=torch.float64)
+    assert_close("o from empty state", textbook(w, u, k, v, zero, zero)[0], out0, 1e-12)
+    assert torch.equal(out0[:, 0], v[:, 0])
 
 
-@pytest.mark.parametrize("B,T,C,chunk", [(1, 1, 4, 16), (2, 15, 8, 16), (2, 100, 8, 32), (1, 130, 5, 64)],
-                         ids=lambda x: str(x))
-def test_chunk_matches_naive_fp64_with_grads(B, T, C, chunk):
-    w, u, k, v = make_inputs(B, T, C, requires_grad=True)
-    st = [torch.randn(B, C, dtype=torch.float64), torch.rand(B, C, dtype=torch.float64) + 0.1,
-          torch.randn(B, C, dtype=torch.float64)]
-    st = [s.requires_grad_(True) for s in st]
-    leaves = [w, u, k, v, *st]
-    results = []
+def grads_of(fn, xs, state, seed=1):
+    """Outputs, final (aa, bb, pp) and the gradients of every input through (o*do).sum() + Σ (s*ds).sum()."""
+    out, final = fn(*xs, state)
+    g = torch.Generator().manual_seed(seed)
+    do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    ds = [torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.dtype) for s in final]
+    loss = (out * do).sum() + sum((s * d).sum() for s, d in zip(final, ds))
+    leaves = [*xs, *(state or ())]
+    grads = torch.autograd.grad(loss, leaves)
+    return out.detach(), [s.detach() for s in final], grads
+
+
+def assert_all_close(ref, got, rtol):
+    (ref_o, ref_s, ref_g), (out, st, gs) = ref, got
+    assert_close("o", ref_o, out, rtol)
+    for name, rs, s in zip(("aa", "bb", "pp"), ref_s, st):
+        assert_close(name, rs, s, rtol)
+    for name, rg, g in zip(NAMES, ref_g, gs):
+        assert_close(f"d{name}", rg, g, rtol)
+
+
+CASES = [
+    # (B, T, C, chunk): T = 1, T below one chunk, T a multiple, T not a multiple of the chunk
+    (1, 1, 4, 16),
+    (2, 15, 8, 16),
+    (2, 48, 8, 16),
+    (2, 100, 8, 32),
+    (1, 130, 5, 64),
+    (2, 40, 3, 64),
+]
+
+
+@pytest.mark.parametrize("B,T,C,chunk", CASES, ids=[f"B{b}-T{t}-C{c}-L{l}" for b, t, c, l in CASES])
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
+def test_chunk_matches_naive_fp64(B, T, C, chunk, with_state):
+    xs = make_inputs(B, T, C, requires_grad=True)
+    state = make_state(B, C, requires_grad=True) if with_state else None
+    ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
+    got = grads_of(lambda *a: wkv4(*a, backend="chunk", chunk_size=chunk), xs, state)
+    assert_all_close(ref, got, 1e-10)
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_step_backend_matches_naive(T):
+    xs = make_inputs(2, T, 6, requires_grad=True)
+    state = make_state(2, 6, requires_grad=True)
+    ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
+    got = grads_of(lambda *a: wkv4(*a, backend="step"), xs, state)
+    assert_all_close(ref, got, 1e-12)
+
+
+def test_auto_backend_matches_naive():
+    w, u, k, v = make_inputs(2, 40, 6)
+    state = make_state(2, 6)
+    for T in (1, 40):  # auto: step for one token, chunk otherwise
+        out, st = wkv4(w, u, k[:, :T], v[:, :T], state)
+        ref, ref_st = wkv4(w, u, k[:, :T], v[:, :T], state, backend="naive")
+        assert_close(f"o-T{T}", ref, out, 1e-10)
+        for name, a, b in zip(("aa", "bb", "pp"), ref_st, st):
+            assert_close(f"{name}-T{T}", a, b, 1e-10)
+
+
+def test_fp32_matches_fp64_naive():
+    w, u, k, v = make_inputs(2, 200, 8)
+    state = make_state(2, 8)
+    ref, ref_st = wkv4(w, u, k, v, state, backend="naive")
+    low = [x.float() for x in (w, u, k, v)]
+    runs = {"naive": dict(backend="naive")} | {f"chunk-L{c}": dict(backend="chunk", chunk_size=c) for c in (16, 32, 64)}
+    for name, kwargs in runs.items():
+        out, st = wkv4(*low, tuple(s.float() for s in state), **kwargs)
+        assert out.dtype == torch.float32 and all(s.dtype == torch.float32 for s in st)
+        assert_close(f"o-{name}", ref, out, 1e-5)
+        for sname, a, b in zip(("aa", "bb", "pp"), ref_st, st):
+            assert_close(f"{sname}-{name}", a, b, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_accumulate_in_fp32(dtype):
+    w, u, k, v = make_inputs(1, 70, 8)
+    ref, _ = wkv4(w, u, k, v, backend="naive")
     for backend in ("naive", "chunk"):
-        out, (aa, bb, pp) = wkv4(w, u, k, v, tuple(st), backend=backend, chunk_size=chunk)
-        g = torch.Generator().manual_seed(0)
-        loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
-        # Compare the state through its meaning (aa e^pp, bb e^pp) and its parts.
-        loss = loss + (aa * pp.exp()).sum() + (bb * pp.exp()).sum()
-        grads = torch.autograd.grad(loss, leaves)
-        results.append((out.detach(), aa.detach(), bb.detach(), pp.detach(), grads))
-    (o1, a1, b1, p1, g1), (o2, a2, b2, p2, g2) = results
-    assert_close("o", o1, o2, 1e-10)
-    for name, x, y in (("aa", a1, a2), ("bb", b1, b2), ("pp", p1, p2)):
-        assert_close(name, x, y, 1e-10)
-    for name, x, y in zip(("w", "u", "k", "v", "aa0", "bb0", "pp0"), g1, g2):
-        assert_close(f"d{name}", x, y, 1e-9)
+        # w and u stay float32, as the layers keep time_decay / time_first.
+        out, st = wkv4(w.float(), u.float(), k.to(dtype), v.to(dtype), backend=backend)
+        assert out.dtype == dtype and all(s.dtype == torch.float32 for s in st)
+        assert_close(f"o-{backend}", ref, out, 3e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_long_sequence_stays_finite_and_exact(dtype):
-    w, u, k, v = make_inputs(1, 4096, 8, k_scale=10.0)
-    w = w * 30  # strong decays: e^{-30 e^x} per step
-    ref, _ = wkv4(w, u, k, v, backend="naive")
-    out, (aa, bb, pp) = wkv4(*(t.to(dtype) for t in (w, u, k, v)), backend="chunk")
-    assert torch.isfinite(out).all() and torch.isfinite(aa).all() and torch.isfinite(pp).all()
-    assert_close("o", ref, out, 1e-10 if dtype == torch.float64 else 1e-5)
+def test_long_sequence_with_strong_decay_is_stable(dtype):
+    # Per-step decays e^{-30 e^x} and keys of scale 10: a cumulative-product scan would underflow to 0/0 at once.
+    xs = make_inputs(1, 4096, 8, k_scale=10.0, decay_scale=30.0, requires_grad=dtype == torch.float64)
+    state = make_state(1, 8, requires_grad=dtype == torch.float64)
+    if dtype == torch.float64:  # values, state and gradients at full precision
+        ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
+        got = grads_of(lambda *a: wkv4(*a, backend="chunk", chunk_size=64), xs, state)
+        assert all(torch.isfinite(t).all() for t in (got[0], *got[1], *got[2]))
+        assert_all_close(ref, got, 1e-10)
+        return
+    ref, ref_st = wkv4(*xs, state, backend="naive")
+    low = [x.float() for x in xs]
+    for backend in ("naive", "chunk"):
+        out, st = wkv4(*low, tuple(s.float() for s in state), backend=backend)
+        assert torch.isfinite(out).all() and all(torch.isfinite(s).all() for s in st)
+        assert_close(f"o-{backend}", ref, out, 1e-5)
+        for name, a, b in zip(("aa", "bb", "pp"), ref_st, st):
+            assert_close(f"{name}-{backend}", a, b, 1e-5)
 
 
-def test_empty_state_default_and_fp32():
+@pytest.mark.parametrize("backend", ["naive", "chunk", "step", "auto"])
+def test_empty_sequence_returns_the_initial_state(backend):
+    w, u, k, v = make_inputs(2, 0, 4)
+    state = make_state(2, 4)
+    out, st = wkv4(w, u, k, v, state, backend=backend)
+    assert out.shape == (2, 0, 4)
+    assert all(torch.equal(a, b) for a, b in zip(st, state))
+
+
+def test_no_state_is_the_empty_state():
     w, u, k, v = make_inputs(2, 30, 4)
-    out, (aa, bb, pp) = wkv4(w, u, k, v, backend="chunk")
-    ref, _ = wkv4(w, u, k, v, (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64),
-                               torch.full((2, 4), -1e38, dtype=torch.float64)), backend="naive")
-    assert_close("o", ref, out, 1e-10)
-    o32, st32 = wkv4(*(t.float() for t in (w, u, k, v)))
-    assert o32.dtype == torch.float32 and all(s.dtype == torch.float32 for s in st32)
-    assert_close("fp32", ref, o32, 1e-5)
-    assert math.isfinite(pp.min().item())
+    empty = (
+        torch.zeros(2, 4, dtype=torch.float64),
+        torch.zeros(2, 4, dtype=torch.float64),
+        torch.full((2, 4), PP_INIT, dtype=torch.float64),
+    )
+    for backend in ("naive", "chunk"):
+        o1, s1 = wkv4(w, u, k, v, backend=backend)
+        o2, s2 = wkv4(w, u, k, v, empty, backend=backend)
+        assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(s1, s2))
+        assert all(torch.isfinite(s).all() for s in s1)
 
 
 def test_bad_inputs_raise_clear_errors():
     w, u, k, v = make_inputs(1, 4, 6)
-    with pytest.raises(ValueError, match=r"\[B, T, C\]"):
+    state = make_state(1, 6)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        wkv4(w, u, k.tolist(), v)
+    with pytest.raises(ValueError, match=r"k must be \[B, T, C\]"):
         wkv4(w, u, k[0], v[0])
-    with pytest.raises(ValueError, match=r"w must be \[C\]"):
+    with pytest.raises(TypeError, match="float"):
+        wkv4(w, u, k.long(), v.long())
+    with pytest.raises(ValueError, match="shape of k"):
+        wkv4(w, u, k, v[:, :2])
+    with pytest.raises(TypeError, match="dtype of k"):
+        wkv4(w, u, k, v.float())
+    with pytest.raises(ValueError, match=r"w must be \[C\] = \[6\]"):
         wkv4(w[:3], u, k, v)
+    with pytest.raises(ValueError, match=r"u must be \[C\] = \[6\]"):
+        wkv4(w, u[None], k, v)
+    with pytest.raises(TypeError, match="u must have k's dtype"):
+        wkv4(w, u.half(), k, v)
+    with pytest.raises(ValueError, match="w must be on cpu"):
+        wkv4(w.to("meta"), u, k, v)
     with pytest.raises(ValueError, match="<= 0"):
         wkv4(-w, u, k, v)
-    with pytest.raises(ValueError, match="state must be a tuple"):
-        wkv4(w, u, k, v, (torch.zeros(1, 6),))
-    with pytest.raises(ValueError, match="v must match k"):
-        wkv4(w, u, k, v[:, :2])
+    with pytest.raises(ValueError, match="finite"):
+        wkv4(w.clone().fill_(float("nan")), u, k, v)
+    with pytest.raises(ValueError, match=r"state must be a tuple \(aa, bb, pp\)"):
+        wkv4(w, u, k, v, state[:2])
+    with pytest.raises(ValueError, match=r"three \[1, 6\] tensors; bb is \(2, 6\)"):
+        wkv4(w, u, k, v, (state[0], torch.cat([state[1]] * 2), state[2]))
+    with pytest.raises(TypeError, match="state pp must be float32"):
+        wkv4(w, u, k, v, (*state[:2], state[2].half()))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        wkv4(w, u, k, v, backend="fast")
+    with pytest.raises(ValueError, match="not available yet"):
+        wkv4(w, u, k, v, backend="triton")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        wkv4(w, u, k, v, backend="chunk", chunk_size=-1)

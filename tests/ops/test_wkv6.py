@@ -1,116 +1,245 @@
-"""WKV-6 (RWKV-5/6): backends against the naive spec, the spec against an independent loop, varlen, checks."""
+"""WKV-6 (RWKV-5/6): every backend against the naive spec, the spec against an independent loop, stability, varlen."""
 
 import pytest
 import torch
 
 from rwkv_torch.ops import wkv6
+from rwkv_torch.ops.wkv6 import chunk as wkv6_chunk_module
 from tests.utils import assert_close
 
 NAMES = ("r", "w", "k", "v", "u", "h0")
 
 
-def make_inputs(B, T, H, N, dtype=torch.float64, decay_max=3.0, requires_grad=False):
-    """w = -exp(d) with d up to log(decay_max): log decays in (-decay_max, 0)."""
+def make_inputs(B, T, H, N, dtype=torch.float64, decay_max=3.0, requires_grad=False, with_state=True):
+    """RWKV-6-shaped inputs: log decays w = -exp(d) spread over (-decay_max, 0), a random bonus u [H, N] and a
+    non-zero initial state (float32, or float64 for float64 inputs)."""
     r, k, v = (torch.randn(B, T, H, N, dtype=torch.float64) for _ in range(3))
     w = -decay_max * torch.rand(B, T, H, N, dtype=torch.float64)
     u = torch.randn(H, N, dtype=torch.float64)
     xs = [t.to(dtype).requires_grad_(requires_grad) for t in (r, w, k, v, u)]
     h0 = torch.randn(B, H, N, N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return xs, h0.requires_grad_(requires_grad)
+    return xs, (h0.requires_grad_(requires_grad) if with_state else None)
 
 
 def reference(r, w, k, v, u, h0):
-    """Independent float64 loop, elementwise over key c and value j (spec 3.2, pip att_one_v6_0)."""
+    """An independent float64 loop over time and key channel c (spec 3.2):
+    y_t[:] = Σ_c r_t[c] (u[c] k_t[c] v_t[:] + S[c, :]),  then  S[c, :] = e^{w_t[c]} S[c, :] + k_t[c] v_t[:]."""
     B, T, H, N = r.shape
-    S = h0.double().clone()
+    S = h0.detach().double().clone() if h0 is not None else torch.zeros(B, H, N, N, dtype=torch.float64)
+    r, w, k, v, u = (x.detach().double() for x in (r, w, k, v, u))
     out = torch.zeros(B, T, H, N, dtype=torch.float64)
     for t in range(T):
         for c in range(N):
-            kv = k[:, t, :, c, None].double() * v[:, t].double()  # [B, H, N_v]
-            out[:, t] += r[:, t, :, c, None].double() * (u[:, c, None].double() * kv + S[:, :, c])
-            S[:, :, c] = S[:, :, c] * w[:, t, :, c, None].double().exp() + kv
+            kv = k[:, t, :, c, None] * v[:, t]  # [B, H, N_v]
+            out[:, t] += r[:, t, :, c, None] * (u[:, c, None] * kv + S[:, :, c])
+            S[:, :, c] = w[:, t, :, c, None].exp() * S[:, :, c] + kv
     return out, S
 
 
 def grads_of(fn, xs, h0, seed=1):
+    """Outputs, final state and the gradients of every input through (o*do).sum() + (ht*dht).sum()."""
     out, ht = fn(*xs, h0)
     g = torch.Generator().manual_seed(seed)
     do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
     dht = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.dtype)
     ((out * do).sum() + (ht * dht).sum()).backward()
-    gs = [x.grad.clone() for x in (*xs, h0)]
-    for x in (*xs, h0):
+    leaves = [*xs, h0] if h0 is not None else list(xs)
+    gs = [x.grad.clone() for x in leaves]
+    for x in leaves:
         x.grad = None
     return out.detach(), ht.detach(), gs
 
 
-@pytest.mark.parametrize("B,T,H,N", [(2, 1, 2, 4), (1, 23, 3, 8)], ids=lambda x: str(x))
-def test_naive_matches_independent_loop(B, T, H, N):
-    xs, h0 = make_inputs(B, T, H, N)
+def assert_all_close(ref, got, rtol):
+    (ref_o, ref_h, ref_g), (out, ht, gs) = ref, got
+    assert_close("o", ref_o, out, rtol)
+    assert_close("ht", ref_h, ht, rtol)
+    for name, rg, g in zip(NAMES, ref_g, gs):
+        assert_close(f"d{name}", rg, g, rtol)
+
+
+SPEC_CASES = [(2, 1, 2, 4, 3.0), (1, 23, 3, 8, 3.0), (2, 40, 2, 4, 25.0)]
+
+
+@pytest.mark.parametrize(
+    "B,T,H,N,decay_max", SPEC_CASES, ids=[f"B{b}-T{t}-H{h}-N{n}-w{d:g}" for b, t, h, n, d in SPEC_CASES]
+)
+def test_naive_matches_independent_loop(B, T, H, N, decay_max):
+    xs, h0 = make_inputs(B, T, H, N, decay_max=decay_max)
     out, ht = wkv6(*xs, h0, backend="naive")
     ref_o, ref_h = reference(*xs, h0)
     assert_close("o", ref_o, out, 1e-12)
     assert_close("ht", ref_h, ht, 1e-12)
 
 
-CASES = [(1, 1, 1, 8, 16), (2, 5, 2, 8, 16), (2, 63, 3, 16, 16), (1, 100, 2, 8, 32), (1, 130, 2, 16, 64)]
+CASES = [
+    # (B, T, H, N, chunk): T = 1, T below one chunk, T a multiple, T not a multiple of the chunk
+    (1, 1, 1, 8, 16),
+    (2, 5, 2, 8, 16),
+    (2, 63, 3, 16, 16),
+    (1, 100, 2, 8, 32),
+    (2, 64, 1, 8, 32),
+    (1, 130, 2, 16, 64),
+    (2, 40, 2, 4, 64),
+]
 
 
 @pytest.mark.parametrize("B,T,H,N,chunk", CASES, ids=[f"B{b}-T{t}-H{h}-N{n}-L{c}" for b, t, h, n, c in CASES])
-def test_chunk_matches_naive_fp64(B, T, H, N, chunk):
-    xs, h0 = make_inputs(B, T, H, N, requires_grad=True)
-    ref_o, ref_h, ref_g = grads_of(lambda *a: wkv6(*a, backend="naive"), xs, h0)
-    out, ht, gs = grads_of(lambda *a: wkv6(*a, backend="chunk", chunk_size=chunk), xs, h0)
-    assert_close("o", ref_o, out, 1e-10)
-    assert_close("ht", ref_h, ht, 1e-10)
-    for name, rg, g in zip(NAMES, ref_g, gs):
-        assert_close(f"d{name}", rg, g, 1e-10)
+@pytest.mark.parametrize("pairs", ["factored", "exact"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
+def test_chunk_matches_naive_fp64(B, T, H, N, chunk, pairs, with_state, monkeypatch):
+    # Force each way of forming the intra-chunk pair factors (decays here are mild enough for both).
+    span = float("inf") if pairs == "factored" else -1.0
+    monkeypatch.setitem(wkv6_chunk_module._FACTOR_SPAN, torch.float64, span)
+    xs, h0 = make_inputs(B, T, H, N, decay_max=1.0, requires_grad=True, with_state=with_state)
+    ref = grads_of(lambda *a: wkv6(*a, backend="naive"), xs, h0)
+    got = grads_of(lambda *a: wkv6(*a, backend="chunk", chunk_size=chunk), xs, h0)
+    assert_all_close(ref, got, 1e-10)
 
 
-def test_step_backend_and_fp32():
-    xs, h0 = make_inputs(2, 9, 2, 8)
+@pytest.mark.parametrize("T", [1, 7])
+def test_step_backend_matches_naive(T):
+    xs, h0 = make_inputs(2, T, 2, 8, requires_grad=True)
+    ref = grads_of(lambda *a: wkv6(*a, backend="naive"), xs, h0)
+    got = grads_of(lambda *a: wkv6(*a, backend="step"), xs, h0)
+    assert_all_close(ref, got, 1e-12)
+
+
+def test_auto_backend_matches_naive():
+    xs, h0 = make_inputs(1, 50, 2, 8)
+    for T in (1, 50):  # auto: step for one token, chunk otherwise
+        seq = [x[:, :T] for x in xs[:4]]
+        out, ht = wkv6(*seq, xs[4], h0)
+        ref_o, ref_h = wkv6(*seq, xs[4], h0, backend="naive")
+        assert_close(f"o-T{T}", ref_o, out, 1e-10)
+        assert_close(f"ht-T{T}", ref_h, ht, 1e-10)
+
+
+def test_fp32_matches_fp64_naive():
+    xs, h0 = make_inputs(2, 200, 2, 16)
     ref_o, ref_h = wkv6(*xs, h0, backend="naive")
-    out, ht = wkv6(*xs, h0, backend="step")
-    assert_close("step o", ref_o, out, 1e-12)
-    out, ht = wkv6(*[x.float() for x in xs], h0.float(), backend="chunk")
-    assert out.dtype == torch.float32 and ht.dtype == torch.float32
-    assert_close("fp32 o", ref_o, out, 1e-5)
-    assert_close("fp32 ht", ref_h, ht, 1e-5)
+    xs32, h32 = [x.float() for x in xs], h0.float()
+    runs = {"naive": dict(backend="naive")} | {f"chunk-L{c}": dict(backend="chunk", chunk_size=c) for c in (16, 32, 64)}
+    for name, kwargs in runs.items():
+        out, ht = wkv6(*xs32, h32, **kwargs)
+        assert out.dtype == torch.float32 and ht.dtype == torch.float32
+        assert_close(f"o-{name}", ref_o, out, 1e-5)
+        assert_close(f"ht-{name}", ref_h, ht, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_accumulate_in_fp32(dtype):
+    xs, h0 = make_inputs(1, 70, 2, 16)
+    ref_o, ref_h = wkv6(*xs, h0, backend="naive")
+    low = [x.to(dtype) for x in xs[:4]]
+    for backend in ("naive", "chunk"):
+        out, ht = wkv6(*low, xs[4].float(), h0.float(), backend=backend)
+        assert out.dtype == dtype and ht.dtype == torch.float32
+        assert_close(f"o-{backend}", ref_o, out, 3e-2)
+        assert_close(f"ht-{backend}", ref_h, ht, 3e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_long_sequence_with_strong_decay_is_stable(dtype):
-    xs, h0 = make_inputs(1, 4096, 1, 4, decay_max=20.0)
-    ref_o, ref_h = wkv6(*xs, h0, backend="naive")
-    out, ht = wkv6(*[x.to(dtype) for x in xs], h0.to(dtype), backend="chunk", chunk_size=64)
-    assert torch.isfinite(out).all() and torch.isfinite(ht).all()
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    assert_close("o", ref_o, out, tol)
-    assert_close("ht", ref_h, ht, tol)
+    # Log decays down to -20 per token: a 64-chunk's total reaches ~-640, far past any factorisation's headroom.
+    xs, h0 = make_inputs(1, 4096, 1, 4, decay_max=20.0, requires_grad=dtype == torch.float64)
+    if dtype == torch.float64:  # values, state and gradients at full precision
+        ref = grads_of(lambda *a: wkv6(*a, backend="naive"), xs, h0)
+        got = grads_of(lambda *a: wkv6(*a, backend="chunk", chunk_size=64), xs, h0)
+        assert all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2]))
+        assert_all_close(ref, got, 1e-10)
+        return
+    ref_o, ref_h = wkv6(*[x.double() for x in xs], h0.double(), backend="naive")
+    for backend in ("naive", "chunk"):
+        out, ht = wkv6(*xs, h0, backend=backend, chunk_size=64)
+        assert torch.isfinite(out).all() and torch.isfinite(ht).all()
+        assert_close(f"o-{backend}", ref_o, out, 1e-5)
+        assert_close(f"ht-{backend}", ref_h, ht, 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["naive", "chunk"])
 def test_varlen_equals_separate_calls(backend):
-    lens = [7, 1, 33]
-    cu = torch.tensor([0, 7, 8, 41])
-    xs, _ = make_inputs(1, sum(lens), 2, 8)
-    h0 = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    lens = [7, 0, 1, 33, 16]  # includes an empty sequence, one token, and a chunk-sized one
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    xs, _ = make_inputs(1, sum(lens), 2, 8, requires_grad=True)
+    h0 = torch.randn(len(lens), 2, 8, 8, dtype=torch.float64, requires_grad=True)
     out, ht = wkv6(*xs, h0, cu_seqlens=cu, backend=backend, chunk_size=16)
-    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        o_i, h_i = wkv6(*[x[:, s:e] for x in xs[:4]], xs[4], h0[i : i + 1], backend="naive")
-        assert_close(f"o[{i}]", o_i, out[:, s:e], 1e-10)
+    assert out.shape == xs[0].shape and ht.shape == (len(lens), 2, 8, 8)
+    spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    separate = [
+        wkv6(*[x[:, s:e] for x in xs[:4]], xs[4], h0[i : i + 1], backend="naive") for i, (s, e) in enumerate(spans)
+    ]
+    for i, ((s, e), (o_i, h_i)) in enumerate(zip(spans, separate)):
+        if e > s:  # (assert_close needs elements; the empty sequence must just return its initial state)
+            assert_close(f"o[{i}]", o_i, out[:, s:e], 1e-10)
         assert_close(f"ht[{i}]", h_i, ht[i : i + 1], 1e-10)
+    # Gradients reach every input and each sequence's own initial state exactly as in the separate calls.
+    g = torch.Generator().manual_seed(2)
+    do = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    dht = torch.randn(ht.shape, generator=g, dtype=torch.float64)
+    packed = torch.autograd.grad((out * do).sum() + (ht * dht).sum(), [*xs, h0])
+    loss = sum(
+        (o_i * do[:, s:e]).sum() + (h_i * dht[i : i + 1]).sum()
+        for i, ((s, e), (o_i, h_i)) in enumerate(zip(spans, separate))
+    )
+    for name, ref_g, g_ in zip(NAMES, torch.autograd.grad(loss, [*xs, h0]), packed):
+        assert_close(f"d{name}", ref_g, g_, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["naive", "chunk", "step", "auto"])
+def test_empty_sequence_returns_the_initial_state(backend):
+    xs, h0 = make_inputs(2, 0, 2, 4)
+    out, ht = wkv6(*xs, h0, backend=backend)
+    assert out.shape == (2, 0, 2, 4)
+    assert torch.equal(ht, h0)
+
+
+def test_no_state_equals_zero_state():
+    xs, _ = make_inputs(2, 20, 2, 8)
+    for backend in ("naive", "chunk"):
+        o1, h1 = wkv6(*xs, backend=backend)
+        o2, h2 = wkv6(*xs, torch.zeros(2, 2, 8, 8, dtype=torch.float64), backend=backend)
+        assert torch.equal(o1, o2) and torch.equal(h1, h2)
 
 
 def test_bad_inputs_raise_clear_errors():
-    (r, w, k, v, u), h0 = make_inputs(1, 4, 2, 8)
+    xs, h0 = make_inputs(1, 4, 2, 8)
+    r, w, k, v, u = xs
+    with pytest.raises(TypeError, match="r must be a torch.Tensor"):
+        wkv6(r.tolist(), w, k, v, u)
     with pytest.raises(ValueError, match=r"\[B, T, H, N\]"):
         wkv6(r[0], w[0], k[0], v[0], u)
-    with pytest.raises(ValueError, match="u \\(bonus\\) must be"):
-        wkv6(r, w, k, v, u[0])
+    with pytest.raises(ValueError, match="shape of r"):
+        wkv6(r, w[:, :3], k, v, u)
+    with pytest.raises(TypeError, match="dtype of r"):
+        wkv6(r, w, k.float(), v, u)
+    with pytest.raises(TypeError, match="float"):
+        wkv6(*(x.long() for x in xs))
     with pytest.raises(ValueError, match="<= 0"):
-        wkv6(r, -w, k, v, u)
-    with pytest.raises(ValueError, match="state must be"):
-        wkv6(r, w, k, v, u, h0[:, :1])
-    with pytest.raises(ValueError, match="backend"):
-        wkv6(r, w, k, v, u, backend="fast")
+        wkv6(r, -w - 1, k, v, u)
+    with pytest.raises(ValueError, match="finite"):
+        wkv6(r, w.clone().fill_(float("-inf")), k, v, u)
+    with pytest.raises(ValueError, match=r"u \(bonus\) must be \[H, N\] = \[2, 8\]"):
+        wkv6(r, w, k, v, u[0])
+    with pytest.raises(TypeError, match=r"u \(bonus\) must be a torch.Tensor"):
+        wkv6(r, w, k, v, 0.5)
+    with pytest.raises(TypeError, match=r"u \(bonus\) must have r's dtype"):
+        wkv6(r, w, k, v, u.half())
+    with pytest.raises(ValueError, match=r"u \(bonus\) must be on cpu"):
+        wkv6(r, w, k, v, u.to("meta"))
+    with pytest.raises(ValueError, match=r"state must be \[1, 2, 8, 8\]"):
+        wkv6(*xs, h0[:, :1])
+    with pytest.raises(TypeError, match="float32"):
+        wkv6(*xs, h0.half())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        wkv6(*xs, backend="fast")
+    with pytest.raises(ValueError, match="not available yet"):
+        wkv6(*xs, backend="triton")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        wkv6(*xs, backend="chunk", chunk_size=0)
+    with pytest.raises(ValueError, match="end at T=4"):
+        wkv6(*xs, cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        wkv6(*(torch.cat([x, x]) for x in xs[:4]), u, cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match=r"state must be \[2, 2, 8, 8\]"):
+        wkv6(*xs, h0, cu_seqlens=torch.tensor([0, 1, 4]))

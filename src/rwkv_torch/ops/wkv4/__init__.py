@@ -1,58 +1,100 @@
-"""WKV-4: the per-channel RWKV-4 recurrence with the stable (aa, bb, pp) state (spec section 2.2)."""
+"""WKV-4: the per-channel RWKV-4 recurrence with the stable (aa, bb, pp) state (spec section 2.2). See README.md."""
 
 import torch
 
-from .._common import BACKENDS, check_float, check_log_decay
+from .._common import BACKENDS, check_float, check_log_decay, check_same
 from ..wkv7.naive import compute_dtype
 from .chunk import DEFAULT_CHUNK_SIZE, wkv4_chunk
-from .naive import PP_INIT, wkv4_naive, wkv4_step
+from .naive import PP_INIT, empty_state, wkv4_naive, wkv4_step
 
-__all__ = ["wkv4", "wkv4_naive", "wkv4_chunk", "wkv4_step", "PP_INIT", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["wkv4", "wkv4_naive", "wkv4_chunk", "wkv4_step", "empty_state", "PP_INIT", "DEFAULT_CHUNK_SIZE"]
+
+
+def _resolve_backend(backend: str, device: torch.device, T: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        raise ValueError("backend='triton' is not available yet for wkv4; use 'chunk', 'naive' or 'step'")
+    if backend != "auto":
+        return backend
+    return "chunk" if T > 1 else "step"
+
+
+def _check_channel_vector(name: str, t, k: torch.Tensor) -> None:
+    """w and u are [C] in k's dtype or float32 (checkpoints keep time_decay/time_first in fp32), on k's device."""
+    C = k.shape[-1]
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [C], got {type(t).__name__}")
+    if t.shape != (C,):
+        raise ValueError(f"{name} must be [C] = [{C}], got {tuple(t.shape)}")
+    if t.dtype not in (k.dtype, torch.float32):
+        raise TypeError(f"{name} must have k's dtype ({k.dtype}) or float32, got {t.dtype}")
+    if t.device != k.device:
+        raise ValueError(f"{name} must be on {k.device} like k, got {t.device}")
+
+
+def _check_state(state, k: torch.Tensor) -> None:
+    B, _, C = k.shape
+    if not isinstance(state, (tuple, list)) or len(state) != 3:
+        raise ValueError(f"state must be a tuple (aa, bb, pp) of three [{B}, {C}] tensors, got {type(state).__name__}")
+    for name, s in zip(("aa", "bb", "pp"), state):
+        if not isinstance(s, torch.Tensor) or s.shape != (B, C):
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"state must be a tuple (aa, bb, pp) of three [{B}, {C}] tensors; {name} is {got}")
+        if s.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"state {name} must be float32 (or float64), got {s.dtype}")
+        if s.device != k.device:
+            raise ValueError(f"state {name} must be on {k.device} like k, got {s.device}")
 
 
 def wkv4(w, u, k, v, state=None, *, backend: str = "auto", chunk_size: int | None = None):
     """RWKV-4 WKV over a sequence, per channel, from an initial state.
 
-    ``out_t = (Σ_{i<t} e^{(t-1-i)w + k_i} v_i + e^{u+k_t} v_t) / (Σ_{i<t} e^{(t-1-i)w + k_i} + e^{u+k_t})``
-    (plus the carried state), computed stably.
+    With the carried state as the true numerator ``aa·e^pp`` and denominator ``bb·e^pp``::
+
+        out_t = (Σ_{i<t} e^{(t-1-i)w + k_i} v_i + e^{u+k_t} v_t) / (Σ_{i<t} e^{(t-1-i)w + k_i} + e^{u+k_t})
+
+    computed in the stable (aa, bb, pp) form, where ``pp`` is the largest exponent seen so far.
 
     Args:
         w: the per-channel log decay ``[C]`` (finite, <= 0; RWKV-4 passes ``-exp(time_decay)``).
         u: the bonus ``[C]`` (``time_first``), added in the exponent.
-        k, v: ``[B, T, C]``, one floating dtype and device.
-        state: ``(aa, bb, pp)`` each ``[B, C]`` float32 (or float64), or None for an empty state
-            (``aa = bb = 0``, ``pp = -1e38``).
-        backend: ``"auto"`` (chunk for T > 1, else step), ``"naive"``, ``"chunk"``, ``"step"``.
+        k, v: ``[B, T, C]``, one floating dtype (fp32/bf16/fp16/fp64), one device. ``w`` and ``u`` are in k's dtype
+            or float32.
+        state: ``(aa, bb, pp)`` each ``[B, C]`` float32 (or float64), or None for the empty state
+            ``aa = bb = 0, pp = PP_INIT = -1e38`` (the official kernels' value; the pip package's -1e30 gives the
+            same results).
+        backend: ``"auto"`` (chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``.
+        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``).
 
     Returns:
-        ``(out [B, T, C] in k's dtype, (aa, bb, pp))``, the state float32 (float64 for float64 inputs).
+        ``(out [B, T, C] in k's dtype, (aa, bb, pp))``, the state float32, or float64 for float64 inputs.
+
+    Example:
+        >>> k, v = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+        >>> out, (aa, bb, pp) = wkv4(-torch.rand(16), torch.randn(16), k, v)
+        >>> out.shape, pp.shape
+        (torch.Size([2, 8, 16]), torch.Size([2, 16]))
     """
-    if not isinstance(k, torch.Tensor) or k.dim() != 3:
-        got = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
-        raise ValueError(f"k must be [B, T, C] (3-D), got {got}")
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"k must be a torch.Tensor, got {type(k).__name__}")
+    if k.dim() != 3:
+        raise ValueError(f"k must be [B, T, C] (3-D), got shape {tuple(k.shape)}")
     check_float("k", k)
-    if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype:
-        raise ValueError(f"v must match k: shape {tuple(k.shape)}, dtype {k.dtype}")
-    B, T, C = k.shape
-    for name, t in (("w", w), ("u", u)):
-        if not isinstance(t, torch.Tensor) or t.shape != (C,):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be [C] = [{C}], got {got}")
-        check_float(name, t)
+    check_same("k", k, v=v)
+    _check_channel_vector("w", w, k)
+    _check_channel_vector("u", u, k)
     check_log_decay(w)
     if state is not None:
-        if len(state) != 3 or any(not isinstance(s, torch.Tensor) or s.shape != (B, C) for s in state):
-            raise ValueError(f"state must be a tuple (aa, bb, pp) of three [{B}, {C}] tensors")
-        if any(s.dtype not in (torch.float32, torch.float64) for s in state):
-            raise TypeError("state tensors must be float32 (or float64)")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise ValueError("backend='triton' is not available for wkv4; use 'chunk', 'naive' or 'step'")
-    be = backend if backend != "auto" else ("chunk" if T > 1 else "step")
-    if be == "chunk":
-        out, st = wkv4_chunk(w, u, k, v, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
-    else:
-        out, st = wkv4_naive(w, u, k, v, state)
+        _check_state(state, k)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     cd = compute_dtype(k.dtype)
-    return out.to(k.dtype), tuple(s.to(cd) for s in st)
+    be = _resolve_backend(backend, k.device, k.shape[1])
+
+    if be == "chunk":
+        out, final = wkv4_chunk(w, u, k, v, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+    else:
+        # "naive" and "step": the recurrence token by token (the decode path; for T == 1 one call).
+        out, final = wkv4_naive(w, u, k, v, state)
+    return out.to(k.dtype), tuple(s.to(cd) for s in final)

@@ -1,16 +1,27 @@
 """The executable specification of WKV-4 (spec section 2.2): the numerically stable (aa, bb, pp) recurrence.
 
-Per channel, the true numerator and denominator of the state are ``aa·e^pp`` and ``bb·e^pp``. Per token::
+Per channel, the true numerator and denominator of the state are ``aa·e^pp`` and ``bb·e^pp``, with ``pp`` the largest
+exponent seen so far. Per token (``w`` the log decay <= 0, ``u`` the bonus)::
 
     ww = u + k_t;  p = max(pp, ww);  out_t = (e^{pp-p} aa + e^{ww-p} v_t) / (e^{pp-p} bb + e^{ww-p})
     ww = pp + w;   p = max(ww, k_t); aa = e^{ww-p} aa + e^{k_t-p} v_t;  bb = e^{ww-p} bb + e^{k_t-p};  pp = p
+
+Computes in float64 when given float64, otherwise in float32 (bf16/fp16 inputs are upcast).
 """
 
 import torch
 
 from ..wkv7.naive import compute_dtype
 
-PP_INIT = -1e38  # the running max exponent of an empty state (the CUDA kernels' value)
+# pp of an empty state: "minus infinity" that stays finite, so pp - p never gives inf - inf. The official CUDA kernels
+# and HF's cpu path use -1e38; the pip package and HF's model-level state use -1e30 (same results: e^{pp-p} is 0).
+PP_INIT = -1e38
+
+
+def empty_state(B: int, C: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """aa = bb = 0, pp = PP_INIT, each [B, C]."""
+    zeros = torch.zeros(B, C, dtype=dtype, device=device)
+    return zeros, zeros.clone(), torch.full((B, C), PP_INIT, dtype=dtype, device=device)
 
 
 def wkv4_step(w, u, k, v, aa, bb, pp):
@@ -30,10 +41,7 @@ def wkv4_naive(w, u, k, v, state=None):
     B, T, C = k.shape
     cd = compute_dtype(k.dtype)
     w, u, k, v = (t.to(cd) for t in (w, u, k, v))
-    if state is None:
-        aa, bb, pp = k.new_zeros(B, C), k.new_zeros(B, C), k.new_full((B, C), PP_INIT)
-    else:
-        aa, bb, pp = (s.to(cd) for s in state)
+    aa, bb, pp = empty_state(B, C, cd, k.device) if state is None else (s.to(cd) for s in state)
     outs = []
     for t in range(T):
         o, aa, bb, pp = wkv4_step(w, u, k[:, t], v[:, t], aa, bb, pp)

@@ -1,4 +1,4 @@
-"""WKV-6: the RWKV-5/6 recurrence (spec section 3.2). Derivation and RWKV-5 notes in README.md."""
+"""WKV-6: the recurrence of RWKV-6 (spec section 3.2), also used by RWKV-5. Derivation and RWKV-5 notes in README.md."""
 
 import torch
 
@@ -18,7 +18,7 @@ from .naive import wkv6_naive, wkv6_step
 __all__ = ["wkv6", "wkv6_naive", "wkv6_chunk", "wkv6_step", "DEFAULT_CHUNK_SIZE"]
 
 
-def _resolve_backend(backend: str, T: int) -> str:
+def _resolve_backend(backend: str, device: torch.device, T: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
@@ -28,24 +28,48 @@ def _resolve_backend(backend: str, T: int) -> str:
     return "chunk" if T > 1 else "step"
 
 
+def _check_bonus(u, r: torch.Tensor) -> None:
+    """u is [H, N] in r's dtype or float32 (checkpoints keep time_faaaa in fp32), on r's device."""
+    H, N = r.shape[2:]
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"u (bonus) must be a torch.Tensor [H, N], got {type(u).__name__}")
+    if u.shape != (H, N):
+        raise ValueError(f"u (bonus) must be [H, N] = [{H}, {N}], got {tuple(u.shape)}")
+    if u.dtype not in (r.dtype, torch.float32):
+        raise TypeError(f"u (bonus) must have r's dtype ({r.dtype}) or float32, got {u.dtype}")
+    if u.device != r.device:
+        raise ValueError(f"u (bonus) must be on {r.device} like r, got {u.device}")
+
+
 def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", chunk_size: int | None = None):
     """RWKV-5/6 WKV over a sequence, from an initial state.
 
-    Per head, state ``S [N_k, N_v]`` (row = key index)::
+    Per head, with the official pip package's state layout ``S [N_k, N_v]`` (row = key index)::
 
         y_t = r_tᵀ (S_{t-1} + diag(u) k_t v_tᵀ),     S_t = diag(exp(w_t)) S_{t-1} + k_t v_tᵀ
 
+    The output uses the state before token t plus the bonus ``u`` for the current token.
+
     Args:
-        r, w, k, v: ``[B, T, H, N]``, one floating dtype and device. ``w`` is the log decay (finite, <= 0;
-            RWKV-6 passes ``-exp(d_t)``, RWKV-5 the same static value at every t). No ``1/sqrt(N)`` scale.
-        u: the bonus ``[H, N]`` (``time_faaaa``), any floating dtype.
+        r, w, k, v: ``[B, T, H, N]``, one floating dtype (fp32/bf16/fp16/fp64), one device. ``w`` is the log decay
+            (finite, <= 0; RWKV-6 passes ``-exp(d_t)``, RWKV-5 the same static value at every t). No ``1/sqrt(N)``
+            scale is applied.
+        u: the bonus ``[H, N]`` (``time_faaaa``, used linearly), in r's dtype or float32.
         state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
-        cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1).
-        backend: ``"auto"`` (chunk for T > 1, else step), ``"naive"``, ``"chunk"``, ``"step"``.
+        cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
+            at every boundary and one final state per sequence is returned.
+        backend: ``"auto"`` (chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``.
         chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``).
 
     Returns:
-        ``(out [B, T, H, N] in the input dtype, final_state [B or S, H, N, N])`` (float32, float64 for float64).
+        ``(out [B, T, H, N] in the input dtype, final_state [B or S, H, N, N])``; the state is float32,
+        or float64 for float64 inputs.
+
+    Example:
+        >>> r, k, v = (torch.randn(1, 8, 2, 4) for _ in range(3))
+        >>> out, s = wkv6(r, -torch.rand(1, 8, 2, 4), k, v, torch.randn(2, 4))
+        >>> out.shape, s.shape
+        (torch.Size([1, 8, 2, 4]), torch.Size([1, 2, 4, 4]))
     """
     if not isinstance(r, torch.Tensor):
         raise TypeError(f"r must be a torch.Tensor, got {type(r).__name__}")
@@ -54,24 +78,26 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
     check_float("r", r)
     check_same("r", r, w=w, k=k, v=v)
     check_log_decay(w)
-    B, T, H, N = r.shape
-    if not isinstance(u, torch.Tensor) or u.shape != (H, N):
-        got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
-        raise ValueError(f"u (bonus) must be [H, N] = [{H}, {N}], got {got}")
-    check_float("u", u)
-    if u.device != r.device:
-        raise ValueError(f"u must be on {r.device}, got {u.device}")
+    _check_bonus(u, r)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    cd = compute_dtype(r.dtype)
     cs = check_seq_and_state(r, cu_seqlens, state, "N_k, N_v")
-    be = _resolve_backend(backend, T)
+    be = _resolve_backend(backend, r.device, r.shape[1])
+
     if cs is not None:
+        # Zero padding at the end of a sequence (w = 0, k = 0) leaves its state unchanged.
         packed = pack_to_batch(cs, r, w, k, v)
         out, final = _run(be, *packed, u, state, chunk_size)
-        return unpack_from_batch(cs, out).to(r.dtype), final
+        return unpack_from_batch(cs, out).to(r.dtype), final.to(cd)
     out, final = _run(be, r, w, k, v, u, state, chunk_size)
-    return out.to(r.dtype), final.to(compute_dtype(r.dtype))
+    return out.to(r.dtype), final.to(cd)
 
 
 def _run(be, r, w, k, v, u, state, chunk_size):
+    if be == "naive":
+        return wkv6_naive(r, w, k, v, u, state)
     if be == "chunk":
         return wkv6_chunk(r, w, k, v, u, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
-    return wkv6_naive(r, w, k, v, u, state)  # "naive" and "step": the recurrence token by token
+    # "step": the recurrence token by token (the decode path; for T == 1 one call).
+    return wkv6_naive(r, w, k, v, u, state)

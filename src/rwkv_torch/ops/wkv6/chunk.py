@@ -1,38 +1,50 @@
-"""WKV-6 in chunked parallel form (gated linear attention with a bonus; spec section 5.1), plain PyTorch.
+"""WKV-6 in chunked parallel form: gated linear attention with a bonus (spec section 5.1), plain PyTorch, autograd
+backward.
 
-State ``h [K, V]`` (the op's layout). Per chunk of length L, Γ the inclusive cumulative log decay, Γ⁻ = Γ - w::
+State ``h [K, V]`` (the op's layout, row = key). Per chunk of length L, positions i, j, with Γ the inclusive cumulative
+log decay inside the chunk and Γ⁻ = Γ - w (exclusive)::
 
-    A_ij = Σ_c r_i k_j e^{Γ⁻_i - Γ_j}   (j < i),     A_ii = Σ_c r_i u k_i
+    A_ij = Σ_c r_i k_j e^{Γ⁻_i - Γ_j}   (j < i: the decays of tokens j+1 .. i-1)
+    A_ii = Σ_c r_i u k_i                (the bonus of the current token)
     o_i  = (r_i ⊙ e^{Γ⁻_i})ᵀ h₀ + Σ_{j<=i} A_ij v_j
-    h_L  = e^{Γ_L} ⊙ h₀ + Σ_j (k_j ⊙ e^{Γ_L - Γ_j}) v_jᵀ
+    h_L  = e^{Γ_{L-1}} ⊙ h₀ + Σ_j (k_j ⊙ e^{Γ_{L-1} - Γ_j}) v_jᵀ
 
-Every exponent above is <= 0. RWKV-6's log decay ``-exp(d)`` is unbounded below, so the pair factors are formed by
-factorising around the chunk's middle only when the chunk's total |log decay| fits the dtype's exponent range;
-otherwise elementwise per pair with the upper triangle masked before exp (exact for any w <= 0).
+Everything that does not depend on h₀ is computed for all chunks at once; the loop over chunks is one scale-and-add
+per chunk (``h = D_c ⊙ h + R_c``), after which every chunk's output is one batched product ``o_c = P_c h_c + Q_c``.
+
+Numerics: every exponent above is <= 0. RWKV-6's log decay ``-exp(d)`` is unbounded below, so the pair factors
+e^{Γ⁻_i - Γ_j} are formed by factorising around the middle of the chunk (two matrices, one product) only when the
+chunk's total |log decay| fits the dtype's exponent range; otherwise elementwise per pair with the upper triangle masked
+before exp, which is exact for any w <= 0 at L x more memory. The choice is made per call from the data.
 """
 
 import torch
 import torch.nn.functional as F
 
-from ..wkv7.chunk import _FACTOR_SPAN
 from ..wkv7.naive import compute_dtype
 
 DEFAULT_CHUNK_SIZE = 32
+# Largest total |log decay| of one chunk for the factorised form. Every factor then lies in e^{±span}: far inside the
+# dtype's range (fp32 overflows past e^88, fp64 past e^709), with room left for |r|, |k| and the sum over the key dim.
+_FACTOR_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
 
 
-def _intra(r, k, u, G, Gm):
-    """A [.., L, L]: the strictly-lower pair scores plus the bonus on the diagonal. G, Gm are float64."""
-    L, cd = r.shape[-2], r.dtype
+def _pair_scores_factored(r, k, G, Gm):
+    # The reference point is the middle of each chunk: e^{Γ⁻_i - ref} and e^{ref - Γ_j} both stay within e^{±span}.
+    L = r.shape[-2]
+    ref = G[..., L // 2 : L // 2 + 1, :]
+    rq = r * (Gm - ref).exp().to(r.dtype)
+    kq = k * (ref - G).exp().to(r.dtype)
+    return rq @ kq.transpose(-1, -2)  # [.., L, L]; only the strict lower triangle is meaningful
+
+
+def _pair_scores_exact(r, k, G, Gm):
+    L = r.shape[-2]
     strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
-    span = (-G[..., -1, :]).amax().item() if G.numel() else 0.0
-    if span <= _FACTOR_SPAN[cd]:
-        ref = G[..., L // 2 : L // 2 + 1, :]
-        A = (r * (Gm - ref).exp().to(cd)) @ (k * (ref - G).exp().to(cd)).transpose(-1, -2)
-    else:
-        d = (Gm.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~strict[:, :, None], float("-inf")).exp().to(cd)
-        A = torch.einsum("...ic,...ijc,...jc->...ij", r, d, k)
-    A = torch.where(strict, A, r.new_zeros(()))
-    return A + torch.diag_embed((r * u * k).sum(-1))
+    # [.., L, L, K]: e^{Γ⁻_i - Γ_j}, the positive exponents of the upper triangle masked to -inf before exp.
+    diff = Gm.unsqueeze(-2) - G.unsqueeze(-3)
+    d = diff.masked_fill(~strict[:, :, None], float("-inf")).exp().to(r.dtype)
+    return torch.einsum("...ic,...ijc,...jc->...ij", r, d, k)
 
 
 def wkv6_chunk(r, w, k, v, u, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
@@ -40,26 +52,41 @@ def wkv6_chunk(r, w, k, v, u, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     B, T, H, N = r.shape
     cd = compute_dtype(r.dtype)
     L = int(chunk_size)
+    h = r.new_zeros(B, H, N, N, dtype=cd) if state is None else state.to(cd)
+    if T == 0:
+        return r.new_zeros(B, 0, H, N, dtype=cd), h
+
+    # 1. Pad T to a multiple of L (w = 0 and k = 0 leave the state unchanged) and split into chunks.
     pad = (-T) % L
-    # Padding with w = 0 and k = 0 leaves the state unchanged through the tail.
-    r, w, k, v = (F.pad(t.to(cd), (0, 0, 0, 0, 0, pad)) for t in (r, w, k, v))
     nc = (T + pad) // L
-    r, w, k, v = (t.view(B, nc, L, H, N).permute(0, 3, 1, 2, 4) for t in (r, w, k, v))  # [B, H, nc, L, N]
+    r, w, k, v = (F.pad(t.to(cd), (0, 0, 0, 0, 0, pad)) for t in (r, w, k, v))
+    r, w, k, v = (t.reshape(B, nc, L, H, N).permute(0, 3, 1, 2, 4) for t in (r, w, k, v))  # [B, H, nc, L, N]
     u = u.to(cd)[None, :, None, None, :]  # [1, H, 1, 1, N]
 
-    # Cumulative log decays in float64: differences of long fp32 sums would lose digits in every exponent.
-    G = w.double().cumsum(-2)
-    Gm = G - w.double()
-    G_last = G[..., -1:, :]
-    Q = _intra(r, k, u, G, Gm) @ v  # intra-chunk part of o: [B, H, nc, L, V]
-    P = r * Gm.exp().to(cd)  # o_c = P h + Q
-    D = G_last.squeeze(-2).exp().to(cd).unsqueeze(-1)  # [B, H, nc, K, 1]
-    R = (k * (G_last - G).exp().to(cd)).transpose(-1, -2) @ v  # h' = D ⊙ h + R: [B, H, nc, K, V]
+    # 2. Cumulative log decays in float64: a chunk of strong decays sums to hundreds, and differences of fp32 sums
+    #    would lose ~1e-5 relative in every pair factor.
+    G = w.double().cumsum(-2)  # Γ:  [B, H, nc, L, N]
+    Gm = G - w.double()  # Γ⁻
+    G_last = G[..., -1:, :]  # [B, H, nc, 1, N]
 
-    h = r.new_zeros(B, H, N, N) if state is None else state.to(cd)
-    outs = []
+    # 3. Intra-chunk scores: strictly-lower pair terms plus the bonus on the diagonal.
+    span = (-G_last).amax().item()
+    pair_scores = _pair_scores_factored if span <= _FACTOR_SPAN[cd] else _pair_scores_exact
+    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
+    A = torch.where(strict, pair_scores(r, k, G, Gm), r.new_zeros(()))
+    A = A + torch.diag_embed((r * u * k).sum(-1))  # [B, H, nc, L, L]
+
+    # 4. Per-chunk terms: o_c = P_c h_c + Q_c and h_{c+1} = D_c ⊙ h_c + R_c.
+    P = r * Gm.exp().to(cd)  # [B, H, nc, L, K]
+    Q = A @ v  # [B, H, nc, L, V]
+    D = G_last.exp().to(cd).transpose(-1, -2)  # [B, H, nc, K, 1]
+    R = (k * (G_last - G).exp().to(cd)).transpose(-1, -2) @ v  # [B, H, nc, K, V]
+
+    # 5. The only sequential part: carry the state across chunks, keeping the state entering each chunk.
+    h_in = []
     for c in range(nc):
-        outs.append(P[:, :, c] @ h + Q[:, :, c])
+        h_in.append(h)
         h = D[:, :, c] * h + R[:, :, c]
-    out = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
+    out = P @ torch.stack(h_in, dim=2) + Q  # [B, H, nc, L, V]
+    out = out.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
     return out, h
