@@ -217,3 +217,28 @@ def test_parity_with_official_package(version, tmp_path):
             y, state = ours.step(torch.tensor([t]), state)
             rows.append(y[0])
     assert_close(f"v{version} step", off["seq"][0], torch.stack(rows), 1e-5)
+
+
+def test_hf_round_trip_and_parity_with_transformers():
+    """RWKV-4 under transformers' names: strict round trip, and the same logits as ``RwkvForCausalLM`` (rescaling
+    off), over a prompt and a continuation that carries transformers' own state."""
+    m = token_model(4).float()
+    hf_sd = ck.to_hf_state_dict(m)
+    assert "rwkv.blocks.0.pre_ln.weight" in hf_sd and "rwkv.blocks.1.feed_forward.time_mix_key" in hf_sd
+    back = ck.from_hf_state_dict({k: v.clone() for k, v in hf_sd.items()})
+    assert_same_weights(m, back)
+    with pytest.raises(ValueError, match="unknown transformers RWKV-4 keys rwkv.bogus"):
+        ck.from_hf_state_dict({**hf_sd, "rwkv.bogus": torch.zeros(1)})
+    transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency")
+    c = m.config
+    cfg = transformers.RwkvConfig(vocab_size=c.vocab_size, context_length=128, hidden_size=c.hidden_size,
+                                  num_hidden_layers=c.num_layers, attention_hidden_size=c.hidden_size,
+                                  intermediate_size=c.ffn_dim, rescale_every=0)
+    hf = transformers.RwkvForCausalLM(cfg).eval()
+    hf.load_state_dict(hf_sd, strict=True)
+    x = torch.randint(0, 50, (2, 11))
+    with torch.no_grad():
+        first = hf(input_ids=x[:, :6], use_cache=True)
+        second = hf(input_ids=x[:, 6:], state=first.state, use_cache=True)
+        ours = m(x, return_sequence=True)
+    assert_close("transformers vs ours", torch.cat([first.logits, second.logits], 1), ours, 1e-5)

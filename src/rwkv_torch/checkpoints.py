@@ -5,6 +5,7 @@
 * ``to_official_state_dict(model)`` / ``save_official(model, path)`` write the official layout, which the ``rwkv``
   pip package and the official training code read.
 * ``to_fla_state_dict(model)`` / ``from_fla_state_dict(sd)`` convert RWKV-7 to and from fla's names (spec section 9).
+* ``to_hf_state_dict(model)`` / ``from_hf_state_dict(sd)`` convert RWKV-4 to and from transformers' names.
 
 Every conversion is a declarative key map (``"{}"`` stands for the block index, ``None`` marks a key that is dropped)
 with its inverse, and loading accounts for every key: an unknown key, a missing key or a wrong shape raises.
@@ -140,6 +141,29 @@ _FLA_TRANSPOSED = {f"att.{c}{i}" for c in "wavg" for i in (1, 2)}  # bare [in, o
 _FLA_SQUEEZED = {"att.w0", "att.a0", "att.v0", "att.k_k", "att.k_a", "ffn.x_k"}  # (1, 1, C) -> (C,); x_* stay
 
 # ----------------------------------------------------------------------------------------------------------------
+# RWKV-4 official <-> Hugging Face transformers (RwkvForCausalLM): a pure renaming, shapes are the same.
+
+OFFICIAL_TO_HF = {
+    "emb.weight": "rwkv.embeddings.weight",
+    "blocks.0.ln0.weight": "rwkv.blocks.0.pre_ln.weight",
+    "blocks.0.ln0.bias": "rwkv.blocks.0.pre_ln.bias",
+    **{f"blocks.{{}}.{ln}.{p}": f"rwkv.blocks.{{}}.{ln}.{p}" for ln in ("ln1", "ln2") for p in ("weight", "bias")},
+    "blocks.{}.att.time_decay": "rwkv.blocks.{}.attention.time_decay",
+    "blocks.{}.att.time_first": "rwkv.blocks.{}.attention.time_first",
+    **{f"blocks.{{}}.{ours}.time_mix_{c}": f"rwkv.blocks.{{}}.{theirs}.time_mix_{name}"
+       for ours, theirs, letters in (("att", "attention", "kvr"), ("ffn", "feed_forward", "kr"))
+       for c, name in (("k", "key"), ("v", "value"), ("r", "receptance")) if c in letters},
+    **{f"blocks.{{}}.att.{n}.weight": f"rwkv.blocks.{{}}.attention.{n}.weight"
+       for n in ("key", "value", "receptance", "output")},
+    **{f"blocks.{{}}.ffn.{n}.weight": f"rwkv.blocks.{{}}.feed_forward.{n}.weight"
+       for n in ("key", "value", "receptance")},
+    "ln_out.weight": "rwkv.ln_out.weight",
+    "ln_out.bias": "rwkv.ln_out.bias",
+    "head.weight": "head.weight",
+}
+HF_TO_OFFICIAL = _invert(OFFICIAL_TO_HF)
+
+# ----------------------------------------------------------------------------------------------------------------
 # Key mapping helpers.
 
 _INDEXED = re.compile(r"(.+?)\.(\d+)\.(.+)")  # "<prefix>.<index>.<rest>", e.g. blocks.3.att.w1
@@ -181,7 +205,7 @@ _HINTS = {
     "s_emb": "DeepEmbed checkpoints (ffn.s_emb, s0/s1/s2) are not supported",
     "_strategy": "this file was converted by the rwkv pip package; load the original .pth instead",
     "model.layers.": "this looks like an fla state dict; use rwkv_torch.checkpoints.from_fla_state_dict",
-    "rwkv.embeddings": "this looks like a Hugging Face transformers RWKV-4 state dict, which is not supported",
+    "rwkv.embeddings": "a Hugging Face RWKV-4 state dict; use rwkv_torch.checkpoints.from_hf_state_dict",
 }
 
 
@@ -460,6 +484,35 @@ def from_fla_state_dict(sd: dict, *, source: str = "fla state dict") -> RWKV:
     """Build an RWKV-7 model from an fla ``RWKV7ForCausalLM`` state dict (the inverse of ``to_fla_state_dict``)."""
     _check_tensors(sd, source)
     return from_official_state_dict(_fla_to_official(sd, source), source=source)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face transformers (RWKV-4).
+
+
+def to_hf_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
+    """An RWKV-4 model's weights under ``transformers``' ``RwkvForCausalLM`` names (same shapes as official).
+
+    Load them into a ``RwkvConfig(..., rescale_every=0)`` model: transformers otherwise rescales the weights at
+    inference (a fp16 overflow workaround), which changes the numbers."""
+    model = _unwrap(model)
+    if model.config.version != 4:
+        raise ValueError(f"transformers' RWKV names are for RWKV-4 models, this one is RWKV-{model.config.version}")
+    return {map_key(k, OFFICIAL_TO_HF): t for k, t in to_official_state_dict(model).items()}
+
+
+def from_hf_state_dict(sd: dict, *, source: str = "transformers state dict") -> RWKV:
+    """An RWKV-4 model from a transformers ``RwkvForCausalLM`` state dict (the inverse of to_hf_state_dict)."""
+    _check_tensors(sd, source)
+    out, unknown = {}, []
+    for key, t in sd.items():
+        try:
+            out[map_key(key, HF_TO_OFFICIAL)] = t
+        except KeyError:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{source}: unknown transformers RWKV-4 keys {_listing(unknown)}")
+    return from_official_state_dict(out, source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------------
