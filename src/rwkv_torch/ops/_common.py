@@ -1,8 +1,34 @@
 """Input checks and variable-length packing shared by the WKV ops."""
 
+import importlib.util
+import os
+
 import torch
 
 BACKENDS = ("auto", "naive", "chunk", "step", "triton")
+TRITON_INSTALL_HINT = "pip install rwkv-torch[gpu]"
+
+
+def triton_importable() -> bool:
+    """Whether Triton is installed (looked up without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET set (as Triton reads it): kernels run on CPU tensors in Triton's interpreter, for tests."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
+def check_triton(device: torch.device) -> None:
+    """Raise a clear error when backend='triton' cannot run on `device`."""
+    if device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got {device.type} tensors (off the GPU, Triton runs only in its "
+            f"interpreter, TRITON_INTERPRET=1, for testing). Use backend='chunk' on {device.type}; for the GPU "
+            f"kernels: `{TRITON_INSTALL_HINT}`."
+        )
+    if not triton_importable():
+        raise ImportError(f"backend='triton' needs the triton package, which is not installed: `{TRITON_INSTALL_HINT}`")
 
 
 def check_same(name_ref: str, ref: torch.Tensor, **tensors: torch.Tensor) -> None:
@@ -25,6 +51,8 @@ def check_float(name: str, t: torch.Tensor) -> None:
 
 def check_log_decay(w: torch.Tensor) -> None:
     """w is a log decay: finite and <= 0 (the per-step factor exp(w) lies in (0, 1])."""
+    if w.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a CUDA graph cannot read values back; the eager warm-up call before capture checked them
     if not torch.isfinite(w).all():
         raise ValueError("w (log decay) must be finite; got inf or NaN")
     if (w > 0).any():

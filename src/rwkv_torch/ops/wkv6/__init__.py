@@ -8,7 +8,9 @@ from .._common import (
     check_log_decay,
     check_same,
     check_seq_and_state,
+    check_triton,
     pack_to_batch,
+    triton_importable,
     unpack_from_batch,
 )
 from ..wkv7.naive import compute_dtype
@@ -22,9 +24,11 @@ def _resolve_backend(backend: str, device: torch.device, T: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
-        raise ValueError("backend='triton' is not available yet for wkv6; use 'chunk', 'naive' or 'step'")
+        check_triton(device)
     if backend != "auto":
         return backend
+    if device.type == "cuda" and triton_importable():
+        return "triton"
     return "chunk" if T > 1 else "step"
 
 
@@ -58,8 +62,10 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
         state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
         cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
             at every boundary and one final state per sequence is returned.
-        backend: ``"auto"`` (chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``.
-        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``).
+        backend: ``"auto"`` (triton on CUDA when installed; otherwise chunk for T > 1, else step), ``"naive"`` (the
+            spec loop), ``"chunk"``, ``"step"``, ``"triton"`` (GPU kernels, ``pip install rwkv-torch[gpu]``).
+        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for triton, the interval of
+            the state checkpoints kept for the backward (default 32).
 
     Returns:
         ``(out [B, T, H, N] in the input dtype, final_state [B or S, H, N, N])``; the state is float32,
@@ -84,6 +90,11 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
     cd = compute_dtype(r.dtype)
     cs = check_seq_and_state(r, cu_seqlens, state, "N_k, N_v")
     be = _resolve_backend(backend, r.device, r.shape[1])
+    if be == "triton":
+        # Kernels live in their own file so that Triton is imported only when asked for.
+        from .triton import CHECKPOINT_EVERY, wkv6_triton
+
+        return wkv6_triton(r, w, k, v, u, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or CHECKPOINT_EVERY)
 
     if cs is not None:
         # Zero padding at the end of a sequence (w = 0, k = 0) leaves its state unchanged.

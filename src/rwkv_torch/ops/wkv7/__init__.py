@@ -8,7 +8,9 @@ from .._common import (
     check_log_decay,
     check_same,
     check_seq_and_state,
+    check_triton,
     pack_to_batch,
+    triton_importable,
     unpack_from_batch,
 )
 from .chunk import DEFAULT_CHUNK_SIZE, wkv7_chunk
@@ -21,9 +23,11 @@ def _resolve_backend(backend: str, device: torch.device, T: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
-        raise ValueError("backend='triton' is not available yet for wkv7; use 'chunk', 'naive' or 'step'")
+        check_triton(device)
     if backend != "auto":
         return backend
+    if device.type == "cuda" and triton_importable():
+        return "triton"
     return "chunk" if T > 1 else "step"
 
 
@@ -41,8 +45,10 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
         state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
         cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
             at every boundary and one final state per sequence is returned.
-        backend: ``"auto"`` (chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``.
-        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``).
+        backend: ``"auto"`` (triton on CUDA when installed; otherwise chunk for T > 1, else step), ``"naive"`` (the
+            spec loop), ``"chunk"``, ``"step"``, ``"triton"`` (GPU kernels, ``pip install rwkv-torch[gpu]``).
+        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for triton, the interval of
+            the state checkpoints kept for the backward (default 32).
 
     Returns:
         ``(out [B, T, H, N] in the input dtype, final_state [B or S, H, N, N])``; the state is float32,
@@ -65,6 +71,8 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
     cd = compute_dtype(r.dtype)
     cs = check_seq_and_state(r, cu_seqlens, state, "N_v, N_k")
     be = _resolve_backend(backend, r.device, T)
+    if be == "triton":
+        return _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size)
 
     if cs is not None:
         # Zero padding at the end of a sequence (w = 0, k = b = 0) leaves its state unchanged.
@@ -73,6 +81,18 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
         return unpack_from_batch(cs, out).to(r.dtype), final
     out, final = _run(be, r, w, k, v, a, b, state, chunk_size)
     return out.to(r.dtype), final.to(cd)
+
+
+def _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size):
+    # Kernels live in their own files so that Triton is imported only when asked for.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, w, k, v, a, b, state) if t is not None)
+    if cu_seqlens is None and not needs_grad:
+        from .triton_step import wkv7_step_triton
+
+        return wkv7_step_triton(r, w, k, v, a, b, state)
+    from .triton_chunk import CHECKPOINT_EVERY, wkv7_triton
+
+    return wkv7_triton(r, w, k, v, a, b, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or CHECKPOINT_EVERY)
 
 
 def _run(be, r, w, k, v, a, b, state, chunk_size):
