@@ -1,6 +1,7 @@
 """The model: parallel forward == step-by-step, carried state, shapes, parameter counts, init, input checks."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -253,3 +254,154 @@ def test_bf16_autocast_forward_is_close_to_fp32():
         out = m(x, return_sequence=True)
     assert out.dtype == torch.bfloat16
     assert_close("bf16", ref, out.float(), 5e-2)
+
+
+FUSED_STEP_VERSIONS = [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("kind", ["frames", "tokens"])
+@pytest.mark.parametrize("version", FUSED_STEP_VERSIONS)
+def test_fused_step_equals_forward(version, kind, dtype, rtol):
+    # Under no_grad, step takes the fused path (stacked weights, in-place ops); step_ also overwrites the state.
+    opts = dict(SMALL, version=version)
+    if kind == "frames":
+        model = perturbed(rt.build(embed_dim=20, **opts)).to(dtype)
+        x = torch.randn(3, 30, 20, dtype=dtype)
+    else:
+        model = perturbed(rt.build(vocab_size=50, **opts)).to(dtype)
+        x = torch.randint(0, 50, (3, 30))
+    seq, st = model(x, return_sequence=True, return_state=True)
+    start = model.init_state(3, dtype=dtype)
+    with torch.no_grad():
+        steps, st2 = run_steps(model, x, start)
+        inplace = torch.stack([model.step_(x[:, t], start) for t in range(x.shape[1])], 1)
+    assert_close("fused step outputs", seq, steps, rtol)
+    assert_states_close(st, st2, rtol)
+    assert_close("step_ outputs", seq, inplace, rtol)
+    assert_states_close(st, start, rtol)
+
+
+def test_step_inplace_with_grad_falls_back_and_still_updates():
+    model = perturbed(rt.build(embed_dim=8, **SMALL))
+    x = torch.randn(2, 6, 8)
+    ref, st_ref = run_steps(model, x, model.init_state(2))
+    st = model.init_state(2)
+    outs = torch.stack([model.step_(x[:, t], st) for t in range(6)], 1)  # grad enabled: the generic path
+    assert_close("outputs", ref, outs, 1e-6)
+    assert_states_close(st_ref, st, 1e-6)
+
+
+def test_fused_step_sees_parameter_changes():
+    model = perturbed(rt.build(vocab_size=30, **SMALL)).double()
+    x = torch.randint(0, 30, (2, 5))
+
+    def fused_and_generic():
+        with torch.no_grad():
+            fused, _ = run_steps(model, x, model.init_state(2))
+        generic, _ = run_steps(model, x, model.init_state(2))  # grad enabled: generic path
+        return fused, generic
+
+    fused_and_generic()  # builds the stacked weights
+    att = model.blocks[1].att
+    with torch.no_grad():  # in-place updates (optimizer-style), on stacked and on directly read parameters
+        att.w1.add_(0.3)
+        att.x_g.mul_(-1)
+        model.blocks[0].ffn.key.weight.add_(0.1)
+    assert_close("after in-place update", *fused_and_generic()[::-1], 1e-10)
+    model.load_state_dict(perturbed(rt.build(vocab_size=30, **SMALL), seed=5).double().state_dict())
+    assert_close("after load_state_dict", *fused_and_generic()[::-1], 1e-10)
+    model.float()
+    x32 = x
+    with torch.no_grad():
+        y32, _ = model.step(x32[:, 0], model.init_state(2))
+    assert y32.dtype == torch.float32
+    with torch.no_grad():
+        att.a1.data.add_(0.5)  # through .data: invisible to the version counter, hence clear_step_cache
+    model.clear_step_cache()
+    assert_close("after .data update", *fused_and_generic()[::-1], 1e-5)
+
+
+@pytest.mark.parametrize("version", [4, 6, 7])
+def test_gradient_checkpointing_gives_the_same_gradients(version):
+    model = perturbed(rt.build(embed_dim=8, version=version, **SMALL | {"dropout": 0.2})).double().train()
+    x = torch.randn(2, 40, 8, dtype=torch.float64, requires_grad=True)
+    h0 = model.init_state(2)
+    h0.wkv[1].normal_()
+    h0.wkv[1].requires_grad_(True)
+
+    def grads(checkpointing: bool):
+        assert model.set_gradient_checkpointing(checkpointing) is model
+        for t in [x, h0.wkv[1], *model.parameters()]:
+            t.grad = None
+        torch.manual_seed(1)  # the same dropout masks in both runs (checkpoint replays the RNG state)
+        out, st = model(x, h0, return_sequence=True, return_state=True)
+        (out.square().sum() + st.wkv[0].sum() + st.shift_att[1].sum()).backward()
+        return [x.grad, h0.wkv[1].grad] + [p.grad for p in model.parameters()]
+
+    plain, checkpointed = grads(False), grads(True)
+    assert model.gradient_checkpointing
+    for i, (a, b) in enumerate(zip(plain, checkpointed)):
+        assert_close(f"grad {i}", a, b, 1e-12)
+
+    def saved_tensors(checkpointing: bool) -> int:
+        model.set_gradient_checkpointing(checkpointing)
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, h0, return_sequence=True)
+        return count[0]
+
+    assert saved_tensors(True) < saved_tensors(False) / 4  # only the block inputs are kept
+    for i, (a, b) in enumerate(zip(plain, checkpointed)):
+        assert_close(f"grad {i}", a, b, 1e-12)
+    with pytest.raises(TypeError, match="bool"):
+        model.set_gradient_checkpointing("yes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [4, 7])
+def test_compiled_step_matches_step(version):
+    pytest.importorskip("torch._inductor")
+    if not hasattr(torch._inductor, "aoti_compile_and_package"):
+        pytest.skip("AOTInductor needs torch >= 2.6")
+    if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("AOTInductor needs a C++ compiler")
+    lm = perturbed(rt.build(vocab_size=40, version=version, **SMALL))
+    compiled = lm.compile_step(batch_size=2)
+    x = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        ref, st_ref = run_steps(lm, x, lm.init_state(2))
+        out, st = run_steps(compiled, x, compiled.init_state())
+    assert_close("compiled outputs", ref, out, 1e-5)
+    assert_states_close(st_ref, st, 1e-5)
+    s = rt.Stream(compiled, batch_size=2)
+    assert_close("stream", ref[:, 0], s.push(x[:, 0]), 1e-5)
+    with pytest.raises(ValueError, match="batch size 2"):
+        compiled.step(torch.tensor([1]), compiled.init_state(1))
+
+
+@pytest.mark.parametrize("return_sequence", [True, False])
+def test_segmented_forward_equals_one_piece(monkeypatch, return_sequence):
+    # Long sequences run in pieces of CPU_SEGMENT_LEN tokens on CPU; the pieces must not change the function.
+    import rwkv_torch.model as model_module
+
+    model = perturbed(rt.build(vocab_size=30, **SMALL)).double()
+    x = torch.randint(0, 30, (2, 50))
+
+    def run(segment_len):
+        monkeypatch.setattr(model_module, "CPU_SEGMENT_LEN", segment_len)
+        model.zero_grad()
+        out, st = model(x, return_sequence=return_sequence, return_state=True)
+        out.square().sum().backward()
+        return out, st, [p.grad.clone() for p in model.parameters()]
+
+    (o1, s1, g1), (o2, s2, g2) = run(1000), run(16)
+    assert_close("outputs", o1, o2, 1e-10)
+    assert_states_close(s1, s2, 1e-10)
+    for i, (a, b) in enumerate(zip(g1, g2)):
+        assert_close(f"grad {i}", a, b, 1e-10)

@@ -11,7 +11,8 @@ class Stream:
     ``push(frame)`` takes ``[embed_dim]`` (or ``[B, embed_dim]``; a token id or ``[B]`` ids for token models) and
     returns the output for that position. ``snapshot()`` returns an independent copy of the state;
     ``restore(snap)`` rewinds to it, so restore-then-replay reproduces the same outputs bit for bit (netplay
-    rollback). ``reset()`` starts a fresh sequence.
+    rollback). ``reset()`` starts a fresh sequence. With an ``RWKV`` model the state is updated in place
+    (``model.step_``): ``stream.state`` is owned by the stream, copy it with ``snapshot()``.
     """
 
     def __init__(self, model, batch_size: int = 1):
@@ -31,7 +32,10 @@ class Stream:
         single = x.dim() == (0 if self.model.is_token_model else 1)
         if single:
             x = x.unsqueeze(0)
-        y, self.state = self.model.step(x, self.state)
+        if hasattr(self.model, "step_"):
+            y = self.model.step_(x, self.state)
+        else:
+            y, self.state = self.model.step(x, self.state)
         self.position += 1
         return y[0] if single else y
 

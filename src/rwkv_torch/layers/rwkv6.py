@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..config import RWKVConfig
 from ..ops import token_shift, wkv6
+from . import fused
 
 
 def _ratios(layer_id: int, num_layers: int):
@@ -52,8 +53,9 @@ class TimeMix(nn.Module):
         m = torch.einsum("btjd,jdc->jbtc", z, self.time_maa_w2)  # [5, B, T, C]: w, k, v, r, g
         mus = (self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
         xw, xk, xv, xr, xg = (x + xx * (mu + m[j]) for j, mu in enumerate(mus))
-        d = self.time_decay.float() + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).float()
-        return xr, xk, xv, xg, -torch.exp(d)  # log decay [B, T, C], fp32
+        cd = _state_dtype(x.dtype)
+        d = self.time_decay.to(cd) + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).to(cd)
+        return xr, xk, xv, xg, -torch.exp(d)  # log decay [B, T, C], fp32 (fp64 for fp64 models)
 
     def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto"):
         """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N_k, N_v] fp32.
@@ -67,7 +69,7 @@ class TimeMix(nn.Module):
         else:
             xk, xv, xr, xg = (x * mu + prev * (1 - mu) for mu in
                               (self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g))
-            log_decay = (-torch.exp(self.time_decay.float())).view(1, 1, C).expand(B, T, C)
+            log_decay = (-torch.exp(self.time_decay.to(_state_dtype(x.dtype)))).view(1, 1, C).expand(B, T, C)
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = F.silu(self.gate(xg))
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
@@ -75,6 +77,21 @@ class TimeMix(nn.Module):
                             self.time_faaaa.to(r.dtype), wkv_state, backend=backend)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         return self.output(y * g), x[:, -1], wkv_state, v_first
+
+    def step_weights(self) -> tuple:
+        """What ``time_mix_step`` reads (built by ``RWKV`` once per parameter change, under no_grad)."""
+        if self.version == 6:
+            mus = torch.stack([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
+            mix = (mus.unsqueeze(1), self.time_maa_x, self.time_maa_w1, self.time_maa_w2, self.time_decay,
+                   self.time_decay_w1, self.time_decay_w2)
+        else:  # v5: a static decay; the factor exp(-exp(time_decay)) as the generic path rounds it
+            mus = torch.stack([self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g]).unsqueeze(1)
+            cd = _state_dtype(mus.dtype)
+            decay = (-torch.exp(self.time_decay.to(cd))).to(mus.dtype).to(cd).exp().view(-1)
+            mix = (mus, None, None, None, decay, None, None)
+        return (self.version, *mix, self.time_faaaa, self.receptance.weight, self.key.weight,
+                self.value.weight, self.gate.weight, self.output.weight, self.ln_x.weight, self.ln_x.bias,
+                self.n_head, self.ln_x.eps)
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
@@ -137,6 +154,10 @@ class ChannelMix(nn.Module):
         k = torch.relu(self.key(xk)) ** 2
         return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
 
+    def step_weights(self) -> tuple:
+        mu_k, mu_r = (getattr(self, n) for n in self._mu_names)
+        return self.version, mu_k, mu_r, self.key.weight, self.receptance.weight, self.value.weight
+
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
         C = self.receptance.weight.shape[0]
@@ -148,3 +169,61 @@ class ChannelMix(nn.Module):
         nn.init.orthogonal_(self.key.weight, gain=1.0, generator=generator)
         self.receptance.weight.zero_()
         self.value.weight.zero_()
+
+
+def time_mix_step(x, shift, wkv_state, v_first, residual, weights: tuple, *, inplace: bool = False,
+                  pointwise: bool = False):
+    """One token of ``TimeMix`` without autograd (the fused decode path of ``RWKV.step``; see rwkv7's).
+
+    x: [B, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N_k, N_v]; residual: [B, C]; weights:
+    ``TimeMix.step_weights()``. Returns (residual + out [B, C], new wkv_state, v_first unchanged).
+    """
+    (version, mus, maa_x, maa_w1, maa_w2, decay, decay_w1, decay_w2, u, w_r, w_k, w_v, w_g, w_o, ln_w, ln_b,
+     H, eps) = weights
+    B, C = x.shape
+    N, BH = C // H, B * H
+    cd = _state_dtype(x.dtype)
+    if version == 6:
+        xx = shift - x
+        z = torch.tanh(torch.addcmul(x, xx, maa_x) @ maa_w1).view(B, 5, -1).transpose(0, 1)  # [5, B, D]
+        xw, xk, xv, xr, xg = torch.addcmul(x, xx, torch.baddbmm(mus, z, maa_w2)).unbind(0)
+        d = decay.to(cd) + (torch.tanh(xw @ decay_w1) @ decay_w2).to(cd)
+        decay = torch.exp(-torch.exp(d).to(x.dtype).to(cd))  # rounded through the model dtype like forward
+    else:
+        xk, xv, xr, xg = torch.addcmul(shift, x - shift, mus).unbind(0)  # x * mu + x_prev * (1 - mu)
+        decay = decay.repeat(B)
+    r, k, v = fused.linear(xr, w_r), fused.linear(xk, w_k), fused.linear(xv, w_v)
+    g = F.silu(fused.linear(xg, w_g))
+    r_, k_, v_ = (r, k, v) if cd == x.dtype else (t.to(cd) for t in (r, k, v))
+
+    # WKV-6 per head, S [B*H, N_k, N_v]: y = rᵀ (S + u k vᵀ), S' = diag(decay) S + k vᵀ.
+    S = wkv_state.view(BH, N, N) if inplace else wkv_state.reshape(BH, N, N)
+    if S.dtype != cd:
+        S = S.to(cd)
+    y = torch.bmm(r_.view(BH, 1, N), S)  # [BH, 1, V]
+    bonus = (r_ * k_).view(B, H, N).mul_(u.to(cd)).sum(dim=-1).view(BH, 1, 1)
+    y = torch.addcmul(y, bonus, v_.view(BH, 1, N)).view(B, C)
+    if pointwise:
+        S = S * decay.view(BH, N, 1) + k_.view(BH, N, 1) * v_.view(BH, 1, N)
+    else:
+        S = S.mul_(decay.view(BH, N, 1)) if inplace else S * decay.view(BH, N, 1)
+        S.baddbmm_(k_.view(BH, N, 1), v_.view(BH, 1, N))
+    y = torch.group_norm(y.to(x.dtype), H, ln_w, ln_b, eps)
+    return fused.addmm(residual, y.mul_(g), w_o), S.view(B, H, N, N), v_first
+
+
+def channel_mix_step(x, shift, residual, weights: tuple):
+    """One token of ``ChannelMix`` without autograd: x, shift, residual [B, C]. Returns residual + out [B, C]."""
+    version, mu_k, mu_r, w_key, w_rec, w_value = weights
+    if version == 6:
+        xx = shift - x
+        xk, xr = torch.addcmul(x, xx, mu_k), torch.addcmul(x, xx, mu_r)
+    else:
+        xx = x - shift
+        xk, xr = torch.addcmul(shift, xx, mu_k), torch.addcmul(shift, xx, mu_r)
+    k = fused.linear(xk, w_key).relu_().square_()
+    return torch.addcmul(residual, torch.sigmoid(fused.linear(xr, w_rec)), fused.linear(k, w_value))
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -14,8 +14,9 @@ matrix products each: ``O_c = P_c h + Q_c`` and ``h = M_c h + R_c``.
 
 Numerics: the pair factors e^{Γ_i-Γ_j} are formed either by factorising around the middle of the chunk
 (matrix products; legal while a chunk's total log decay stays within the dtype's exponent headroom, which the
-RWKV-7 soft clamp w >= -0.6065 guarantees for L <= 64) or, for stronger decays, elementwise per pair (exact for
-any w <= 0, more memory). The choice is made per call from the data.
+RWKV-7 soft clamp w >= -0.6065 guarantees for L <= 64; one float64 exponential, the other factors derived from it
+by products) or, for stronger decays, elementwise per pair (exact for any w <= 0, more memory). The choice is made
+per call from the data.
 """
 
 import torch
@@ -28,17 +29,23 @@ DEFAULT_CHUNK_SIZE = 64  # measured: benchmarks/bench_ops.py (RESULTS.md)
 _FACTOR_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
 
 
-def _pair_matrices_factored(r, k, a, b, G, Gm):
-    # Reference point: the middle of each chunk, so no factor exceeds e^{span}.
+def _chunk_factors_factored(r, w, k, a, b, G, G_last):
+    # Reference point: the middle of each chunk, so no factor exceeds e^{span}. One exponential (of Γ - Γ_ref, in
+    # float64); every other factor is a product or reciprocal of it in the compute dtype (~1 ulp each).
     L = r.shape[-2]
     ref = G[..., L // 2 : L // 2 + 1, :]
-    e_q, e_a, e_k = (d.exp().to(r.dtype) for d in (G - ref, Gm - ref, ref - G))
-    rq, aq, kk, bk = r * e_q, a * e_a, k * e_k, b * e_k
-    A_qk = rq @ kk.transpose(-1, -2)
-    A_qb = rq @ bk.transpose(-1, -2)
-    A_ak = aq @ kk.transpose(-1, -2)
-    A_ab = aq @ bk.transpose(-1, -2)
-    return A_qk, A_qb, A_ak, A_ab
+    e_q = (G - ref).exp().to(r.dtype)  # e^{Γ - Γ_ref}
+    e_k = e_q.reciprocal()  # e^{Γ_ref - Γ}
+    e_a = e_q / w.exp()  # e^{Γ⁻ - Γ_ref}
+    e_ref = ref.exp().to(r.dtype)
+    e_end = (G_last - ref).exp().to(r.dtype)
+    rq, aq, kq, bq = r * e_q, a * e_a, k * e_k, b * e_k
+    A_qk = rq @ kq.transpose(-1, -2)
+    A_qb = rq @ bq.transpose(-1, -2)
+    A_ak = aq @ kq.transpose(-1, -2)
+    A_ab = aq @ bq.transpose(-1, -2)
+    # r e^{Γ}, a e^{Γ⁻}, k e^{Γ_L - Γ}, b e^{Γ_L - Γ}, e^{Γ_L}
+    return (A_qk, A_qb, A_ak, A_ab), (rq * e_ref, aq * e_ref, kq * e_end, bq * e_end, (e_end * e_ref).squeeze(-2))
 
 
 def _pair_matrices_exact(r, k, a, b, G, Gm):
@@ -60,38 +67,37 @@ def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZ
     cd = compute_dtype(r.dtype)
     L = int(chunk_size)
     pad = (-T) % L
-    # Padding with w = 0 and k = b = 0 leaves the state unchanged through the tail.
-    r, w, k, v, a, b = (F.pad(t.to(cd), (0, 0, 0, 0, 0, pad)) for t in (r, w, k, v, a, b))
     nc = (T + pad) // L
-    # [B, H, nc, L, N]
-    r, w, k, v, a, b = (t.view(B, nc, L, H, N).permute(0, 3, 1, 2, 4) for t in (r, w, k, v, a, b))
+    # Padding with w = 0 and k = b = 0 leaves the state unchanged through the tail.
+    # [B, H, nc, L, N], contiguous once here rather than inside every product below.
+    r, w, k, v, a, b = (
+        F.pad(t.to(cd), (0, 0, 0, 0, 0, pad)).view(B, nc, L, H, N).permute(0, 3, 1, 2, 4).contiguous()
+        for t in (r, w, k, v, a, b)
+    )
 
     # Γ (inclusive) and Γ⁻ (exclusive) in float64: differences of long fp32 sums would lose digits in exponents.
     G = w.double().cumsum(-2)
-    Gm = G - w.double()
     G_last = G[..., -1:, :]  # [B, H, nc, 1, N]
     span = (-G_last).amax().item() if G_last.numel() else 0.0
     if span <= _FACTOR_SPAN[cd]:
-        A_qk, A_qb, A_ak, A_ab = _pair_matrices_factored(r, k, a, b, G, Gm)
+        (A_qk, A_qb, A_ak, A_ab), (r_G, a_Gm, kg, bg, decay_all) = _chunk_factors_factored(r, w, k, a, b, G, G_last)
     else:
+        Gm = G - w.double()
         A_qk, A_qb, A_ak, A_ab = _pair_matrices_exact(r, k, a, b, G, Gm)
-    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril()
-    strict = incl.tril(-1)
-    zero = r.new_zeros(())
-    A_qk, A_qb = torch.where(incl, A_qk, zero), torch.where(incl, A_qb, zero)
-    A_ak, A_ab = torch.where(strict, A_ak, zero), torch.where(strict, A_ab, zero)
+        decay_to_end = (G_last - G).exp().to(cd)  # [B, H, nc, L, K], <= 1
+        r_G, a_Gm = r * G.exp().to(cd), a * Gm.exp().to(cd)
+        kg, bg, decay_all = k * decay_to_end, b * decay_to_end, G_last.squeeze(-2).exp().to(cd)
+    A_qk, A_qb, A_ak, A_ab = A_qk.tril(), A_qb.tril(), A_ak.tril(-1), A_ab.tril(-1)
 
     # UT transform: one unit-lower-triangular solve for both right-hand sides.
     eye = torch.eye(L, dtype=cd, device=r.device)
-    rhs = torch.cat([a * Gm.exp().to(cd), A_ak @ v], dim=-1)
+    rhs = torch.cat([a_Gm, A_ak @ v], dim=-1)
     WU = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
     W, U = WU[..., :N], WU[..., N:]  # [B, H, nc, L, K], [B, H, nc, L, V]
 
-    decay_to_end = (G_last - G).exp().to(cd)  # [B, H, nc, L, K], <= 1
-    kg, bg = k * decay_to_end, b * decay_to_end
-    P = r * G.exp().to(cd) + A_qb @ W  # O_c = P h + Q
+    P = r_G + A_qb @ W  # O_c = P h + Q
     Q = A_qk @ v + A_qb @ U
-    M = torch.diag_embed(G_last.squeeze(-2).exp().to(cd)) + bg.transpose(-1, -2) @ W  # h' = M h + R
+    M = torch.diag_embed(decay_all) + bg.transpose(-1, -2) @ W  # h' = M h + R
     R = kg.transpose(-1, -2) @ v + bg.transpose(-1, -2) @ U
 
     h = r.new_zeros(B, H, N, N) if state is None else state.to(cd).transpose(-1, -2)
