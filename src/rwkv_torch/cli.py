@@ -136,6 +136,8 @@ def _add_train(sub):
     a("--dropout", type=float, default=None, help="dropout (default 0)")
     a("--precision", choices=["fp32", "bf16"], default=None, help="fp32 (default) or bf16 autocast")
     a("--truncate-bptt", type=int, default=None, help="back-propagate through at most N positions (default: window)")
+    a("--gradient-checkpoint", action="store_true", default=None,
+      help="recompute each block in the backward pass: less memory, ~1.3x the compute (RWKV backbones)")
     a("--data", default=None,
       help=".npz episode file or directory, or a text file/directory (default: the Python stdlib sources)")
     a("--max-bytes", type=int, default=None, help="read at most this many bytes of text (default corpus: 8 MB)")
@@ -167,6 +169,8 @@ def _add_train(sub):
         except ValueError as e:  # bad data or options: the message names the file or flag
             print(f"rwkv-torch train: error: {e}", file=sys.stderr)
             return 2
+        if res["rank"] != 0:  # under torchrun, rank 0 reports
+            return 0
         val = f", val_loss {res['val_loss']:.4f}" if res["val_loss"] is not None else ""
         print(f"step {res['step']}: loss {res['loss']:.4f}{val}; checkpoint {res['checkpoint']}")
         return 0
@@ -174,7 +178,149 @@ def _add_train(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = {"demo": _add_demo, "stream-bench": _add_stream_bench, "export": _add_export, "train": _add_train}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _error(command: str, e: Exception) -> int:
+    print(f"rwkv-torch {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float = 1.0, top_p: float = 0.85,
+             top_k: int = 0, presence_penalty: float = 0.2, frequency_penalty: float = 0.2,
+             penalty_decay: float = 0.996, stop_tokens=(), seed: int | None = None, tokenizer: str | None = None,
+             state_in: str | None = None, state_out: str | None = None, device: str = "cpu"):
+    """Stream a continuation of ``prompt`` to stdout; ``state_in``/``state_out`` continue from / save the state
+    after every token (prompt and generated). Returns the ``generate.Generation``."""
+    import rwkv_torch as rt
+    from rwkv_torch.generate import full_state, stream_text
+    from rwkv_torch.tokenizer import get_tokenizer
+
+    m = rt.load(model, device=device)
+    V = m.config.vocab_size
+    if V is None:
+        raise ValueError(f"{model} is a backbone with continuous input (embed_dim={m.config.embed_dim}), not an LM")
+    name = tokenizer or {256: "byte", 65536: "world"}.get(V)
+    if name is None:
+        raise ValueError(f"no default tokenizer for vocab_size {V}; pass --tokenizer byte or --tokenizer world")
+    tok = get_tokenizer(name)
+    if tok.vocab_size < V:
+        raise ValueError(f"the model's vocab_size {V} is larger than the {name} tokenizer's {tok.vocab_size}")
+    state = None
+    if state_in:
+        state = rt.RWKVState.load(state_in, device=device).to(dtype=next(m.parameters()).dtype)
+    t0 = time.perf_counter()
+    it = stream_text(m, tok, prompt, state=state, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                     top_k=top_k, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                     penalty_decay=penalty_decay, stop_tokens=stop_tokens, seed=seed)
+    while True:
+        try:
+            print(next(it), end="", flush=True)
+        except StopIteration as e:
+            res = e.value
+            break
+    print()
+    dt = time.perf_counter() - t0
+    n = len(res.tokens[0])
+    print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tokens/s{', stopped' if res.stopped[0] else ''}]",
+          file=sys.stderr)
+    if state_out:
+        full_state(m, res).save(state_out)
+        print(f"[state saved to {state_out}]", file=sys.stderr)
+    return res
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="stream text from a language model (official .pth or rt.save directory)")
+    a = p.add_argument
+    a("--model", required=True, help="an official .pth checkpoint or a directory written by rt.save")
+    a("--prompt", required=True, help="the text to continue")
+    a("--max-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1.0)")
+    a("--top-p", type=float, default=0.85, help="nucleus sampling mass; 1 is off (default 0.85, as the rwkv package)")
+    a("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off (default 0)")
+    a("--presence-penalty", type=float, default=0.2, help="logit penalty once a token was generated (default 0.2)")
+    a("--frequency-penalty", type=float, default=0.2, help="logit penalty per (decayed) occurrence (default 0.2)")
+    a("--penalty-decay", type=float, default=0.996, help="per-token decay of the occurrence counts (default 0.996)")
+    a("--stop-token", type=int, action="append", default=[], help="a token id that ends generation (repeatable)")
+    a("--seed", type=int, default=None, help="seed for sampling (default: torch's global RNG)")
+    a("--tokenizer", choices=["byte", "world"], default=None,
+      help="default: byte for vocab 256, world for vocab 65536 (needs the rwkv package)")
+    a("--state-in", default=None, help="continue from a state file written by --state-out")
+    a("--state-out", default=None, help="save the state after the prompt and the generated text (safetensors)")
+    a("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+
+    def run(args):
+        try:
+            generate(args.model, args.prompt, args.max_tokens, args.temperature, args.top_p, args.top_k,
+                     args.presence_penalty, args.frequency_penalty, args.penalty_decay, args.stop_token, args.seed,
+                     args.tokenizer, args.state_in, args.state_out, args.device)
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            return _error("generate", e)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def info(path: str) -> dict:
+    """Print and return the version, sizes, parameter count and dtype of a checkpoint."""
+    import rwkv_torch as rt
+    from rwkv_torch.checkpoints import describe
+
+    d = describe(rt.load(path))
+    print(f"{path}: RWKV-{d['version']}")
+    for k, v in d.items():
+        print(f"  {k}: {v:,}" if k == "params" else f"  {k}: {v}")
+    return d
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="print a checkpoint's version, sizes, parameter count and dtype")
+    p.add_argument("path", help="an official .pth checkpoint or a directory written by rt.save")
+
+    def run(args):
+        try:
+            info(args.path)
+        except (ValueError, FileNotFoundError) as e:
+            return _error("info", e)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def convert(src: str, dst: str, dtype: str | None = None) -> str:
+    """Official ``.pth`` (or native directory) ``src`` -> native directory ``dst``, or official ``.pth`` when
+    ``dst`` ends in ``.pth``."""
+    import rwkv_torch as rt
+    from rwkv_torch.checkpoints import save_official
+
+    m = rt.load(src, dtype=_DTYPES[dtype] if dtype else None)
+    out = save_official(m, dst) if dst.endswith(".pth") else rt.save(m, dst)
+    c = m.config
+    print(f"wrote {out} ({'official .pth' if dst.endswith('.pth') else 'model.safetensors + config.json'}): "
+          f"RWKV-{c.version}, {c.num_layers} layers, hidden {c.hidden_size}, {m.param_count():,} parameters, "
+          f"{str(next(m.parameters()).dtype).replace('torch.', '')}")
+    return str(out)
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert official .pth <-> rwkv-torch directory (safetensors + config.json)")
+    p.add_argument("src", help="an official .pth checkpoint or a directory written by rt.save")
+    p.add_argument("dst", help="output directory, or a file ending in .pth for the official format")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast the weights (default: keep)")
+
+    def run(args):
+        try:
+            convert(args.src, args.dst, args.dtype)
+        except (ValueError, FileNotFoundError) as e:
+            return _error("convert", e)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = {"demo": _add_demo, "stream-bench": _add_stream_bench, "export": _add_export, "train": _add_train,
+            "generate": _add_generate, "info": _add_info, "convert": _add_convert}
 
 
 def main(argv=None) -> int:

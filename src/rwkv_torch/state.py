@@ -45,6 +45,14 @@ class RWKVState:
             batch_idx = [batch_idx]
         return self._map(lambda t: t[batch_idx])
 
+    @classmethod
+    def cat(cls, states: list["RWKVState"]) -> "RWKVState":
+        """The rows of several states of one model shape, stacked into one batch in order (inverse of select)."""
+        if not states or any(s.meta != states[0].meta for s in states):
+            raise ValueError(f"cat needs one or more states of one model shape, got {[s.meta for s in states]}")
+        return cls(*([torch.cat(ts) for ts in zip(*(getattr(s, f) for s in states))]
+                     for f in ("shift_att", "shift_ffn", "wkv")), dict(states[0].meta))
+
     def detach(self) -> "RWKVState":
         return self._map(lambda t: t.detach())
 
