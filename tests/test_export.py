@@ -100,5 +100,8 @@ def test_save_load_and_export_cli(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="format"):
         rt.load(tmp_path / "m")
-    with pytest.raises(ValueError, match="expected a directory"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         rt.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="expected a directory with config.json"):
+        rt.load(tmp_path / "empty")

@@ -212,3 +212,64 @@ def test_loss_plot_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib")
     train(dict(TINY, data=str(write_episodes(tmp_path / "eps", n=3)), out=str(tmp_path / "run"), steps=2))
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) trains on the same global batches as one process: same losses (up to
+    the all-reduce's float summation order), and its checkpoint resumes in a single process."""
+    import subprocess
+    import sys
+
+    eps = str(write_episodes(tmp_path / "eps"))
+    opts = dict(data=eps, hidden_size=32, num_layers=1, head_size=16, window_size=16, batch_size=4, steps=6,
+                lr=3e-3, warmup=2, log_every=1, eval_every=3)
+    train(dict(opts, out=str(tmp_path / "one"), progress=False))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "rwkv_torch.cli", "train", *flags, f"--out={tmp_path / 'two'}", "--device=cpu", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+    np.testing.assert_allclose([r["val_loss"] for r in b if "val_loss" in r],
+                               [r["val_loss"] for r in a if "val_loss" in r], rtol=1e-5)
+    assert (tmp_path / "two" / "loss.png").exists()
+    ckpt = torch.load(sorted((tmp_path / "two").glob("ckpt-*.pt"))[-1], weights_only=True)
+    assert ckpt["carry"][0].shape[0] == 4 and len(ckpt["rng_cpu_ranks"]) == 2  # every lane, gathered
+    more = train(dict(resume=str(tmp_path / "two"), steps=8, progress=False))  # 2-rank run resumed in 1 process
+    assert more["step"] == 8 and np.isfinite(more["loss"])
+
+
+def test_eval_reports_accuracy_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    train(dict(TINY, data=str(write_episodes(tmp_path / "eps")), out=str(tmp_path / "run"), steps=4, eval_every=2))
+    rows = [r for r in metrics(tmp_path / "run") if "val_loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert 0.0 <= rows[-1]["val_acc_act"] <= 1.0 and "val_acc_bits" not in rows[-1]  # categorical heads only
+    assert {"val_loss_act", "val_loss_bits", "val_loss_val"} <= set(rows[-1])
+    png = (tmp_path / "run" / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ddp_needs_divisible_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        train(dict(TINY, data=str(write_episodes(tmp_path / "eps")), out=str(tmp_path / "run"), steps=2))
+
+
+def test_gradient_checkpoint_gives_the_same_run(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps"))
+    base = dict(TINY, data=eps, num_layers=2, steps=5, val_fraction=0)
+    train(dict(base, out=str(tmp_path / "a")))
+    assert cli.main(["train", f"--data={eps}", f"--out={tmp_path / 'b'}", "--hidden-size=32", "--num-layers=2",
+                     "--head-size=16", "--window-size=16", "--batch-size=4", "--lr=3e-3", "--warmup=5",
+                     "--log-every=1", "--steps=5", "--val-fraction=0", "--no-progress",
+                     "--gradient-checkpoint"]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["gradient_checkpoint"] is True
+    np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / "b")],
+                               [r["loss"] for r in metrics(tmp_path / "a")], rtol=1e-6)
+    with pytest.raises(ValueError, match="RWKV backbones"):
+        train(dict(base, backbone="lstm", gradient_checkpoint=True, out=str(tmp_path / "c")))

@@ -9,8 +9,13 @@ weight decay only on 2-D ``.weight`` tensors; Adam betas (0.9, 0.99); grad-clip 
 ``0.01 + 0.99 * step / warmup`` on a cosine from ``lr`` to ``lr_final``; L2Wrap on the LM loss.
 
 Resuming (``resume``) restores weights, optimizer, scheduler, RNG states, the carried state and the data position,
-so on CPU the losses continue bit for bit. torchrun DDP is not implemented: it needs the batch lanes split by rank,
-a DDP wrapper, rank-0-only checkpoints/metrics and an all-reduce of the logged loss.
+so on CPU the losses continue bit for bit.
+
+Distributed: under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) the model is wrapped in DDP (gloo on CPU,
+nccl on GPU) and the ``batch_size`` lanes of each global batch are split evenly over the ranks, so N processes
+train on exactly the batches one process would (same data order, the gradient averaged over the global batch).
+Rank 0 alone evaluates, logs, plots and writes checkpoints; a checkpoint holds the carried state of every lane
+(gathered from all ranks), so a run can be resumed with another number of processes.
 """
 
 import dataclasses
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -35,7 +41,7 @@ BACKBONES = ("rwkv7", "rwkv6", "rwkv5", "rwkv4", "transformer", "lstm")
 CHECKPOINT_FORMAT = "rwkv-torch-train"
 # Fields a resumed run may change; everything else comes from the checkpoint.
 RESUME_OVERRIDES = ("steps", "stop_after", "device", "eval_every", "save_every", "log_every", "keep_checkpoints",
-                    "progress")
+                    "progress", "gradient_checkpoint")
 LR_SCALE = {"att.w0": 2.0, "att.time_decay": 2.0, "att.time_first": 3.0}
 
 
@@ -74,6 +80,7 @@ class TrainConfig:
     log_every: int = 10
     device: str | None = None
     progress: bool = True
+    gradient_checkpoint: bool = False
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -234,7 +241,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def train_step(model, opt, data: Dataset, batch: tuple, state, cfg: TrainConfig, device) -> tuple:
     """One optimizer step over one window (split into ``truncate_bptt`` spans); returns (loss, parts, state)."""
     x, ys, reset = _to_tensors(data, batch, device)
-    state = _reset_rows(state, model.init_state(x.shape[0], device=device), reset)
+    state = _reset_rows(state, _unwrap(model).init_state(x.shape[0], device=device), reset)
     model.train()
     opt.zero_grad(set_to_none=True)
     T = x.shape[1]
@@ -263,7 +270,7 @@ def evaluate(model, data: Dataset, cfg: TrainConfig, device) -> dict:
     lengths = [len(s) for s in data.sequences]
     plans = window_plans(lengths, cfg.window_size, cfg.stride or cfg.window_size, cfg.batch_size, cfg.seed + 1)
     state = model.init_state(cfg.batch_size, device=device)
-    total, parts = 0.0, {}
+    total, parts, acc = 0.0, {}, {}
     for plan in itertools.islice(plans, cfg.eval_batches):
         x, ys, reset = _to_tensors(data, make_batch(data, plan, cfg.window_size), device)
         state = _reset_rows(state, model.init_state(x.shape[0], device=device), reset)
@@ -273,9 +280,14 @@ def evaluate(model, data: Dataset, cfg: TrainConfig, device) -> dict:
         total += loss.item() / cfg.eval_batches
         for k, v in p.items():
             parts[k] = parts.get(k, 0.0) + v.item() / cfg.eval_batches
+        for t in data.targets:
+            if t.kind == "categorical":
+                hit = (outs[t.name].argmax(-1) == ys[t.name]).float().mean().item()
+                acc[t.name] = acc.get(t.name, 0.0) + hit / cfg.eval_batches
     out = {"val_loss": total}
     if len(parts) > 1:
-        out.update({f"val_{k}": v for k, v in parts.items()})
+        out.update({f"val_loss_{k}": v for k, v in parts.items()})
+    out.update({f"val_acc_{k}": v for k, v in acc.items()})
     return out
 
 
@@ -336,6 +348,58 @@ def _write_plot(run_dir: Path) -> None:
     plt.close(fig)
 
 
+def _unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _init_distributed(cfg: TrainConfig) -> tuple:
+    """``(rank, world_size, device, created)``: joins the torchrun process group when ``WORLD_SIZE > 1``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = cfg.device is None and torch.cuda.is_available() or (cfg.device or "").startswith("cuda")
+    if world == 1:
+        return 0, 1, torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")), False
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, created
+
+
+def _all_mean(values: list, world: int, device) -> list:
+    """The mean over ranks of a list of floats (one all-reduce)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def _any_rank(flag: bool, world: int, device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _gather_lanes(tensors: list, world: int) -> list:
+    """Each rank's ``[B/world, ...]`` state tensors -> the full ``[B, ...]`` tensors, lanes in rank order."""
+    if world == 1:
+        return [t.detach().cpu() for t in tensors]
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.detach().contiguous())
+        out.append(torch.cat(parts).cpu())
+    return out
+
+
 class _StopSignal:
     """SIGINT/SIGTERM set a flag the loop checks after each step (a second SIGINT interrupts at once)."""
 
@@ -373,10 +437,20 @@ def train(args_or_config) -> dict:
         given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     if cfg.resume:
         cfg, ckpt = _resume_config(cfg, given)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device, created_group = _init_distributed(cfg)
+    try:
+        return _train(cfg, ckpt, rank, world, device)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
+    lead = rank == 0
     run_dir = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     data = load_data(cfg.data, cfg.max_bytes)
     check_window(data, cfg.window_size)
@@ -385,38 +459,55 @@ def train(args_or_config) -> dict:
     if val_data is not None and max(len(s) for s in val_data.sequences) < cfg.window_size:
         val_data = None  # no held-out sequence holds a full window
     model = build_model(cfg, data).to(device)
+    if cfg.gradient_checkpoint:
+        if not hasattr(model.backbone, "gradient_checkpointing"):
+            raise ValueError(f"--gradient-checkpoint is for the RWKV backbones, not {cfg.backbone}")
+        model.backbone.gradient_checkpointing = True
+    net = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99),
                             eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     lengths = [len(s) for s in train_data.sequences]
     plans = window_plans(lengths, cfg.window_size, cfg.stride or cfg.window_size, cfg.batch_size, cfg.seed)
-    state = model.init_state(cfg.batch_size, device=device)
+    lanes = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this rank's batch rows
+    state = model.init_state(lanes.stop - lanes.start, device=device)
     step = 0
     metrics_path = run_dir / "metrics.jsonl"
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng_cpu"])
+        ranks_rng = ckpt.get("rng_cpu_ranks")
+        same_world = ranks_rng is not None and len(ranks_rng) == world
+        torch.set_rng_state(ranks_rng[rank] if same_world else ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        state = _state_like(state, [t.to(device) for t in ckpt["carry"]])
+        state = _state_like(state, [t[lanes].to(device) for t in ckpt["carry"]])
         step = ckpt["step"]
         for _ in range(step):  # replay the data order up to the checkpoint
             next(plans)
-        if metrics_path.exists():  # drop what a killed run logged after its last checkpoint
+        if lead and metrics_path.exists():  # drop what a killed run logged after its last checkpoint
             keep = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
-    elif metrics_path.exists():
+    elif lead and metrics_path.exists():
         metrics_path.unlink()
 
-    def payload() -> dict:
-        return dict(format=CHECKPOINT_FORMAT, format_version=1, step=step, config=dataclasses.asdict(cfg),
-                    targets=[dataclasses.asdict(t) for t in data.targets], embed_dim=data.embed_dim,
-                    vocab_size=data.vocab_size, model=model.state_dict(), optimizer=opt.state_dict(),
-                    scheduler=sched.state_dict(), rng_cpu=torch.get_rng_state(),
-                    rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    carry=[t.detach().cpu() for t in _state_tensors(state)])
+    def save(step: int):
+        """Collective (every rank gathers its carried state and RNG); rank 0 writes the file."""
+        carry = _gather_lanes(_state_tensors(state), world)
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, torch.get_rng_state())
+        if not lead:
+            return None
+        payload = dict(format=CHECKPOINT_FORMAT, format_version=1, step=step, config=dataclasses.asdict(cfg),
+                       targets=[dataclasses.asdict(t) for t in data.targets], embed_dim=data.embed_dim,
+                       vocab_size=data.vocab_size, model=model.state_dict(), optimizer=opt.state_dict(),
+                       scheduler=sched.state_dict(), rng_cpu=torch.get_rng_state(),
+                       rng_cpu_ranks=rngs if world > 1 else None,
+                       rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None, carry=carry)
+        return save_checkpoint(run_dir, step, payload, cfg.keep_checkpoints)
 
     unit = "tokens" if data.is_text else "frames"
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
@@ -424,14 +515,19 @@ def train(args_or_config) -> dict:
     from tqdm.auto import tqdm
 
     n_params = sum(p.numel() for p in model.parameters())
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, dynamic_ncols=True,
-               desc=f"{cfg.backbone} {n_params / 1e6:.2f}M")
-    with _StopSignal() as stop, metrics_path.open("a") as log:
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and lead), dynamic_ncols=True,
+               desc=f"{cfg.backbone} {n_params / 1e6:.2f}M" + (f" x{world} ranks" if world > 1 else ""))
+    log_path = metrics_path if lead else os.devnull
+    with _StopSignal() as stop, open(log_path, "a") as log:
         t_last, rate = time.perf_counter(), 0.0
-        while step < end and stop.signum is None:
-            batch = make_batch(train_data, next(plans), cfg.window_size)
+        while step < end and not _any_rank(stop.signum is not None, world, device):
+            plan = next(plans)[lanes]
+            batch = make_batch(train_data, plan, cfg.window_size)
             lr = sched.get_last_lr()[0]
-            loss, parts, state = train_step(model, opt, train_data, batch, state, cfg, device)
+            loss, parts, state = train_step(net, opt, train_data, batch, state, cfg, device)
+            if world > 1:
+                loss, *vals = _all_mean([loss, *parts.values()], world, device)
+                parts = dict(zip(parts, vals))
             sched.step()
             step += 1
             now = time.perf_counter()
@@ -439,19 +535,23 @@ def train(args_or_config) -> dict:
             row = {"step": step, "loss": loss, "lr": lr, f"{unit}_per_s": rate}
             if len(parts) > 1:
                 row.update({f"loss_{k}": v for k, v in parts.items()})
-            if val_data is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if lead and val_data is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 last_eval = evaluate(model, val_data, cfg, device)
                 row.update(last_eval)
             if step % cfg.log_every == 0 or "val_loss" in row or step == end:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+            if lead and "val_loss" in row:
+                _write_plot(run_dir)
             bar.update(1)
             bar.set_postfix({"loss": f"{loss:.4f}", f"{unit}/s": f"{rate:,.0f}",
                              **({"val": f"{last_eval['val_loss']:.4f}"} if last_eval else {})})
             if step % cfg.save_every == 0 and step < end:
-                ckpt_path = save_checkpoint(run_dir, step, payload(), cfg.keep_checkpoints)
+                ckpt_path = save(step)
         bar.close()
-        ckpt_path = save_checkpoint(run_dir, step, payload(), cfg.keep_checkpoints)
-    _write_plot(run_dir)
+        ckpt_path = save(step)
+    interrupted = _any_rank(stop.signum is not None, world, device)
+    if lead:
+        _write_plot(run_dir)
     return dict(step=step, loss=loss, val_loss=last_eval.get("val_loss"), run_dir=str(run_dir),
-                checkpoint=str(ckpt_path), interrupted=stop.signum is not None, params=n_params)
+                checkpoint=str(ckpt_path), interrupted=interrupted, params=n_params, rank=rank, world_size=world)
