@@ -9,7 +9,7 @@ import torch
 
 from rwkv_torch import cli
 from rwkv_torch.data import default_corpus, load_data, load_episodes, make_batch, window_plans
-from rwkv_torch.train import build_model, param_groups, train
+from rwkv_torch.train import TrainConfig, build_model, param_groups, train
 
 TINY = dict(hidden_size=32, num_layers=1, head_size=16, window_size=16, batch_size=4, lr=3e-3, warmup=5,
             log_every=1, progress=False)
@@ -81,6 +81,25 @@ def test_resume_is_bit_exact(tmp_path):
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [(r["step"], r["loss"], r.get("val_loss")) for r in a] == [(r["step"], r["loss"], r.get("val_loss"))
                                                                      for r in b]
+
+
+def test_time_limit_stops_with_checkpoint_and_saves_the_language_model(tmp_path):
+    import rwkv_torch as rt
+
+    txt = str(write_text(tmp_path / "txt"))
+    res = train(dict(TINY, data=txt, out=str(tmp_path / "run"), steps=100_000, time_limit=1.0, val_fraction=0))
+    assert 1 <= res["step"] < 100_000 and not res["interrupted"]
+    assert torch.load(res["checkpoint"], weights_only=True)["step"] == res["step"]
+    lm = rt.load(res["model_dir"])  # the RWKV language model itself, in rt.save format
+    x = torch.tensor([list(b"the cat")])
+    trained = build_model(TrainConfig(**TINY), load_data(txt))
+    trained.load_state_dict(torch.load(res["checkpoint"], weights_only=True)["model"])
+    assert lm.config.hidden_size == TINY["hidden_size"]
+    torch.testing.assert_close(lm.eval()(x), trained.backbone.eval()(x))
+    more = train(dict(resume=str(tmp_path / "run"), steps=res["step"] + 2, progress=False))  # limit not inherited
+    assert more["step"] == res["step"] + 2
+    with pytest.raises(ValueError, match="time_limit"):
+        train(dict(TINY, data=txt, out=str(tmp_path / "bad"), time_limit=0))
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):

@@ -1,13 +1,106 @@
 """The ``rwkv-torch`` command: thin subcommands over library functions."""
 
 import argparse
+import math
 import sys
 import time
 
 import torch
 
+DEMO_PROMPT = "class Parser:\n    def __init__(self"
 
-def demo(frames: int = 1000, embed_dim: int = 64, seed: int = 0, threads: int | None = None) -> dict:
+
+def demo(seconds: float = 60.0, out: str | None = None, prompt: str = DEMO_PROMPT, max_tokens: int = 300,
+         seed: int = 0, threads: int | None = None, progress: bool = True, temperature: float = 1.0,
+         top_p: float = 0.85) -> dict:
+    """The main job: train a small RWKV-7 byte-level language model on the embedded corpus (the Python standard
+    library's sources) for ``seconds``, stream a sample from it, and measure the one-token step against the parallel
+    forward (agreement and per-token latency)."""
+    import tempfile
+
+    import rwkv_torch as rt
+    from rwkv_torch.generate import stream_text
+    from rwkv_torch.tokenizer import ByteTokenizer
+    from rwkv_torch.train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = out or tempfile.mkdtemp(prefix="rwkv-demo-")
+    print(f"training a small RWKV-7 language model on the Python standard library's sources for {seconds:g} s "
+          f"(run directory {out})", flush=True)
+    model_cfg = dict(hidden_size=128, num_layers=2, head_size=32, window_size=128, batch_size=16)
+    steps = _demo_steps(seconds, model_cfg, seed)
+    res = train(dict(model_cfg, lr=4e-3, lr_final=1e-4, warmup=min(50, steps // 10 + 1), steps=steps,
+                     time_limit=seconds * 1.25, eval_every=max(1, steps // 4), eval_batches=8, save_every=10**9,
+                     log_every=10, max_bytes=4_000_000, seed=seed, out=out, progress=progress))
+    val = f", validation {res['val_loss'] / math.log(2):.2f} bits/byte" if res["val_loss"] is not None else ""
+    print(f"{res['step']} steps: loss {res['loss'] / math.log(2):.2f} bits/byte{val}")
+    model = rt.load(res["model_dir"]).eval()
+    tok = ByteTokenizer()
+    print(f"\n--- sample (temperature {temperature:g}, top-p {top_p:g}) ---\n{prompt}", end="", flush=True)
+    gen = stream_text(model, tok, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    text = ""
+    for piece in gen:
+        text += piece
+        print(piece, end="", flush=True)
+    print("\n--- end of sample ---\n")
+    ids = torch.tensor([tok.encode(prompt + text)[:256]])
+    with torch.inference_mode():
+        par = model(ids, return_sequence=True)
+        state, steps, lat = model.init_state(1), [], []
+        for t in range(ids.shape[1]):
+            t0 = time.perf_counter()
+            y, state = model.step(ids[:, t], state)
+            lat.append(time.perf_counter() - t0)
+            steps.append(y)
+    err = ((torch.stack(steps, 1) - par).norm() / par.norm()).item()
+    lat_ms = torch.tensor(lat[8:] or lat) * 1e3
+    p50, p99 = lat_ms.quantile(0.5).item(), lat_ms.quantile(0.99).item()
+    ok = err < 1e-4
+    print(f"step-by-step vs parallel forward over {ids.shape[1]} tokens: relative error {err:.2e} -> "
+          f"{'agree' if ok else 'DISAGREE'}")
+    print(f"one-token step latency: p50 {p50:.3f} ms, p99 {p99:.3f} ms ({torch.get_num_threads()} threads); "
+          f"model saved in {res['model_dir']}")
+    return dict(rel_error=err, agree=ok, p50_ms=p50, p99_ms=p99, sample=text, **res)
+
+
+def _demo_steps(seconds: float, cfg: dict, seed: int) -> int:
+    """How many optimizer steps of the demo's model fit in ``seconds`` on this machine (timed on random bytes), so
+    the cosine schedule ends when the time is up."""
+    import rwkv_torch as rt
+
+    model = rt.build(version=7, vocab_size=256, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
+                     head_size=cfg["head_size"], seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 256, (cfg["batch_size"], cfg["window_size"] + 1), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        logits = model(x[:, :-1], return_sequence=True)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    per_step = sorted(times[2:])[1] * 1.1  # median of the warm steps, plus the trainer's own overhead
+    return max(20, int(seconds / per_step))
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="train a small RWKV-7 LM for a minute, stream a sample, time the step")
+    p.add_argument("--seconds", type=float, default=60.0, help="training time (default 60)")
+    p.add_argument("--out", default=None, help="run directory (default: a temporary directory)")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="start of the sample")
+    p.add_argument("--max-tokens", type=int, default=300, help="bytes to generate (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and sampling")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling mass (default 0.85)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=lambda a: 0 if demo(a.seconds, a.out, a.prompt, a.max_tokens, a.seed, a.threads,
+                                            a.progress, a.temperature, a.top_p)["agree"] else 1)
+
+
+def check(frames: int = 1000, embed_dim: int = 64, seed: int = 0, threads: int | None = None) -> dict:
     """Build the default backbone, stream ``frames`` frames through ``step`` and through the parallel forward,
     report whether they agree and the per-frame step latency."""
     import rwkv_torch as rt
@@ -42,13 +135,13 @@ def demo(frames: int = 1000, embed_dim: int = 64, seed: int = 0, threads: int | 
     return dict(rel_error=err, agree=ok, p50_ms=p50, p99_ms=p99)
 
 
-def _add_demo(sub):
-    p = sub.add_parser("demo", help="build the default backbone and check step == parallel forward on a stream")
+def _add_check(sub):
+    p = sub.add_parser("check", help="build the default backbone and check step == parallel forward on a stream")
     p.add_argument("--frames", type=int, default=1000, help="length of the stream (default 1000)")
     p.add_argument("--embed-dim", type=int, default=64, help="features per input frame (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.set_defaults(func=lambda a: 0 if demo(a.frames, a.embed_dim, a.seed, a.threads)["agree"] else 1)
+    p.set_defaults(func=lambda a: 0 if check(a.frames, a.embed_dim, a.seed, a.threads)["agree"] else 1)
 
 
 def stream_bench(frames: int = 10_000, embed_dim: int = 288, hidden_size: int = 256, num_layers: int = 6,
@@ -145,6 +238,7 @@ def _add_train(sub):
     a("--out", default=None, help="run directory (default runs/<date-time>)")
     a("--steps", type=int, default=None, help="total optimizer steps (default 1000)")
     a("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this invocation")
+    a("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds of training")
     a("--batch-size", type=int, default=None, help="windows per step (default 16)")
     a("--lr", type=float, default=None, help="peak learning rate (default 6e-4)")
     a("--lr-final", type=float, default=None, help="learning rate at the end of the cosine (default 1e-5)")
@@ -319,8 +413,8 @@ def _add_convert(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = {"demo": _add_demo, "stream-bench": _add_stream_bench, "export": _add_export, "train": _add_train,
-            "generate": _add_generate, "info": _add_info, "convert": _add_convert}
+COMMANDS = {"demo": _add_demo, "check": _add_check, "stream-bench": _add_stream_bench, "export": _add_export,
+            "train": _add_train, "generate": _add_generate, "info": _add_info, "convert": _add_convert}
 
 
 def main(argv=None) -> int:

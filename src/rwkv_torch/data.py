@@ -4,6 +4,7 @@ plans that walk each sequence in order so the recurrent state can be carried fro
 Numpy only; ``train.py`` turns batches into tensors.
 """
 
+import random
 import sysconfig
 import zipfile
 from collections.abc import Iterator
@@ -192,10 +193,14 @@ def load_text(path, max_bytes: int | None = None) -> Dataset:
 
 
 def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> Dataset:
-    """The Python standard library's own ``.py`` sources, found at run time (no download), as byte-level text."""
+    """The Python standard library's own ``.py`` sources, found at run time (no download), as byte-level text.
+
+    Generated tables (``encodings``' codec maps, ``pydoc_data``) and tests are left out; the files are taken in a
+    fixed pseudo-random order, so a ``max_bytes`` prefix samples the whole library rather than its first letters."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "encodings", "pydoc_data"}
     files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    random.Random(0).shuffle(files)
     docs = _documents(files, max_bytes)
     if not docs:
         raise ValueError(f"{root}: found no standard-library sources for the default corpus; pass --data")

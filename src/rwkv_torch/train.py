@@ -40,8 +40,8 @@ from .state import RWKVState
 BACKBONES = ("rwkv7", "rwkv6", "rwkv5", "rwkv4", "transformer", "lstm")
 CHECKPOINT_FORMAT = "rwkv-torch-train"
 # Fields a resumed run may change; everything else comes from the checkpoint.
-RESUME_OVERRIDES = ("steps", "stop_after", "device", "eval_every", "save_every", "log_every", "keep_checkpoints",
-                    "progress", "gradient_checkpoint")
+RESUME_OVERRIDES = ("steps", "stop_after", "time_limit", "device", "eval_every", "save_every", "log_every",
+                    "keep_checkpoints", "progress", "gradient_checkpoint")
 LR_SCALE = {"att.w0": 2.0, "att.time_decay": 2.0, "att.time_first": 3.0}
 
 
@@ -64,6 +64,7 @@ class TrainConfig:
     out: str | None = None  # None: runs/<time>
     steps: int = 1000
     stop_after: int | None = None
+    time_limit: float | None = None  # seconds of training in this invocation; then stop with a checkpoint
     batch_size: int = 16
     lr: float = 6e-4
     lr_final: float = 1e-5
@@ -94,6 +95,8 @@ class TrainConfig:
         for f in ("stride", "truncate_bptt", "stop_after"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)!r}: must be None or >= 1")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"time_limit={self.time_limit!r}: must be None or > 0 seconds")
 
 
 def as_config(args) -> TrainConfig:
@@ -322,7 +325,8 @@ def _resume_config(cfg: TrainConfig, given: dict) -> tuple:
         raise ValueError(f"{ckpt_path}: not an rwkv-torch training checkpoint")
     saved = dict(ckpt["config"])
     saved.update({k: v for k, v in given.items() if k in RESUME_OVERRIDES and v is not None})
-    saved["stop_after"] = given.get("stop_after")  # a limit of the earlier invocation, not of the run
+    saved["stop_after"] = given.get("stop_after")  # limits of the earlier invocation, not of the run
+    saved["time_limit"] = given.get("time_limit")
     saved.update(resume=str(ckpt_path), out=str(ckpt_path.parent))
     return TrainConfig(**saved), ckpt
 
@@ -427,8 +431,9 @@ def train(args_or_config) -> dict:
 
     Writes to the run directory ``out``: ``config.json``, ``metrics.jsonl`` (one JSON object per logged step with
     ``step``, ``loss``, ``lr``, ``tokens_per_s`` and, at eval steps, ``val_loss``), ``loss.png`` when matplotlib is
-    installed, and ``ckpt-<step>.pt`` checkpoints (the newest ``keep_checkpoints``). Returns a summary dict with
-    ``step``, ``loss``, ``val_loss``, ``run_dir``, ``checkpoint`` and ``interrupted``.
+    installed, ``ckpt-<step>.pt`` checkpoints (the newest ``keep_checkpoints``) and, for an RWKV language model,
+    ``model/`` (``rt.save`` format: ``rt.load``, ``rwkv-torch generate --model``). Returns a summary dict with
+    ``step``, ``loss``, ``val_loss``, ``run_dir``, ``checkpoint``, ``model_dir`` and ``interrupted``.
     """
     given = dict(args_or_config) if isinstance(args_or_config, dict) else (
         {} if isinstance(args_or_config, TrainConfig) else vars(args_or_config))
@@ -520,7 +525,8 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     log_path = metrics_path if lead else os.devnull
     with _StopSignal() as stop, open(log_path, "a") as log:
         t_last, rate = time.perf_counter(), 0.0
-        while step < end and not _any_rank(stop.signum is not None, world, device):
+        deadline = math.inf if cfg.time_limit is None else t_last + cfg.time_limit
+        while step < end and not _any_rank(stop.signum is not None or time.perf_counter() > deadline, world, device):
             plan = next(plans)[lanes]
             batch = make_batch(train_data, plan, cfg.window_size)
             lr = sched.get_last_lr()[0]
@@ -551,7 +557,12 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
         bar.close()
         ckpt_path = save(step)
     interrupted = _any_rank(stop.signum is not None, world, device)
+    model_dir = None
     if lead:
         _write_plot(run_dir)
-    return dict(step=step, loss=loss, val_loss=last_eval.get("val_loss"), run_dir=str(run_dir),
+        if data.is_text and cfg.backbone.startswith("rwkv"):  # the language model itself, for generate/export
+            from .checkpoints import save as save_model
+
+            model_dir = str(save_model(model.backbone, run_dir / "model"))
+    return dict(model_dir=model_dir, step=step, loss=loss, val_loss=last_eval.get("val_loss"), run_dir=str(run_dir),
                 checkpoint=str(ckpt_path), interrupted=interrupted, params=n_params, rank=rank, world_size=world)
