@@ -292,3 +292,29 @@ def test_gradient_checkpoint_gives_the_same_run(tmp_path):
                                [r["loss"] for r in metrics(tmp_path / "a")], rtol=1e-6)
     with pytest.raises(ValueError, match="RWKV backbones"):
         train(dict(base, backbone="lstm", gradient_checkpoint=True, out=str(tmp_path / "c")))
+
+
+def test_world_token_text_trains_and_generates(tmp_path):
+    pytest.importorskip("rwkv", reason="the World tokenizer comes from the rwkv package (dev extra)")
+    import rwkv_torch as rt
+    from rwkv_torch.generate import generate
+    from rwkv_torch.tokenizer import WorldTokenizer
+
+    txt = write_text(tmp_path / "txt")
+    (txt / "d.txt").write_bytes("naïve café, 東京 \U0001f600 ".encode() * 20 + b"\xff\xfe")  # not valid UTF-8
+    data = load_data(str(txt), tokenizer="world")
+    tok = WorldTokenizer()
+    assert data.vocab_size == 65536 and data.targets[0].size == 65536
+    for seq, f in zip(data.sequences, sorted(txt.iterdir())):
+        ids = np.concatenate([seq.x, seq.y["next"][-1:]])
+        assert seq.x.dtype == np.uint16 and tok.decode_bytes(ids) == f.read_bytes()
+        assert np.array_equal(seq.x[1:], seq.y["next"][:-1])
+    res = train(dict(TINY, data=str(txt), tokenizer="world", out=str(tmp_path / "run"), steps=30, val_fraction=0))
+    rows = metrics(tmp_path / "run")
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+    lm = rt.load(res["model_dir"])
+    assert lm.config.vocab_size == 65536
+    out = generate(lm, [tok.encode("the cat")], max_tokens=3, temperature=0)
+    assert len(out.tokens[0]) == 3
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_data(str(txt), tokenizer="gpt2")

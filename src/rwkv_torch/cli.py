@@ -234,6 +234,8 @@ def _add_train(sub):
     a("--data", default=None,
       help=".npz episode file or directory, or a text file/directory (default: the Python stdlib sources)")
     a("--max-bytes", type=int, default=None, help="read at most this many bytes of text (default corpus: 8 MB)")
+    a("--tokenizer", choices=["byte", "world"], default=None,
+      help="text as bytes (vocab 256, default) or RWKV World tokens (vocab 65536; needs the rwkv package)")
     a("--val-fraction", type=float, default=None, help="fraction of episodes/documents held out (default 0.05)")
     a("--out", default=None, help="run directory (default runs/<date-time>)")
     a("--steps", type=int, default=None, help="total optimizer steps (default 1000)")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 BYTE_VOCAB = 256
+TEXT_TOKENIZERS = {"byte": BYTE_VOCAB, "world": 65536}  # name -> vocab size
 DEFAULT_CORPUS_BYTES = 8_000_000
 
 
@@ -29,8 +30,8 @@ class Target:
 
 @dataclass
 class Sequence:
-    """One episode or document: inputs ``x`` (frames ``[T, D]`` float32 or tokens ``[T]`` uint8) and per-target
-    arrays ``y[name]`` of length T (for text, ``y["next"]`` is ``x`` shifted by one)."""
+    """One episode or document: inputs ``x`` (frames ``[T, D]`` float32, or tokens ``[T]``: uint8 bytes or uint16
+    World ids) and per-target arrays ``y[name]`` of length T (for text, ``y["next"]`` is ``x`` shifted by one)."""
 
     name: str
     x: np.ndarray
@@ -163,22 +164,49 @@ def load_episodes(path) -> Dataset:
     return Dataset([s for s, _ in sequences], targets, embed_dim=spec[0], source=str(path))
 
 
-def _documents(files: list, max_bytes: int | None) -> list:
+def _documents(files: list, max_bytes: int | None, tokenizer: str = "byte") -> list:
+    """One document per file (up to ``max_bytes`` of files in all), as bytes (uint8) or World token ids (uint16)."""
+    if tokenizer not in TEXT_TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r} for text data; known: {list(TEXT_TOKENIZERS)}")
+    encode = None
+    if tokenizer == "world":
+        from .tokenizer import WorldTokenizer
+
+        encode = WorldTokenizer().encode_bytes
     docs, total = [], 0
+    files = list(files)
+    bar = _progress(len(files), "tokenizing (World)") if encode is not None else None
     for f in files:
-        data = np.frombuffer(Path(f).read_bytes(), dtype=np.uint8)
+        raw = Path(f).read_bytes()
+        if bar is not None:
+            bar.update(1)
+        if max_bytes is not None and total + len(raw) > max_bytes:
+            break
+        total += len(raw)
+        data = np.frombuffer(raw, dtype=np.uint8) if encode is None else np.array(encode(raw), dtype=np.uint16)
         if len(data) < 2:
             continue
-        if max_bytes is not None and total + len(data) > max_bytes:
-            break
         docs.append(Sequence(str(f), data[:-1], {"next": data[1:]}))
-        total += len(data)
+    if bar is not None:
+        bar.close()
     return docs
 
 
-def load_text(path, max_bytes: int | None = None) -> Dataset:
-    """A text file, or every file under a directory (sorted), as byte-level documents (vocab 256). Each file is
-    one document; windows never cross a document boundary."""
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=total < 50)
+
+
+def _text_dataset(docs: list, tokenizer: str, source: str) -> Dataset:
+    vocab = TEXT_TOKENIZERS[tokenizer]
+    return Dataset(docs, [Target("next", "categorical", vocab)], vocab_size=vocab, source=source)
+
+
+def load_text(path, max_bytes: int | None = None, tokenizer: str = "byte") -> Dataset:
+    """A text file, or every file under a directory (sorted), as documents of bytes (``tokenizer="byte"``, vocab
+    256) or of RWKV World tokens (``"world"``, vocab 65536; needs the ``rwkv`` package). Each file is one document;
+    windows never cross a document boundary."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -186,13 +214,13 @@ def load_text(path, max_bytes: int | None = None) -> Dataset:
         files = [path]
     else:
         raise ValueError(f"{path}: no such file or directory")
-    docs = _documents(files, max_bytes)
+    docs = _documents(files, max_bytes, tokenizer)
     if not docs:
         raise ValueError(f"{path}: no non-empty text files")
-    return Dataset(docs, [Target("next", "categorical", BYTE_VOCAB)], vocab_size=BYTE_VOCAB, source=str(path))
+    return _text_dataset(docs, tokenizer, str(path))
 
 
-def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> Dataset:
+def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES, tokenizer: str = "byte") -> Dataset:
     """The Python standard library's own ``.py`` sources, found at run time (no download), as byte-level text.
 
     Generated tables (``encodings``' codec maps, ``pydoc_data``) and tests are left out; the files are taken in a
@@ -201,23 +229,23 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> Dataset:
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "encodings", "pydoc_data"}
     files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
     random.Random(0).shuffle(files)
-    docs = _documents(files, max_bytes)
+    docs = _documents(files, max_bytes, tokenizer)
     if not docs:
         raise ValueError(f"{root}: found no standard-library sources for the default corpus; pass --data")
-    return Dataset(docs, [Target("next", "categorical", BYTE_VOCAB)], vocab_size=BYTE_VOCAB,
-                   source=f"python-stdlib:{root}")
+    return _text_dataset(docs, tokenizer, f"python-stdlib:{root}")
 
 
-def load_data(path=None, max_bytes: int | None = None) -> Dataset:
-    """``None`` -> the default corpus; ``.npz`` files or a directory holding any -> episodes; else text."""
+def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte") -> Dataset:
+    """``None`` -> the default corpus; ``.npz`` files or a directory holding any -> episodes; else text, as
+    bytes or World tokens (``tokenizer``)."""
     if path is None:
-        return default_corpus() if max_bytes is None else default_corpus(max_bytes)
+        return default_corpus(DEFAULT_CORPUS_BYTES if max_bytes is None else max_bytes, tokenizer)
     p = Path(path)
     if p.suffix == ".npz" or (p.is_dir() and next(p.rglob("*.npz"), None) is not None):
         return load_episodes(p)
     if p.is_dir() and next((q for q in p.rglob("*") if q.is_file()), None) is None:
         raise ValueError(f"{p}: directory is empty")
-    return load_text(p, max_bytes)
+    return load_text(p, max_bytes, tokenizer)
 
 
 def split_by_sequence(data: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:

@@ -91,6 +91,10 @@ class WorldTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._trie.encode(text)
 
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Any bytes, valid UTF-8 or not (single bytes are tokens 1..256)."""
+        return self._trie.encodeBytes(bytes(data))
+
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         out = []
         for i in ids:

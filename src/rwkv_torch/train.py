@@ -60,6 +60,7 @@ class TrainConfig:
     truncate_bptt: int | None = None
     data: str | None = None  # None: the Python standard library sources as byte-level text
     max_bytes: int | None = None
+    tokenizer: str = "byte"  # text data as "byte" (vocab 256) or "world" (RWKV World tokens, vocab 65536)
     val_fraction: float = 0.05
     out: str | None = None  # None: runs/<time>
     steps: int = 1000
@@ -95,6 +96,8 @@ class TrainConfig:
         for f in ("stride", "truncate_bptt", "stop_after"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)!r}: must be None or >= 1")
+        if self.tokenizer not in ("byte", "world"):
+            raise ValueError(f"tokenizer={self.tokenizer!r}: must be 'byte' or 'world'")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ValueError(f"time_limit={self.time_limit!r}: must be None or > 0 seconds")
 
@@ -457,7 +460,7 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
-    data = load_data(cfg.data, cfg.max_bytes)
+    data = load_data(cfg.data, cfg.max_bytes, cfg.tokenizer)
     check_window(data, cfg.window_size)
     train_data, val_data = split_by_sequence(data, cfg.val_fraction, cfg.seed)
     check_window(train_data, cfg.window_size)
