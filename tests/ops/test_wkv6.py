@@ -99,6 +99,21 @@ def test_chunk_matches_naive_fp64(B, T, H, N, chunk, pairs, with_state, monkeypa
     assert_all_close(ref, got, 1e-10)
 
 
+def test_strong_decays_use_shorter_factorised_chunks(monkeypatch):
+    # Decays up to 6 per token (3 on average): a 32-token chunk spans ~96 (> the fp32 limit of 60), an 8-token one
+    # ~24.
+    # The chunk is halved to a length where the factorised form fits, so the elementwise pair tensor is not built.
+    def no_exact(*a):
+        raise AssertionError("the elementwise pair form was used")
+
+    monkeypatch.setattr(wkv6_chunk_module, "_pair_scores_exact", no_exact)
+    xs, h0 = make_inputs(2, 70, 2, 16, dtype=torch.float32, decay_max=6.0, requires_grad=True)
+    ref = grads_of(lambda *a: wkv6(*a, backend="naive"), [x.detach().double().requires_grad_() for x in xs],
+                   h0.detach().double().requires_grad_())
+    got = grads_of(lambda *a: wkv6(*a, backend="chunk", chunk_size=32), xs, h0)
+    assert_all_close(ref, got, 1e-5)
+
+
 @pytest.mark.parametrize("T", [1, 7])
 def test_step_backend_matches_naive(T):
     xs, h0 = make_inputs(2, T, 2, 8, requires_grad=True)

@@ -14,7 +14,8 @@ per chunk (``h = D_c ⊙ h + R_c``), after which every chunk's output is one bat
 
 Numerics: every exponent above is <= 0. RWKV-6's log decay ``-exp(d)`` is unbounded below, so the pair factors
 e^{Γ⁻_i - Γ_j} are formed by factorising around the middle of the chunk (two matrices, one product) only when the
-chunk's total |log decay| fits the dtype's exponent range; otherwise elementwise per pair with the upper triangle masked
+chunk's total |log decay| fits the dtype's exponent range; otherwise the chunk length is halved (down to
+``MIN_FACTOR_CHUNK``) until it fits, and only then the pairs are formed elementwise with the upper triangle masked
 before exp, which is exact for any w <= 0 at L x more memory. The choice is made per call from the data.
 """
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from ..wkv7.naive import compute_dtype
 
 DEFAULT_CHUNK_SIZE = 32
+MIN_FACTOR_CHUNK = 8  # chunks are halved down to this length while the factorised form does not fit
 # Largest total |log decay| of one chunk for the factorised form. Every factor then lies in e^{±span}: far inside the
 # dtype's range (fp32 overflows past e^88, fp64 past e^709), with room left for |r|, |k| and the sum over the key dim.
 _FACTOR_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
@@ -52,6 +54,7 @@ def wkv6_chunk(r, w, k, v, u, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     B, T, H, N = r.shape
     cd = compute_dtype(r.dtype)
     L = int(chunk_size)
+    args = (r, w, k, v, u, state)
     h = r.new_zeros(B, H, N, N, dtype=cd) if state is None else state.to(cd)
     if T == 0:
         return r.new_zeros(B, 0, H, N, dtype=cd), h
@@ -71,6 +74,10 @@ def wkv6_chunk(r, w, k, v, u, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
 
     # 3. Intra-chunk scores: strictly-lower pair terms plus the bonus on the diagonal.
     span = (-G_last).amax().item()
+    if span > _FACTOR_SPAN[cd] and L > MIN_FACTOR_CHUNK:
+        # Decays too strong for the factorised form at this length: shorter chunks (the same result) before the
+        # elementwise pair tensor, which costs L x the memory and ~3x the time in training.
+        return wkv6_chunk(*args, chunk_size=max(MIN_FACTOR_CHUNK, L // 2))
     pair_scores = _pair_scores_factored if span <= _FACTOR_SPAN[cd] else _pair_scores_exact
     strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
     A = torch.where(strict, pair_scores(r, k, G, Gm), r.new_zeros(()))
