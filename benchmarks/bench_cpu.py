@@ -1,6 +1,6 @@
 """CPU speed of rwkv_torch against the official ``rwkv`` package (RWKV-7, fp32): step, prefill, training.
 
-    python benchmarks/bench_cpu.py [--quick] [--threads 2] [--rounds 5]
+    python benchmarks/bench_cpu.py [--quick] [--threads 2] [--rounds 5] [--compile-prefill small]
 
 For each shape (RWKV-7 C=256 L=6 vocab 256; the 0.1B shape C=768 L=12 vocab 65536 unless --quick) it builds one
 random official-format checkpoint, loads it in both runtimes (ours with ``rt.load``; the official package as
@@ -116,8 +116,9 @@ def bench_step(ours, theirs, compiled, rounds: int, n: int) -> dict:
     return {k: p50_ms(v) for k, v in samples.items()}
 
 
-def bench_prefill(ours, theirs, rounds: int) -> dict:
-    """Seconds for PREFILL_T tokens from a fresh state (median over rounds), and the bf16 error vs fp32."""
+def bench_prefill(ours, theirs, rounds: int, compiled=None) -> dict:
+    """Seconds for PREFILL_T tokens from a fresh state (median over rounds), and the bf16 error vs fp32.
+    ``compiled``: ``torch.compile(ours)``, timed as well (fp32) and checked against the eager forward."""
     V = ours.config.vocab_size
     tokens = torch.randint(0, V, (1, PREFILL_T), generator=torch.Generator().manual_seed(1))
 
@@ -129,6 +130,8 @@ def bench_prefill(ours, theirs, rounds: int) -> dict:
             return ours(tokens, return_sequence=False)
 
     runs = {"fp32": fp32, "bf16": bf16}
+    if compiled is not None:
+        runs["compiled"] = lambda: compiled(tokens, return_sequence=False)
     if theirs is not None:
         ids = tokens[0].tolist()
         runs["official"] = lambda: theirs.forward(ids, None)[0]
@@ -145,6 +148,9 @@ def bench_prefill(ours, theirs, rounds: int) -> dict:
     out = {k: statistics.median(v) for k, v in samples.items()}
     out["bf16_err"] = ((low - ref).norm() / ref.norm()).item()
     out["bf16_maxabs"] = (low - ref).abs().max().item()
+    if compiled is not None:
+        with torch.inference_mode():
+            out["compiled_err"] = ((runs["compiled"]() - ref).norm() / ref.norm()).item()
     return out
 
 
@@ -195,6 +201,8 @@ def main() -> None:
     p.add_argument("--skip-training", action="store_true", help="skip the training rows")
     p.add_argument("--compile", choices=["none", "small", "all"], default="small",
                    help="also time model.compile_step() (AOTInductor): for no shape, C256 only, or every shape")
+    p.add_argument("--compile-prefill", choices=["none", "small", "all"], default="none",
+                   help="also time prefill through torch.compile(model) (fp32): no shape, C256 only, or every shape")
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -228,9 +236,16 @@ def main() -> None:
                 compiled = ours.compile_step(batch_size=1)
                 print(f"# {name}: compile_step took {time.perf_counter() - t0:.0f} s")
             step = bench_step(ours, theirs, compiled, a.rounds, n)
-            pre = bench_prefill(ours, theirs, max(a.rounds // 2, 2))
+            fwd = None
+            if a.compile_prefill == "all" or (a.compile_prefill == "small" and name == "C256-L6"):
+                t0 = time.perf_counter()
+                fwd = torch.compile(ours)
+                with torch.inference_mode():
+                    fwd(torch.zeros(1, PREFILL_T, dtype=torch.long), return_sequence=False)
+                print(f"# {name}: torch.compile of the forward took {time.perf_counter() - t0:.0f} s")
+            pre = bench_prefill(ours, theirs, max(a.rounds // 2, 2), fwd)
             rows.append((name, step, pre))
-            del ours, theirs, compiled
+            del ours, theirs, compiled, fwd
             path.unlink()
 
     has_official = their_version is not None
@@ -246,13 +261,18 @@ def main() -> None:
             ratio = f"{step[k] / off:.2f}x" if has_official else "-"
             print(f"| {name} | {label} | {step[k]:.3f} | {off if off is None else f'{off:.3f}'} | {ratio} |")
         off_tps = PREFILL_T / pre["official"] if has_official else None
-        for k, label in (("fp32", "prefill 1024 tok/s fp32"), ("bf16", "prefill 1024 tok/s bf16 autocast")):
+        for k, label in (("fp32", "prefill 1024 tok/s fp32"), ("bf16", "prefill 1024 tok/s bf16 autocast"),
+                         ("compiled", "prefill 1024 tok/s fp32, `torch.compile(model)`")):
+            if k not in pre:
+                continue
             tps = PREFILL_T / pre[k]
             ratio = f"{tps / off_tps:.2f}x" if has_official else "-"
             off_txt = f"{off_tps:,.0f} (fp32)" if has_official else "-"
             print(f"| {name} | {label} | {tps:,.0f} | {off_txt} | {ratio} |")
         print(f"| {name} | bf16 vs fp32 last logits | rel. error {pre['bf16_err']:.1e}, "
               f"max abs {pre['bf16_maxabs']:.1e} | | |")
+        if "compiled_err" in pre:
+            print(f"| {name} | compiled vs eager last logits | rel. error {pre['compiled_err']:.1e} | | |")
     if tr is not None:
         c512, n512, c4096 = tr[("chunk", 512)], tr[("naive", 512)], tr[("chunk", 4096)]
         print("\n| training fwd+bwd, C256-L6, batch 1 | tok/s | ratio |")

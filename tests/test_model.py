@@ -405,3 +405,44 @@ def test_segmented_forward_equals_one_piece(monkeypatch, return_sequence):
     assert_states_close(s1, s2, 1e-10)
     for i, (a, b) in enumerate(zip(g1, g2)):
         assert_close(f"grad {i}", a, b, 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "frames"])
+def test_rwkv7_forward_traces_into_one_graph(kind):
+    # torch.compile(model) must see the whole RWKV-7 forward as one graph: input checks and the WKV op's numerics
+    # choice must not read tensors back (a graph break per layer made compiled prefill ~1.25x slower).
+    import torch._dynamo as dynamo
+
+    opts = dict(vocab_size=50) if kind == "tokens" else dict(embed_dim=6)
+    model = perturbed(rt.build(version=7, hidden_size=32, num_layers=2, head_size=16, seed=0, **opts)).eval()
+    x = torch.randint(0, 50, (2, 70)) if kind == "tokens" else torch.randn(2, 70, 6)
+    dynamo.reset()
+    explained = dynamo.explain(model)(x, return_sequence=True)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (model, compiled):  # values and parameter gradients (training through the compiled graph)
+        model.zero_grad()
+        out = fn(x, return_sequence=True)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert_close("compiled", grads[0][0], grads[1][0], 1e-6)
+    for i, (a, b) in enumerate(zip(grads[0][1], grads[1][1])):
+        assert_close(f"grad {i}", a, b, 1e-5)
+    dynamo.reset()
+
+
+def test_wkv7_w_min_is_checked():
+    from rwkv_torch.ops import wkv7
+
+    r, k, v, a, b = (torch.randn(1, 5, 1, 4) for _ in range(5))
+    w = -torch.rand(1, 5, 1, 4)
+    w[0, 2, 0, 0] = -0.9
+    with pytest.raises(ValueError, match="w_min"):
+        wkv7(r, w, k, v, a, b, w_min=-0.61)
+    with pytest.raises(ValueError, match="w_min"):
+        wkv7(r, w, k, v, a, b, w_min=0.5)
+    ref = wkv7(r, w, k, v, a, b, backend="naive")
+    got = wkv7(r, w, k, v, a, b, backend="chunk", w_min=-1.0)
+    for x, y in zip(ref, got):
+        assert_close("w_min", x, y, 1e-5)

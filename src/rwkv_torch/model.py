@@ -170,7 +170,9 @@ class RWKV(nn.Module):
                 raise TypeError(f"token ids must be an integer tensor {shape}, got {x.dtype}")
             if x.dim() != (2 if time_axis else 1):
                 raise ValueError(f"token ids must be {shape}, got shape {tuple(x.shape)}")
-            if x.numel():
+            if x.numel() and torch.compiler.is_compiling():  # the same rule inside a compiled graph, no break
+                torch._assert_async((x >= 0).all() & (x < c.vocab_size).all(), "token ids out of range")
+            elif x.numel():
                 lo, hi = (int(t) for t in torch.aminmax(x))
                 if lo < 0 or hi >= c.vocab_size:
                     raise ValueError(f"token ids must be in [0, {c.vocab_size}), got min {lo} max {hi}")
@@ -180,7 +182,9 @@ class RWKV(nn.Module):
                 raise TypeError(f"frames must be a floating tensor {shape}, got {x.dtype}")
             if x.dim() != (3 if time_axis else 2) or x.shape[-1] != c.embed_dim:
                 raise ValueError(f"frames must be {shape} with embed_dim={c.embed_dim}, got shape {tuple(x.shape)}")
-            if not torch.isfinite(x).all():
+            if torch.compiler.is_compiling():
+                torch._assert_async(torch.isfinite(x).all(), "frames contain NaN or inf")
+            elif not torch.isfinite(x).all():
                 raise ValueError("frames contain NaN or inf; they would poison the recurrent state")
         if time_axis and x.shape[1] == 0:
             raise ValueError("the sequence is empty (T = 0)")

@@ -12,6 +12,8 @@ from . import fused
 
 # exp(-0.5): the soft clamp w = -softplus(-w_raw) - 0.5 gives log decay -e^{-0.5} * sigmoid(w_raw).
 DECAY_SCALE = math.exp(-0.5)
+# A lower bound on the log decay -DECAY_SCALE * sigmoid(.), with room for rounding to bf16/fp16.
+W_MIN = -1.01 * DECAY_SCALE
 
 
 class TimeMix(nn.Module):
@@ -71,7 +73,8 @@ class TimeMix(nn.Module):
         dt = r.dtype  # under autocast the elementwise terms may come out in another dtype than r
         heads = lambda t: t.to(dt).view(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv7(
-            heads(r), heads(log_decay), heads(k), heads(v), heads(-kk), heads(kk * a), wkv_state, backend=backend
+            heads(r), heads(log_decay), heads(k), heads(v), heads(-kk), heads(kk * a), wkv_state, backend=backend,
+            w_min=W_MIN,
         )
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, H, N)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True)  # [B, T, H, 1]

@@ -1,6 +1,7 @@
 """Input checks and variable-length packing shared by the WKV ops."""
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -49,14 +50,23 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def check_log_decay(w: torch.Tensor) -> None:
-    """w is a log decay: finite and <= 0 (the per-step factor exp(w) lies in (0, 1])."""
+def check_log_decay(w: torch.Tensor, w_min: float | None = None) -> None:
+    """w is a log decay: finite and <= 0 (the per-step factor exp(w) lies in (0, 1]), and >= ``w_min`` if given."""
+    if w_min is not None and not w_min <= 0:
+        raise ValueError(f"w_min is a lower bound on the log decay and must be <= 0, got {w_min!r}")
     if w.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # a CUDA graph cannot read values back; the eager warm-up call before capture checked them
+    lo = -math.inf if w_min is None else w_min
+    if torch.compiler.is_compiling():  # inside a compiled graph: the same rules, without a graph break
+        torch._assert_async(torch.isfinite(w).all() & (w <= 0).all() & (w >= lo).all(),
+                            "w (log decay) must be finite, <= 0 and >= w_min")
+        return
     if not torch.isfinite(w).all():
         raise ValueError("w (log decay) must be finite; got inf or NaN")
     if (w > 0).any():
         raise ValueError(f"w is the log decay and must be <= 0; got max {w.max().item():.4g}")
+    if w_min is not None and (w < lo).any():
+        raise ValueError(f"w must be >= w_min={w_min:.6g} as promised; got min {w.min().item():.6g}")
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int) -> list[int]:

@@ -31,7 +31,8 @@ def _resolve_backend(backend: str, device: torch.device, T: int) -> str:
     return "chunk" if T > 1 else "step"
 
 
-def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto", chunk_size: int | None = None):
+def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto", chunk_size: int | None = None,
+         w_min: float | None = None):
     """RWKV-7 WKV over a sequence, from an initial state.
 
     Per head, with the official state layout ``S [N_v, N_k]`` (row = value index)::
@@ -49,6 +50,9 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
             spec loop), ``"chunk"``, ``"step"``, ``"triton"`` (GPU kernels, ``pip install rwkv-torch[gpu]``).
         chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for triton, the interval of
             the state checkpoints kept for the backward (default 32).
+        w_min: optional lower bound on ``w`` (checked like the other input rules; RWKV-7 layers pass
+            ``-0.6065306597``): lets the chunk backend choose its numerics without reading ``w`` back, so the op
+            traces into one ``torch.compile`` graph.
 
     Returns:
         ``(out [B, T, H, N] in the input dtype, final_state [B or S, H, N, N])``; the state is float32,
@@ -66,7 +70,7 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
         raise ValueError(f"r must be [B, T, H, N] (4-D), got shape {tuple(r.shape)}")
     check_float("r", r)
     check_same("r", r, w=w, k=k, v=v, a=a, b=b)
-    check_log_decay(w)
+    check_log_decay(w, w_min)
     B, T, H, N = r.shape
     cd = compute_dtype(r.dtype)
     cs = check_seq_and_state(r, cu_seqlens, state, "N_v, N_k")
@@ -77,9 +81,9 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
     if cs is not None:
         # Zero padding at the end of a sequence (w = 0, k = b = 0) leaves its state unchanged.
         packed = pack_to_batch(cs, r, w, k, v, a, b)
-        out, final = _run(be, *packed, state, chunk_size)
+        out, final = _run(be, *packed, state, chunk_size, w_min)
         return unpack_from_batch(cs, out).to(r.dtype), final
-    out, final = _run(be, r, w, k, v, a, b, state, chunk_size)
+    out, final = _run(be, r, w, k, v, a, b, state, chunk_size, w_min)
     return out.to(r.dtype), final.to(cd)
 
 
@@ -95,10 +99,10 @@ def _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size):
     return wkv7_triton(r, w, k, v, a, b, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or CHECKPOINT_EVERY)
 
 
-def _run(be, r, w, k, v, a, b, state, chunk_size):
+def _run(be, r, w, k, v, a, b, state, chunk_size, w_min=None):
     if be == "naive":
         return wkv7_naive(r, w, k, v, a, b, state)
     if be == "chunk":
-        return wkv7_chunk(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+        return wkv7_chunk(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, w_min=w_min)
     # "step": the recurrence token by token (the decode path; for T == 1 one call).
     return wkv7_naive(r, w, k, v, a, b, state)

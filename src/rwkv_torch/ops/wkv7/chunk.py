@@ -61,8 +61,11 @@ def _pair_matrices_exact(r, k, a, b, G, Gm):
     return A_qk, A_qb, A_ak, A_ab
 
 
-def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """r, w, k, v, a, b: [B, T, H, N]; state: [B, H, N_v, N_k] or None. Returns (out [B, T, H, N], state)."""
+def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE, w_min: float | None = None):
+    """r, w, k, v, a, b: [B, T, H, N]; state: [B, H, N_v, N_k] or None. Returns (out [B, T, H, N], state).
+
+    ``w_min``: a lower bound on ``w`` that the caller guarantees (RWKV-7 layers: ``-exp(-0.5)``); the pair form is
+    then chosen from it without reading ``w`` back (no device sync, no graph break under ``torch.compile``)."""
     B, T, H, N = r.shape
     cd = compute_dtype(r.dtype)
     L = int(chunk_size)
@@ -78,7 +81,8 @@ def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZ
     # Γ (inclusive) and Γ⁻ (exclusive) in float64: differences of long fp32 sums would lose digits in exponents.
     G = w.double().cumsum(-2)
     G_last = G[..., -1:, :]  # [B, H, nc, 1, N]
-    span = (-G_last).amax().item() if G_last.numel() else 0.0
+    # The largest |Γ| of any chunk: from the caller's bound when given, else read from the data.
+    span = -float(w_min) * L if w_min is not None else (-G_last).amax().item() if G_last.numel() else 0.0
     if span <= _FACTOR_SPAN[cd]:
         (A_qk, A_qb, A_ak, A_ab), (r_G, a_Gm, kg, bg, decay_all) = _chunk_factors_factored(r, w, k, a, b, G, G_last)
     else:
