@@ -318,3 +318,17 @@ def test_world_token_text_trains_and_generates(tmp_path):
     assert len(out.tokens[0]) == 3
     with pytest.raises(ValueError, match="tokenizer"):
         load_data(str(txt), tokenizer="gpt2")
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    # The trainer's torch.compile plumbing (wrapping, carried state, unwrapping for init_state and checkpoints) with
+    # the aot_eager backend, which traces fwd+bwd like inductor but skips its C++ code generation (minutes on CPU).
+    eps = str(write_episodes(tmp_path / "eps"))
+    base = dict(TINY, data=eps, num_layers=2, steps=6, eval_every=3)
+    train(dict(base, out=str(tmp_path / "eager")))
+    compiled = train(dict(base, out=str(tmp_path / "compiled"), compile="aot_eager"))
+    a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+    ckpt = torch.load(compiled["checkpoint"], weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])  # the plain model's names
+    assert train(dict(resume=str(tmp_path / "compiled"), steps=8, progress=False))["step"] == 8

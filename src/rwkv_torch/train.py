@@ -41,7 +41,7 @@ BACKBONES = ("rwkv7", "rwkv6", "rwkv5", "rwkv4", "transformer", "lstm")
 CHECKPOINT_FORMAT = "rwkv-torch-train"
 # Fields a resumed run may change; everything else comes from the checkpoint.
 RESUME_OVERRIDES = ("steps", "stop_after", "time_limit", "device", "eval_every", "save_every", "log_every",
-                    "keep_checkpoints", "progress", "gradient_checkpoint")
+                    "keep_checkpoints", "progress", "gradient_checkpoint", "compile")
 LR_SCALE = {"att.w0": 2.0, "att.time_decay": 2.0, "att.time_first": 3.0}
 
 
@@ -83,6 +83,9 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     gradient_checkpoint: bool = False
+    # torch.compile the model for the training steps (the first steps compile: a minute or two on CPU); a string
+    # names the torch.compile backend (default "inductor").
+    compile: bool | str = False
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -356,7 +359,8 @@ def _write_plot(run_dir: Path) -> None:
 
 
 def _unwrap(model):
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    """The model inside ``torch.compile`` and DistributedDataParallel wrappers (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -473,6 +477,8 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
         model.backbone.gradient_checkpointing = True
     net = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net, backend="inductor" if cfg.compile is True else cfg.compile)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99),
                             eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
