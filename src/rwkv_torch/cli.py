@@ -45,17 +45,7 @@ def demo(seconds: float = 60.0, out: str | None = None, prompt: str = DEMO_PROMP
         print(piece, end="", flush=True)
     print("\n--- end of sample ---\n")
     ids = torch.tensor([tok.encode(prompt + text)[:256]])
-    with torch.inference_mode():
-        par = model(ids, return_sequence=True)
-        state, steps, lat = model.init_state(1), [], []
-        for t in range(ids.shape[1]):
-            t0 = time.perf_counter()
-            y, state = model.step(ids[:, t], state)
-            lat.append(time.perf_counter() - t0)
-            steps.append(y)
-    err = ((torch.stack(steps, 1) - par).norm() / par.norm()).item()
-    lat_ms = torch.tensor(lat[8:] or lat) * 1e3
-    p50, p99 = lat_ms.quantile(0.5).item(), lat_ms.quantile(0.99).item()
+    err, p50, p99, _ = _step_vs_parallel(model, ids, warmup=8)
     ok = err < 1e-4
     print(f"step-by-step vs parallel forward over {ids.shape[1]} tokens: relative error {err:.2e} -> "
           f"{'agree' if ok else 'DISAGREE'}")
@@ -100,6 +90,25 @@ def _add_demo(sub):
                                             a.progress, a.temperature, a.top_p)["agree"] else 1)
 
 
+def _step_vs_parallel(model, x, warmup: int = 0) -> tuple:
+    """Run ``x`` ([1, T] ids or [1, T, D] frames) through the parallel forward and one position at a time through
+    ``step``: (relative error of the step outputs, step latency p50 and p99 in ms after ``warmup`` steps, seconds of
+    the parallel forward)."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        par = model(x, return_sequence=True)
+        t_par = time.perf_counter() - t0
+        state, outs, lat = model.init_state(1), [], []
+        for t in range(x.shape[1]):
+            t0 = time.perf_counter()
+            y, state = model.step(x[:, t], state)
+            lat.append(time.perf_counter() - t0)
+            outs.append(y)
+    err = ((torch.stack(outs, 1) - par).norm() / par.norm()).item()
+    lat_ms = torch.tensor(lat[warmup:] or lat) * 1e3
+    return err, lat_ms.quantile(0.5).item(), lat_ms.quantile(0.99).item(), t_par
+
+
 def check(frames: int = 1000, embed_dim: int = 64, seed: int = 0, threads: int | None = None) -> dict:
     """Build the default backbone, stream ``frames`` frames through ``step`` and through the parallel forward,
     report whether they agree and the per-frame step latency."""
@@ -112,22 +121,7 @@ def check(frames: int = 1000, embed_dim: int = 64, seed: int = 0, threads: int |
     c = model.config
     print(f"RWKV-{c.version} backbone: hidden_size={c.hidden_size} num_layers={c.num_layers} "
           f"head_size={c.head_size} embed_dim={embed_dim}, {model.param_count():,} parameters")
-    x = torch.randn(1, frames, embed_dim)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        par = model(x, return_sequence=True)
-        t_par = time.perf_counter() - t0
-        state = model.init_state(1)
-        lat, outs = [], []
-        for t in range(frames):
-            t0 = time.perf_counter()
-            y, state = model.step(x[:, t], state)
-            lat.append(time.perf_counter() - t0)
-            outs.append(y)
-        seq = torch.stack(outs, dim=1)
-    err = ((seq - par).norm() / par.norm()).item()
-    lat_ms = torch.tensor(lat) * 1e3
-    p50, p99 = lat_ms.quantile(0.5).item(), lat_ms.quantile(0.99).item()
+    err, p50, p99, t_par = _step_vs_parallel(model, torch.randn(1, frames, embed_dim))
     ok = err < 1e-4
     print(f"parallel forward over {frames} frames: {t_par * 1e3:.1f} ms ({frames / t_par:,.0f} frames/s)")
     print(f"step-by-step vs parallel: relative error {err:.2e} -> {'agree' if ok else 'DISAGREE'}")
@@ -298,12 +292,12 @@ def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float 
     V = m.config.vocab_size
     if V is None:
         raise ValueError(f"{model} is a backbone with continuous input (embed_dim={m.config.embed_dim}), not an LM")
-    name = tokenizer or {256: "byte", 65536: "world"}.get(V)
-    if name is None:
-        raise ValueError(f"no default tokenizer for vocab_size {V}; pass --tokenizer byte or --tokenizer world")
-    tok = get_tokenizer(name)
+    try:
+        tok = get_tokenizer(tokenizer or V)  # by default the tokenizer of the model's vocab size
+    except ValueError as e:
+        raise ValueError(f"{e} with --tokenizer byte|world") from None
     if tok.vocab_size < V:
-        raise ValueError(f"the model's vocab_size {V} is larger than the {name} tokenizer's {tok.vocab_size}")
+        raise ValueError(f"the model's vocab_size {V} is larger than the {tok.name} tokenizer's {tok.vocab_size}")
     state = None
     if state_in:
         state = rt.RWKVState.load(state_in, device=device).to(dtype=next(m.parameters()).dtype)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .tokenizer import TOKENIZERS
+
 BYTE_VOCAB = 256
-TEXT_TOKENIZERS = {"byte": BYTE_VOCAB, "world": 65536}  # name -> vocab size
 DEFAULT_CORPUS_BYTES = 8_000_000
 
 
@@ -166,13 +167,11 @@ def load_episodes(path) -> Dataset:
 
 def _documents(files: list, max_bytes: int | None, tokenizer: str = "byte") -> list:
     """One document per file (up to ``max_bytes`` of files in all), as bytes (uint8) or World token ids (uint16)."""
-    if tokenizer not in TEXT_TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {tokenizer!r} for text data; known: {list(TEXT_TOKENIZERS)}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r} for text data; known: {list(TOKENIZERS)}")
     encode = None
-    if tokenizer == "world":
-        from .tokenizer import WorldTokenizer
-
-        encode = WorldTokenizer().encode_bytes
+    if tokenizer != "byte":  # bytes stay a zero-copy view of the file
+        encode = TOKENIZERS[tokenizer]().encode_bytes
     docs, total = [], 0
     files = list(files)
     bar = _progress(len(files), "tokenizing (World)") if encode is not None else None
@@ -199,7 +198,7 @@ def _progress(total: int, desc: str):
 
 
 def _text_dataset(docs: list, tokenizer: str, source: str) -> Dataset:
-    vocab = TEXT_TOKENIZERS[tokenizer]
+    vocab = TOKENIZERS[tokenizer].vocab_size
     return Dataset(docs, [Target("next", "categorical", vocab)], vocab_size=vocab, source=source)
 
 

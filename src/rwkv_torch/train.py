@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .data import Dataset, check_window, load_data, make_batch, split_by_sequence, window_plans
 from .state import RWKVState
+from .tokenizer import TOKENIZERS
 
 BACKBONES = ("rwkv7", "rwkv6", "rwkv5", "rwkv4", "transformer", "lstm")
 CHECKPOINT_FORMAT = "rwkv-torch-train"
@@ -99,8 +100,8 @@ class TrainConfig:
         for f in ("stride", "truncate_bptt", "stop_after"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)!r}: must be None or >= 1")
-        if self.tokenizer not in ("byte", "world"):
-            raise ValueError(f"tokenizer={self.tokenizer!r}: must be 'byte' or 'world'")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer={self.tokenizer!r}: must be one of {sorted(TOKENIZERS)}")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ValueError(f"time_limit={self.time_limit!r}: must be None or > 0 seconds")
 
