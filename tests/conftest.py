@@ -1,9 +1,42 @@
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
+import torch.utils._device as torch_device_module
 
 _HAS_CUDA = torch.cuda.is_available()
+# torch's `with torch.device(...)` context intercepts the factory functions it lists once, in a cached set. Fill that
+# cache now with the real torch.empty*, before _poison_empty swaps them: otherwise a test that first enters a device
+# context (torch.compile does) while they are swapped leaves the cache holding the wrappers, and every later
+# `with torch.device("meta")` builds real tensors.
+torch_device_module._device_constructors()
+
+
+def _import_triton_for_this_machine() -> None:
+    """Import Triton now, before any test: interpreted (TRITON_INTERPRET=1) without CUDA, compiled with it.
+
+    Triton decorates its own library once, when first imported, and a process then runs kernels only that way. Left
+    to chance, the first import comes from whatever test runs first (torch.compile imports Triton too) and, on a
+    machine without CUDA, the interpreter tests of tests/ops/test_triton.py would all skip. The variable is restored
+    at once, so other tests still see backend='triton' refuse CPU tensors.
+    """
+    if importlib.util.find_spec("triton") is None or "triton" in sys.modules:
+        return
+    prior = os.environ.get("TRITON_INTERPRET")
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if prior is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = prior
+
+
+_import_triton_for_this_machine()
 
 
 def pytest_collection_modifyitems(config, items):

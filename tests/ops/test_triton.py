@@ -1,7 +1,7 @@
 """Triton kernels (wkv7 chunk + step, wkv6) against the float64 naive spec, from a non-zero initial state.
 
 On a machine without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, tiny shapes, `@pytest.mark.triton`);
-with CUDA compiled, at bigger shapes (`@pytest.mark.gpu`). A process runs Triton one way only (see _import_triton_mode).
+with CUDA compiled, at bigger shapes (`@pytest.mark.gpu`). A process runs Triton one way only (see tests/conftest.py).
 Every check covers the output, the final state and the gradients of every input and of the initial state, against the
 naive loop in float64 on the *same* (rounded) inputs, by relative RMS per dtype. One more test compiles every kernel for
 an H100 in a subprocess, which needs no GPU.
@@ -24,24 +24,15 @@ KERNEL_MODULES = ("rwkv_torch.ops.wkv7.triton_chunk", "rwkv_torch.ops.wkv7.trito
 
 
 def _import_triton_mode() -> str | None:
-    """Import Triton and return how this process runs its kernels: "interpreted", "compiled", or None (no triton).
+    """How this process runs Triton kernels: "interpreted", "compiled", or None (no triton).
 
     Triton decorates its own library (tl.sum, tl.cdiv, ...) once, when it is first imported, and a process can then
-    only run kernels that way. On a machine without CUDA we import it here with TRITON_INTERPRET=1 (restoring the
-    variable at once, so other tests still see backend='triton' refuse CPU tensors); with CUDA, compiled.
+    only run kernels that way; tests/conftest.py imports it before any test (interpreted on a machine without CUDA).
     """
     if importlib.util.find_spec("triton") is None:
         return None
-    prior = os.environ.get("TRITON_INTERPRET")
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-    finally:
-        if prior is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = prior
+    import triton.language as tl
+
     return "interpreted" if type(tl.cdiv).__name__ == "InterpretedFunction" else "compiled"
 
 

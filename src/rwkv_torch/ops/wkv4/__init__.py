@@ -2,22 +2,12 @@
 
 import torch
 
-from .._common import BACKENDS, check_float, check_log_decay, check_same
+from .._common import check_float, check_log_decay, check_same, resolve_backend
 from ..wkv7.naive import compute_dtype
 from .chunk import DEFAULT_CHUNK_SIZE, wkv4_chunk
 from .naive import PP_INIT, empty_state, wkv4_naive, wkv4_step
 
 __all__ = ["wkv4", "wkv4_naive", "wkv4_chunk", "wkv4_step", "empty_state", "PP_INIT", "DEFAULT_CHUNK_SIZE"]
-
-
-def _resolve_backend(backend: str, device: torch.device, T: int) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise ValueError("backend='triton' is not available yet for wkv4; use 'chunk', 'naive' or 'step'")
-    if backend != "auto":
-        return backend
-    return "chunk" if T > 1 else "step"
 
 
 def _check_channel_vector(name: str, t, k: torch.Tensor) -> None:
@@ -90,7 +80,7 @@ def wkv4(w, u, k, v, state=None, *, backend: str = "auto", chunk_size: int | Non
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     cd = compute_dtype(k.dtype)
-    be = _resolve_backend(backend, k.device, k.shape[1])
+    be = resolve_backend("wkv4", backend, k.device, k.shape[1], False, cpu_kernel=False, triton=False)
 
     if be == "chunk":
         out, final = wkv4_chunk(w, u, k, v, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)

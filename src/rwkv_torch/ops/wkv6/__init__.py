@@ -3,14 +3,13 @@
 import torch
 
 from .._common import (
-    BACKENDS,
     check_float,
     check_log_decay,
     check_same,
     check_seq_and_state,
-    check_triton,
+    needs_grad,
     pack_to_batch,
-    triton_importable,
+    resolve_backend,
     unpack_from_batch,
 )
 from ..wkv7.naive import compute_dtype
@@ -18,18 +17,6 @@ from .chunk import DEFAULT_CHUNK_SIZE, wkv6_chunk
 from .naive import wkv6_naive, wkv6_step
 
 __all__ = ["wkv6", "wkv6_naive", "wkv6_chunk", "wkv6_step", "DEFAULT_CHUNK_SIZE"]
-
-
-def _resolve_backend(backend: str, device: torch.device, T: int) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        check_triton(device)
-    if backend != "auto":
-        return backend
-    if device.type == "cuda" and triton_importable():
-        return "triton"
-    return "chunk" if T > 1 else "step"
 
 
 def _check_bonus(u, r: torch.Tensor) -> None:
@@ -62,8 +49,10 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
         state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
         cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
             at every boundary and one final state per sequence is returned.
-        backend: ``"auto"`` (triton on CUDA when installed; otherwise chunk for T > 1, else step), ``"naive"`` (the
-            spec loop), ``"chunk"``, ``"step"``, ``"triton"`` (GPU kernels, ``pip install rwkv-torch[gpu]``).
+        backend: ``"auto"`` (triton on CUDA when installed; on CPU without autograd and T > 1 the fused CPU kernel;
+            otherwise chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``,
+            ``"triton"`` (GPU kernels, ``pip install rwkv-torch[gpu]``), ``"cpu"`` (the fused C recurrence,
+            forward only, built on first use: ``ops/cpu_kernel.py``).
         chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for triton, the interval of
             the state checkpoints kept for the backward (default 32).
 
@@ -89,7 +78,7 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     cd = compute_dtype(r.dtype)
     cs = check_seq_and_state(r, cu_seqlens, state, "N_k, N_v")
-    be = _resolve_backend(backend, r.device, r.shape[1])
+    be = resolve_backend("wkv6", backend, r.device, r.shape[1], needs_grad(r, w, k, v, u, state))
     if be == "triton":
         # Kernels live in their own file so that Triton is imported only when asked for.
         from .triton import CHECKPOINT_EVERY, wkv6_triton
@@ -108,6 +97,10 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
 def _run(be, r, w, k, v, u, state, chunk_size):
     if be == "naive":
         return wkv6_naive(r, w, k, v, u, state)
+    if be == "cpu":
+        from ..cpu_kernel import wkv6_cpu
+
+        return wkv6_cpu(r, w, k, v, u, state)
     if be == "chunk":
         return wkv6_chunk(r, w, k, v, u, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
     # "step": the recurrence token by token (the decode path; for T == 1 one call).

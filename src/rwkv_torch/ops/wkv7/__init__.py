@@ -3,32 +3,19 @@
 import torch
 
 from .._common import (
-    BACKENDS,
     check_float,
     check_log_decay,
     check_same,
     check_seq_and_state,
-    check_triton,
+    needs_grad,
     pack_to_batch,
-    triton_importable,
+    resolve_backend,
     unpack_from_batch,
 )
 from .chunk import DEFAULT_CHUNK_SIZE, wkv7_chunk
 from .naive import compute_dtype, wkv7_naive, wkv7_step
 
 __all__ = ["wkv7", "wkv7_naive", "wkv7_chunk", "wkv7_step", "DEFAULT_CHUNK_SIZE"]
-
-
-def _resolve_backend(backend: str, device: torch.device, T: int) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        check_triton(device)
-    if backend != "auto":
-        return backend
-    if device.type == "cuda" and triton_importable():
-        return "triton"
-    return "chunk" if T > 1 else "step"
 
 
 def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto", chunk_size: int | None = None,
@@ -46,8 +33,10 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
         state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
         cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
             at every boundary and one final state per sequence is returned.
-        backend: ``"auto"`` (triton on CUDA when installed; otherwise chunk for T > 1, else step), ``"naive"`` (the
-            spec loop), ``"chunk"``, ``"step"``, ``"triton"`` (GPU kernels, ``pip install rwkv-torch[gpu]``).
+        backend: ``"auto"`` (triton on CUDA when installed; on CPU without autograd and T > 1 the fused CPU kernel;
+            otherwise chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``,
+            ``"triton"`` (GPU kernels, ``pip install rwkv-torch[gpu]``), ``"cpu"`` (the fused C recurrence,
+            forward only, built on first use: ``ops/cpu_kernel.py``).
         chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for triton, the interval of
             the state checkpoints kept for the backward (default 32).
         w_min: optional lower bound on ``w`` (checked like the other input rules; RWKV-7 layers pass
@@ -74,9 +63,10 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
     B, T, H, N = r.shape
     cd = compute_dtype(r.dtype)
     cs = check_seq_and_state(r, cu_seqlens, state, "N_v, N_k")
-    be = _resolve_backend(backend, r.device, T)
+    grad = needs_grad(r, w, k, v, a, b, state)
+    be = resolve_backend("wkv7", backend, r.device, T, grad)
     if be == "triton":
-        return _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size)
+        return _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size, grad)
 
     if cs is not None:
         # Zero padding at the end of a sequence (w = 0, k = b = 0) leaves its state unchanged.
@@ -87,10 +77,9 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
     return out.to(r.dtype), final.to(cd)
 
 
-def _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size):
+def _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size, grad):
     # Kernels live in their own files so that Triton is imported only when asked for.
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, w, k, v, a, b, state) if t is not None)
-    if cu_seqlens is None and not needs_grad:
+    if cu_seqlens is None and not grad:
         from .triton_step import wkv7_step_triton
 
         return wkv7_step_triton(r, w, k, v, a, b, state)
@@ -102,6 +91,10 @@ def _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size):
 def _run(be, r, w, k, v, a, b, state, chunk_size, w_min=None):
     if be == "naive":
         return wkv7_naive(r, w, k, v, a, b, state)
+    if be == "cpu":
+        from ..cpu_kernel import wkv7_cpu
+
+        return wkv7_cpu(r, w, k, v, a, b, state)
     if be == "chunk":
         return wkv7_chunk(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, w_min=w_min)
     # "step": the recurrence token by token (the decode path; for T == 1 one call).
