@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import RWKVConfig
-from .layers import fused, rwkv4, rwkv6, rwkv7
+from .layers import cpu_step, fused, rwkv4, rwkv6, rwkv7
 from .state import RWKVState, state_meta, zero_state
 
 _LAYERS = {4: rwkv4, 5: rwkv6, 6: rwkv6, 7: rwkv7}  # RWKV-5 shares the RWKV-6 module (version switch inside)
@@ -301,10 +301,15 @@ class RWKV(nn.Module):
         return hasattr(_LAYERS[self.config.version], "time_mix_step") and not _autocast_enabled(h.device.type)
 
     def _fast_step(self, h, state: RWKVState, *, inplace: bool):
+        plan = self._step_plan()
+        done = cpu_step.blocks_step(self, plan, h, state, inplace=inplace) if cpu_step.applies(self, h, state) else None
+        if done is not None:  # fp32 RWKV-7 on CPU: every block in one C call
+            h, (shift_att, shift_ffn, wkv) = done
+            return self._head(h), (state if inplace else RWKVState(shift_att, shift_ffn, wkv, dict(state.meta)))
         layers = _LAYERS[self.config.version]
         shift_att, shift_ffn, wkv = [], [], []
         v_first = None
-        for l, weights in enumerate(self._step_plan()):
+        for l, weights in enumerate(plan):
             h, sa, sf, s, v_first = _block_step(
                 layers, h, state.shift_att[l], state.shift_ffn[l], state.wkv[l], v_first, weights, inplace
             )

@@ -1,4 +1,6 @@
-"""Fused CPU kernels for the WKV-7 and WKV-6 recurrences (forward only), built from ``csrc/wkv_cpu.c`` on first use.
+"""Fused CPU kernels, built from ``csrc/*.c`` on first use: the WKV-7 and WKV-6 recurrences (forward only,
+``csrc/wkv_cpu.c``) and the whole one-token RWKV-7 block stack (``csrc/rwkv7_step.c``, driven by
+``layers/cpu_step.py``).
 
 The chunked form turns a sequence into many small matrix products and elementwise passes; on a CPU, with 64x64
 head states that stay in L1, the plain spec recurrence in C does less work: one read of the inputs, two passes
@@ -6,7 +8,7 @@ over the state per token, threads over (batch, head) pairs. It has no backward, 
 only for CPU tensors when no gradient is needed (inference, prefill, evaluation) and T > 1; training keeps the
 chunked form.
 
-The C file is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``: the same one
+The C files are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``: the same one
 ``torch.compile`` needs on CPU) into a cache directory (``$RWKV_TORCH_CACHE``, else ``~/.cache/rwkv_torch``) keyed by
 the source, flags, compiler and CPU, and loaded with ``ctypes``; no build step at install time. Where there is no
 compiler, ``auto`` falls back to the chunked form with one warning; ``backend="cpu"`` raises with the compiler's
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "wkv_cpu.c"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("wkv_cpu.c", "rwkv7_step.c")]
 # Reassociation lets the compiler vectorise the sums (results differ from the naive loop at rounding level only,
 # which the tests bound); no -ffinite-math-only, so NaN and inf still propagate.
 _FAST_MATH = ["-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -72,7 +74,7 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"\0".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     errors = []
     # -march=native where the compiler knows it, else portable code; OpenMP (PyTorch's own runtime, already loaded)
@@ -87,7 +89,8 @@ def _build(cc: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                                  timeout=300)
             if proc.returncode == 0:
                 os.replace(tmp, target)
                 return target
@@ -119,7 +122,8 @@ def _load() -> ctypes.CDLL:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.rwkv_wkv7_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] * 2
         lib.rwkv_wkv6_forward.argtypes = [ptr] * 7 + [i64] * 4 + [ctypes.c_int] * 2
-        lib.rwkv_wkv7_forward.restype = lib.rwkv_wkv6_forward.restype = ctypes.c_int
+        lib.rwkv7_blocks_step.argtypes = [i64] * 6 + [ptr] * 10 + [ctypes.c_int]
+        lib.rwkv_wkv7_forward.restype = lib.rwkv_wkv6_forward.restype = lib.rwkv7_blocks_step.restype = ctypes.c_int
         _lib = lib
         return lib
 
@@ -148,6 +152,11 @@ if hasattr(torch.compiler, "assume_constant_result"):  # evaluated once while to
 def require() -> None:
     """Raise a clear error when ``backend='cpu'`` cannot run."""
     _load()
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (built on first use); RuntimeError when it cannot be built or is turned off."""
+    return _load()
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
