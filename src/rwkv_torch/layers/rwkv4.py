@@ -82,7 +82,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift):
         prev = token_shift(x, shift)
-        k = torch.relu(self.key(_mix(x, prev, self.time_mix_k))) ** 2
+        k = torch.relu(self.key(_mix(x, prev, self.time_mix_k))).square()  # square: pow is ~6x slower on CPU
         return torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r))) * self.value(k), x[:, -1]
 
     def step_weights(self) -> tuple:

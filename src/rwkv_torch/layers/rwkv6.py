@@ -151,7 +151,7 @@ class ChannelMix(nn.Module):
             xk, xr = x + (prev - x) * mu_k, x + (prev - x) * mu_r
         else:
             xk, xr = x * mu_k + prev * (1 - mu_k), x * mu_r + prev * (1 - mu_r)
-        k = torch.relu(self.key(xk)) ** 2
+        k = torch.relu(self.key(xk)).square()  # square: pow is ~6x slower on CPU
         return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
 
     def step_weights(self) -> tuple:

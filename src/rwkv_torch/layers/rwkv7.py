@@ -149,7 +149,7 @@ class ChannelMix(nn.Module):
     def forward(self, x, shift):
         """x: [B, T, C] (ln2 output); shift: [B, C]. Returns (out [B, T, C], new shift [B, C])."""
         xk = torch.addcmul(x, token_shift(x, shift) - x, self.x_k)  # x + (x_prev - x) * x_k
-        return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1]
+        return self.value(torch.relu(self.key(xk)).square()), x[:, -1]  # square: pow is ~6x slower on CPU
 
     def step_weights(self) -> tuple:
         return self.x_k, self.key.weight, self.value.weight
