@@ -332,3 +332,48 @@ def test_compiled_training_matches_eager(tmp_path):
     ckpt = torch.load(compiled["checkpoint"], weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])  # the plain model's names
     assert train(dict(resume=str(tmp_path / "compiled"), steps=8, progress=False))["step"] == 8
+
+
+def test_epochs_set_the_step_count_and_exclude_steps(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps", n=6, T=80))  # 5 training episodes x 5 windows of 16
+    res = train(dict(TINY, data=eps, out=str(tmp_path / "run"), epochs=2, eval_every=100))
+    assert res["step"] == metrics(tmp_path / "run")[-1]["step"] == 13  # ceil(2 * 25 / 4)
+    with pytest.raises(ValueError, match="not both"):
+        train(dict(TINY, data=eps, out=str(tmp_path / "run2"), epochs=1, steps=5))
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+
+
+def test_unknown_backbone_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="backbone='gru'.*rwkv7"):
+        train(dict(TINY, backbone="gru", out=str(tmp_path / "run")))
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--backbone", "gru"])
+
+
+def test_cli_accepts_temporal_and_epochs(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps", n=3, T=40))
+    assert cli.main(["train", "--temporal", "--data", eps, "--epochs", "1", "--hidden-size", "32", "--num-layers",
+                     "1", "--head-size", "16", "--window-size", "16", "--batch-size", "2", "--out",
+                     str(tmp_path / "run"), "--no-progress"]) == 0
+    assert metrics(tmp_path / "run")[-1]["step"] == 2  # 2 training episodes x 2 windows / batch 2
+
+
+def test_carried_state_learns_what_lies_in_the_previous_window(tmp_path):
+    """The target is the previous frame's sign. Inside a window the token shift sees it; at a window's first frame
+    only the state carried from the previous window does. Stateful windows (stride == window) learn every frame;
+    independent windows (each from a zero state) stay at chance on the first frame of each window."""
+    d = tmp_path / "eps"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    W = 4
+    for i in range(8):
+        f = rng.standard_normal((W * 30, 2)).astype(np.float32)
+        past = np.concatenate([[0], (f[:-1, 0] > 0).astype(np.int64)])
+        np.savez(d / f"ep{i}.npz", frames=f, target_past=past)
+    opts = dict(TINY, data=str(d), window_size=W, batch_size=8, steps=150, lr=1e-2, warmup=10, eval_every=150,
+                val_fraction=0.25, eval_batches=16)
+    train(dict(opts, out=str(tmp_path / "carried")))
+    train(dict(opts, out=str(tmp_path / "windowed"), stride=W + 1))
+    acc = {name: metrics(tmp_path / name)[-1]["val_acc_past"] for name in ("carried", "windowed")}
+    assert acc["carried"] > 0.93 and acc["carried"] - acc["windowed"] > 0.05, acc  # measured: 0.98 vs 0.89

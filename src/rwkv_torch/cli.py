@@ -213,6 +213,8 @@ def _add_train(sub):
 
     p = sub.add_parser("train", help="train a model on episodes (.npz), text, or the built-in default corpus")
     a = p.add_argument
+    a("--temporal", action="store_true", default=None,
+      help="accepted for ExPhil command lines: every backbone here is temporal (trained on windows of frames)")
     a("--backbone", choices=BACKBONES, default=None, help="rwkv7 (default), rwkv6/5/4, or a same-budget baseline")
     a("--hidden-size", type=int, default=None, help="model width (default 256)")
     a("--num-layers", type=int, default=None, help="layers (default 6)")
@@ -235,6 +237,8 @@ def _add_train(sub):
     a("--val-fraction", type=float, default=None, help="fraction of episodes/documents held out (default 0.05)")
     a("--out", default=None, help="run directory (default runs/<date-time>)")
     a("--steps", type=int, default=None, help="total optimizer steps (default 1000)")
+    a("--epochs", type=float, default=None,
+      help="train for N passes over the training windows instead of --steps (steps = ceil(N * windows / batch))")
     a("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this invocation")
     a("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds of training")
     a("--batch-size", type=int, default=None, help="windows per step (default 16)")

@@ -265,6 +265,11 @@ def check_window(data: Dataset, window: int) -> None:
                          f"{longest.name} with {len(longest)} positions")
 
 
+def window_counts(lengths: list, window: int, stride: int) -> list[int]:
+    """Windows per sequence (one epoch's worth): every full window starting at a multiple of ``stride``."""
+    return [0 if n < window else (n - window) // stride + 1 for n in lengths]
+
+
 def window_plans(lengths: list, window: int, stride: int, batch_size: int, seed: int) -> Iterator[list]:
     """Endless, deterministic batch plans: per step a list of ``batch_size`` ``(sequence, start, reset)``.
 
@@ -275,7 +280,7 @@ def window_plans(lengths: list, window: int, stride: int, batch_size: int, seed:
     each epoch. The plan depends only on the arguments, so a resumed run replays it by skipping steps.
     """
     rng = np.random.default_rng(seed)
-    counts = [0 if n < window else (n - window) // stride + 1 for n in lengths]
+    counts = window_counts(lengths, window, stride)
     usable = [i for i, c in enumerate(counts) if c > 0]
     if not usable:
         raise ValueError(f"window {window} is longer than every sequence (longest {max(lengths, default=0)})")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Dataset, check_window, load_data, make_batch, split_by_sequence, window_plans
+from .data import Dataset, check_window, load_data, make_batch, split_by_sequence, window_counts, window_plans
 from .state import RWKVState
 from .tokenizer import TOKENIZERS
 
@@ -65,6 +65,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     out: str | None = None  # None: runs/<time>
     steps: int = 1000
+    epochs: float | None = None  # set: steps = ceil(epochs * training windows / batch_size) instead of `steps`
     stop_after: int | None = None
     time_limit: float | None = None  # seconds of training in this invocation; then stop with a checkpoint
     batch_size: int = 16
@@ -102,6 +103,8 @@ class TrainConfig:
                 raise ValueError(f"{f}={getattr(self, f)!r}: must be None or >= 1")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer={self.tokenizer!r}: must be one of {sorted(TOKENIZERS)}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs!r}: must be None or > 0")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ValueError(f"time_limit={self.time_limit!r}: must be None or > 0 seconds")
 
@@ -448,6 +451,8 @@ def train(args_or_config) -> dict:
     cfg, ckpt = as_config(args_or_config), None
     if isinstance(args_or_config, TrainConfig):
         given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    if given.get("epochs") is not None and given.get("steps") is not None:
+        raise ValueError("give steps or epochs, not both")
     if cfg.resume:
         cfg, ckpt = _resume_config(cfg, given)
     rank, world, device, created_group = _init_distributed(cfg)
@@ -471,6 +476,10 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     check_window(train_data, cfg.window_size)
     if val_data is not None and max(len(s) for s in val_data.sequences) < cfg.window_size:
         val_data = None  # no held-out sequence holds a full window
+    if cfg.epochs is not None:  # the same data and options give the same count, so a resumed run agrees
+        windows = sum(window_counts([len(s) for s in train_data.sequences], cfg.window_size,
+                                    cfg.stride or cfg.window_size))
+        cfg = dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * windows / cfg.batch_size)))
     model = build_model(cfg, data).to(device)
     if cfg.gradient_checkpoint:
         if not hasattr(model.backbone, "gradient_checkpointing"):
