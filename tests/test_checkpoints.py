@@ -153,8 +153,44 @@ def test_fla_round_trip():
     assert_same_weights(m, back)
     with pytest.raises(ValueError, match="unknown fla RWKV-7 keys model.layers.0.attn.bogus"):
         ck.from_fla_state_dict({**fla, "model.layers.0.attn.bogus": torch.zeros(1)})
-    with pytest.raises(ValueError, match="RWKV-7"):
-        ck.to_fla_state_dict(token_model(6))
+    with pytest.raises(ValueError, match="RWKV-6 and RWKV-7"):
+        ck.to_fla_state_dict(token_model(5))
+
+
+def test_fla_rwkv6_round_trip_and_token_shift_lora_layout():
+    m = token_model(6)
+    official, fla = ck.to_official_state_dict(m), ck.to_fla_state_dict(m)
+    C, D = official["blocks.0.att.time_maa_w1"].shape[0], official["blocks.0.att.time_maa_w1"].shape[1] // 5
+    assert fla["model.layers.1.attn.x_bias"].shape == (5, C) and fla["model.layers.0.attn.x_proj.0.mu"].shape == (C,)
+    assert fla["model.layers.1.attn.x_proj.0.linear.weight"].shape == (5 * D, C)
+    assert fla["model.layers.1.attn.x_proj.2.weight"].shape == (C, 5 * D)
+    decay_w1 = official["blocks.0.att.time_decay_w1"]
+    assert torch.equal(fla["model.layers.0.attn.w_proj.linear.lora.0.weight"], decay_w1.t())
+    assert "model.layers.0.pre_norm.weight" in fla and "lm_head.weight" in fla
+    # The five token-shift mixes computed the fla way (order r, w, k, v, g; x_proj read as [C, 5, D]) equal the
+    # official ones (order w, k, v, r, g), so the blocks were regrouped, not only renamed.
+    g = torch.Generator().manual_seed(0)
+    x, prev = torch.randn(3, C, generator=g), torch.randn(3, C, generator=g)
+    xx = prev - x
+    for i in range(m.config.num_layers):
+        o = {k.split(".", 3)[3]: v.double() for k, v in official.items() if k.startswith(f"blocks.{i}.att.")}
+        f = {k.split(".", 4)[4]: v.double() for k, v in fla.items() if k.startswith(f"model.layers.{i}.attn.")}
+        x64, xx64 = x.double(), xx.double()
+        z = torch.tanh((x64 + xx64 * o["time_maa_x"].view(C)) @ o["time_maa_w1"]).view(3, 5, D)
+        lora = torch.einsum("bnd,ndc->nbc", z, o["time_maa_w2"])
+        want = {c: x64 + xx64 * (o[f"time_maa_{c}"].view(C) + lora[n]) for n, c in enumerate("wkvrg")}
+        z = torch.tanh((x64 + xx64 * f["x_proj.0.mu"]) @ f["x_proj.0.linear.weight"].t()).view(3, 5, D)
+        lora = torch.einsum("bnd,cnd->nbc", z, f["x_proj.2.weight"].view(C, 5, D))
+        got = {c: x64 + xx64 * (f["x_bias"][n] + lora[n]) for n, c in enumerate("rwkvg")}
+        for c in "wkvrg":
+            assert torch.allclose(want[c], got[c], rtol=1e-12, atol=1e-12), (i, c)
+    back = ck.from_fla_state_dict({k: v.clone() for k, v in fla.items()})
+    assert back.config.version == 6 and same_sizes(back, m)
+    assert_same_weights(m, back)
+    with pytest.raises(ValueError, match="unknown fla RWKV-6 keys model.layers.0.attn.bogus"):
+        ck.from_fla_state_dict({**fla, "model.layers.0.attn.bogus": torch.zeros(1)})
+    with pytest.raises(ValueError, match="lacks attn.x_bias"):
+        ck.from_fla_state_dict({k: v for k, v in fla.items() if k != "model.layers.1.attn.x_bias"})
 
 
 def test_state_list_round_trip():

@@ -1,10 +1,11 @@
-"""Model files: official BlinkDL ``.pth`` checkpoints (RWKV-4/5/6/7), fla RWKV-7 state dicts and the native format.
+"""Model files: official BlinkDL ``.pth`` checkpoints (RWKV-4/5/6/7), fla RWKV-6/7 state dicts and the native format.
 
 * ``load(path)`` reads an official ``.pth`` file (version and every size read from the tensors) or a native directory.
 * ``save(model, dir)`` writes the native format: ``dir/model.safetensors`` + ``dir/config.json``.
 * ``to_official_state_dict(model)`` / ``save_official(model, path)`` write the official layout, which the ``rwkv``
   pip package and the official training code read.
-* ``to_fla_state_dict(model)`` / ``from_fla_state_dict(sd)`` convert RWKV-7 to and from fla's names (spec section 9).
+* ``to_fla_state_dict(model)`` / ``from_fla_state_dict(sd)`` convert RWKV-7 and RWKV-6 to and from fla's names
+  (spec section 9).
 * ``to_hf_state_dict(model)`` / ``from_hf_state_dict(sd)`` convert RWKV-4 to and from transformers' names.
 
 Every conversion is a declarative key map (``"{}"`` stands for the block index, ``None`` marks a key that is dropped)
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import checkpoints_fla6
 from .config import VERSIONS, RWKVConfig
 from .model import RWKV
 from .state import RWKVState, state_meta
@@ -469,20 +471,29 @@ def _fla_to_official(sd: dict, source: str) -> dict:
 
 
 def to_fla_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
-    """An RWKV-7 model's weights under fla's ``RWKV7ForCausalLM`` names and layouts (spec section 9).
+    """An RWKV-7 model's weights under fla's ``RWKV7ForCausalLM`` names and layouts (spec section 9); for an
+    RWKV-6 model, ``RWKV6ForCausalLM``'s (``checkpoints_fla6``).
 
     LoRA matrices become ``nn.Linear`` weights ``[out, in]`` (``w1 [C, D]`` -> ``w_lora.lora.0.weight [D, C]``),
     the biases ``w0/a0/v0`` and ``k_k, k_a, ffn.x_k`` are ``(C,)``, ``x_r ... x_g`` stay ``(1, 1, C)``.
     """
     model = _unwrap(model)
+    if model.config.version == 6:  # RWKV6ForCausalLM: see checkpoints_fla6
+        return checkpoints_fla6.official_to_fla(to_official_state_dict(model), map_key, _block_part)
     if model.config.version != 7:
-        raise ValueError(f"fla conversion is for RWKV-7 models, this one is RWKV-{model.config.version}")
+        raise ValueError(f"fla conversion is for RWKV-6 and RWKV-7 models, this one is RWKV-{model.config.version}")
     return _official_to_fla(to_official_state_dict(model))
 
 
 def from_fla_state_dict(sd: dict, *, source: str = "fla state dict") -> RWKV:
-    """Build an RWKV-7 model from an fla ``RWKV7ForCausalLM`` state dict (the inverse of ``to_fla_state_dict``)."""
+    """Build an RWKV-7 (or RWKV-6) model from an fla ``RWKV7ForCausalLM`` (``RWKV6ForCausalLM``) state dict, the
+    inverse of ``to_fla_state_dict``; the version is read from the keys."""
     _check_tensors(sd, source)
+    if checkpoints_fla6.is_fla6(sd):
+        official, unknown = checkpoints_fla6.fla_to_official(sd, map_key, _block_part, source)
+        if unknown:
+            raise ValueError(f"{source}: unknown fla RWKV-6 keys {_listing(unknown)}")
+        return from_official_state_dict(official, source=source)
     return from_official_state_dict(_fla_to_official(sd, source), source=source)
 
 
