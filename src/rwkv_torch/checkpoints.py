@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import checkpoints_fla6
 from .config import VERSIONS, RWKVConfig
 from .model import RWKV
 from .state import RWKVState, state_meta
@@ -479,7 +478,9 @@ def to_fla_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
     """
     model = _unwrap(model)
     if model.config.version == 6:  # RWKV6ForCausalLM: see checkpoints_fla6
-        return checkpoints_fla6.official_to_fla(to_official_state_dict(model), map_key, _block_part)
+        from . import checkpoints_fla6
+
+        return checkpoints_fla6.official_to_fla(to_official_state_dict(model))
     if model.config.version != 7:
         raise ValueError(f"fla conversion is for RWKV-6 and RWKV-7 models, this one is RWKV-{model.config.version}")
     return _official_to_fla(to_official_state_dict(model))
@@ -488,12 +489,11 @@ def to_fla_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
 def from_fla_state_dict(sd: dict, *, source: str = "fla state dict") -> RWKV:
     """Build an RWKV-7 (or RWKV-6) model from an fla ``RWKV7ForCausalLM`` (``RWKV6ForCausalLM``) state dict, the
     inverse of ``to_fla_state_dict``; the version is read from the keys."""
+    from . import checkpoints_fla6  # it imports this module's key helpers
+
     _check_tensors(sd, source)
     if checkpoints_fla6.is_fla6(sd):
-        official, unknown = checkpoints_fla6.fla_to_official(sd, map_key, _block_part, source)
-        if unknown:
-            raise ValueError(f"{source}: unknown fla RWKV-6 keys {_listing(unknown)}")
-        return from_official_state_dict(official, source=source)
+        return from_official_state_dict(checkpoints_fla6.fla_to_official(sd, source), source=source)
     return from_official_state_dict(_fla_to_official(sd, source), source=source)
 
 

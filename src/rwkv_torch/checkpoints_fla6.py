@@ -13,6 +13,8 @@ mixes in the order (r, w, k, v, g) where the official files use (w, k, v, r, g):
 
 import torch
 
+from .checkpoints import _block_part, _listing, map_key
+
 OFFICIAL_ORDER = "wkvrg"  # time_maa_w1 blocks / time_maa_w2 slabs in official files
 FLA_ORDER = "rwkvg"  # fla's x_bias rows and x_proj blocks
 _TO_FLA = [OFFICIAL_ORDER.index(c) for c in FLA_ORDER]
@@ -54,11 +56,11 @@ _REGROUPED = {f"att.time_maa_{c}" for c in FLA_ORDER} | {"att.time_maa_w1", "att
 _FLA_REGROUPED = ("attn.x_bias", "attn.x_proj.0.linear.weight", "attn.x_proj.2.weight")
 
 
-def official_to_fla(sd: dict, map_key, block_part) -> dict:
+def official_to_fla(sd: dict) -> dict:
     """An official RWKV-6 state dict (``checkpoints.to_official_state_dict``) -> fla names and layouts."""
     out, layers = {}, {}
     for key, t in sd.items():
-        part = block_part(key)
+        part = _block_part(key)
         if part in _REGROUPED:
             layers.setdefault(int(key.split(".")[1]), {})[part] = t
             continue
@@ -74,8 +76,8 @@ def official_to_fla(sd: dict, map_key, block_part) -> dict:
     return out
 
 
-def fla_to_official(sd: dict, map_key, block_part, source: str) -> tuple[dict, list]:
-    """The inverse of ``official_to_fla``: (official state dict, keys it does not know)."""
+def fla_to_official(sd: dict, source: str) -> dict:
+    """The inverse of ``official_to_fla``; unknown keys are an error naming them."""
     inverse = {v: k for k, v in RENAMES.items()}
     out, unknown, layers = {}, [], {}
     for key, t in sd.items():
@@ -88,8 +90,10 @@ def fla_to_official(sd: dict, map_key, block_part, source: str) -> tuple[dict, l
         except KeyError:
             unknown.append(key)
             continue
-        part = block_part(name)
+        part = _block_part(name)
         out[name] = t.t() if part in _TRANSPOSED else t.view(1, 1, -1) if part in _SQUEEZED else t
+    if unknown:
+        raise ValueError(f"{source}: unknown fla RWKV-6 keys {_listing(unknown)}")
     for i, p in layers.items():
         missing = [k for k in _FLA_REGROUPED if k not in p]
         if missing:
@@ -101,7 +105,7 @@ def fla_to_official(sd: dict, map_key, block_part, source: str) -> tuple[dict, l
             out[pre + f"time_maa_{c}"] = bias[j].view(1, 1, C)
         out[pre + "time_maa_w1"] = w1.t().reshape(C, 5, D)[:, _TO_OFFICIAL].reshape(C, 5 * D).contiguous()
         out[pre + "time_maa_w2"] = w2.t().reshape(5, D, C)[_TO_OFFICIAL].contiguous()
-    return out, unknown
+    return out
 
 
 def is_fla6(sd: dict) -> bool:

@@ -18,20 +18,12 @@ SHAPES = [(1, 1, 1, 4), (2, 37, 3, 16), (3, 50, 2, 64), (1, 19, 5, 5)]  # N=64 h
 
 
 @pytest.mark.parametrize("B,T,H,N", SHAPES, ids=str)
-def test_wkv7_matches_independent_recurrence_fp64(B, T, H, N):
-    xs, h0 = t7.make_inputs(B, T, H, N)
-    out, ht = wkv7(*xs, h0, backend="cpu")
-    ref_o, ref_h = t7.reference(*xs, h0)
-    assert out.dtype == ht.dtype == torch.float64
-    assert_close("o", ref_o, out, 1e-12)
-    assert_close("ht", ref_h, ht, 1e-12)
-
-
-@pytest.mark.parametrize("B,T,H,N", SHAPES, ids=str)
-def test_wkv6_matches_independent_recurrence_fp64(B, T, H, N):
-    xs, h0 = t6.make_inputs(B, T, H, N)
-    out, ht = wkv6(*xs, h0, backend="cpu")
-    ref_o, ref_h = t6.reference(*xs, h0)
+@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+def test_matches_independent_recurrence_fp64(op, B, T, H, N):
+    mod, fn = (t7, wkv7) if op == "wkv7" else (t6, wkv6)
+    xs, h0 = mod.make_inputs(B, T, H, N)
+    out, ht = fn(*xs, h0, backend="cpu")
+    ref_o, ref_h = mod.reference(*xs, h0)
     assert out.dtype == ht.dtype == torch.float64
     assert_close("o", ref_o, out, 1e-12)
     assert_close("ht", ref_h, ht, 1e-12)

@@ -14,13 +14,10 @@ import torch
 
 from ..ops import cpu_kernel
 
-# The order of the per-layer pointers in the C file's params table (enum P_*).
-_N_PARAMS = 21
-
 
 def _layer_pointers(block_weights: tuple) -> tuple[list[torch.Tensor], int, int, tuple[float, float, float]] | None:
-    """The tensors of one block in the C table's order, its LoRA count and padded rank, and its three epsilons;
-    None when a tensor is not a contiguous fp32 CPU tensor (the eager step then runs)."""
+    """The tensors of one block in the C table's order (enum P_* of rwkv7_step.c), its LoRA count and padded rank,
+    and its three epsilons; None when a tensor is not a contiguous fp32 CPU tensor (the eager step then runs)."""
     ln1_w, ln1_b, ln1_eps, ln2_w, ln2_b, ln2_eps, att, ffn = block_weights
     (mus, first, second, bias, one_minus_k_a, k_a, k_k, r_k, w_r, w_k, w_v, w_o, lnx_w, lnx_b, _layer_id, _H,
      lnx_eps) = att

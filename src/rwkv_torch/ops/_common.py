@@ -58,7 +58,7 @@ def resolve_backend(op: str, backend: str, device: torch.device, T: int, grad: b
                              "are needed")
         from . import cpu_kernel as ck
 
-        ck.require()
+        ck.library()  # a clear error when it cannot be built here
     if backend != "auto":
         return backend
     if triton and device.type == "cuda" and triton_importable():

@@ -149,13 +149,8 @@ if hasattr(torch.compiler, "assume_constant_result"):  # evaluated once while to
     available = torch.compiler.assume_constant_result(available)
 
 
-def require() -> None:
-    """Raise a clear error when ``backend='cpu'`` cannot run."""
-    _load()
-
-
 def library() -> ctypes.CDLL:
-    """The loaded library (built on first use); RuntimeError when it cannot be built or is turned off."""
+    """The loaded library (built on first use); a clear RuntimeError when it cannot be built or is turned off."""
     return _load()
 
 
