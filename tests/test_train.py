@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rwkv_torch import cli
-from rwkv_torch.data import default_corpus, load_data, load_episodes, make_batch, window_plans
 from rwkv_torch.train import TrainConfig, build_model, param_groups, train
+from rwkv_torch.train.data import default_corpus, load_data, load_episodes, make_batch, window_plans
 
 TINY = dict(hidden_size=32, num_layers=1, head_size=16, window_size=16, batch_size=4, lr=3e-3, warmup=5,
             log_every=1, progress=False)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 import rwkv_torch as rt
-from rwkv_torch.data import Dataset, Target
 from rwkv_torch.train import TrainConfig, build_model, param_groups
+from rwkv_torch.train.data import Dataset, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_MODELS = ("rwkv7", "rwkv6", "rwkv4", "transformer", "lstm")

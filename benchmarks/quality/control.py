@@ -49,8 +49,8 @@ from common import (
 )
 
 import rwkv_torch as rt
-from rwkv_torch.data import Dataset, Sequence, Target, make_batch, window_plans
 from rwkv_torch.train import TrainConfig, lr_factor, train_step
+from rwkv_torch.train.data import Dataset, Sequence, Target, make_batch, window_plans
 
 CPU = torch.device("cpu")
 N_TYPES, MIN_DELAY, MAX_DELAY = 4, 5, 40  # event types; frames from an event to its impact

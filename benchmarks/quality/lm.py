@@ -2,7 +2,7 @@
 
     python benchmarks/quality/lm.py [--quick] [--steps 400] [--models rwkv7,rwkv6,rwkv4,transformer,lstm]
 
-The corpus is the trainer's default one (``rwkv_torch.data.default_corpus``: the Python standard library's own
+The corpus is the trainer's default one (``rwkv_torch.train.data.default_corpus``: the Python standard library's own
 sources, no download), cut at ``--bytes`` and split by document (``split_by_sequence``) into training and held-out
 files. Every model trains for the same number of AdamW steps on the same batches, built exactly as
 ``rwkv-torch train`` builds them: ``window_plans`` lanes that walk each document window after window, ``make_batch``,
@@ -35,8 +35,8 @@ from common import (
     write_report,
 )
 
-from rwkv_torch.data import default_corpus, make_batch, split_by_sequence, window_plans
 from rwkv_torch.train import TrainConfig, evaluate, lr_factor, train_step
+from rwkv_torch.train.data import default_corpus, make_batch, split_by_sequence, window_plans
 
 CPU = torch.device("cpu")
 

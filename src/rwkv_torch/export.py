@@ -13,9 +13,9 @@ import json
 import warnings
 
 import torch
-import torch.nn as nn
 
 from .config import RWKVConfig
+from .decode import StepGraph
 from .model import RWKV
 from .state import RWKVState, zero_state
 
@@ -26,30 +26,6 @@ MIN_OPSET = 12
 def state_names(num_layers: int, suffix: str = "") -> list[str]:
     """The documented order of the state tensors in the ONNX graph."""
     return [f"{kind}_{l}{suffix}" for l in range(num_layers) for kind in ("shift_att", "shift_ffn", "wkv")]
-
-
-def _flatten(state: RWKVState) -> list[torch.Tensor]:
-    return [t for l in range(state.num_layers) for t in (state.shift_att[l], state.shift_ffn[l], state.wkv[l])]
-
-
-def _unflatten(flat, meta: dict) -> RWKVState:
-    flat = list(flat)
-    return RWKVState(flat[0::3], flat[1::3], flat[2::3], dict(meta))
-
-
-class _StepGraph(nn.Module):
-    """model.step over flat state tensors, without the data-dependent input checks (they cannot be traced)."""
-
-    def __init__(self, model: RWKV):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_t, *flat):
-        m = self.model
-        h = m.emb(x_t) if m.is_token_model else m.input_proj(x_t)
-        state = _unflatten(flat, m.state_meta())
-        y = m._run(m.ln0(h).unsqueeze(1), state, "step")[:, 0]
-        return (y, *_flatten(state))
 
 
 def export_onnx(model: RWKV, path, *, batch_size: int | None = None, opset: int = 17, quantize_int8: bool = False):
@@ -75,7 +51,7 @@ def export_onnx(model: RWKV, path, *, batch_size: int | None = None, opset: int 
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_OPSET} (the step uses einsum), got {opset!r}")
     c = model.config
-    graph = _StepGraph(_float32_copy(model)).eval()
+    graph = StepGraph(_float32_copy(model)).eval()
     B = batch_size or 2
     x = torch.zeros(B, dtype=torch.long) if model.is_token_model else torch.zeros(B, c.embed_dim)
     state = graph.model.init_state(B, device="cpu", dtype=torch.float32)
@@ -85,7 +61,7 @@ def export_onnx(model: RWKV, path, *, batch_size: int | None = None, opset: int 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about the op's input checks, evaluated once at trace time
         try:
-            torch.onnx.export(graph, (x, *_flatten(state)), str(path), input_names=in_names,
+            torch.onnx.export(graph, (x, *state.flat()), str(path), input_names=in_names,
                               output_names=out_names, dynamic_axes=dyn, opset_version=opset, dynamo=False)
         except Exception as e:
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -144,9 +120,9 @@ class OnnxStep:
                 raise ValueError(f"frames must be [B, embed_dim] with embed_dim={c.embed_dim}, got {tuple(x_t.shape)}")
             x = x_t.detach().cpu().float().numpy()
         feeds = {"x_t": x}
-        for name, t in zip(state_names(c.num_layers), _flatten(state)):
+        for name, t in zip(state_names(c.num_layers), state.flat()):
             feeds[name] = t.detach().cpu().float().numpy()
         outs = self.session.run(None, feeds)
         y, flat = torch.from_numpy(outs[0]), [torch.from_numpy(o) for o in outs[1:]]
-        return y, _unflatten(flat, state.meta)
+        return y, RWKVState.from_flat(flat, state.meta)
 

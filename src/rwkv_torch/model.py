@@ -1,7 +1,12 @@
 """The RWKV model: input (token embedding or continuous projection), ln0, blocks, ln_out, head.
 
 Two exact forms: ``forward`` runs the parallel (chunked) form over a sequence; ``step`` advances one token or frame
-in O(1) time and memory. Both take and return the typed ``RWKVState``.
+in O(1) time and memory. Both take and return the typed ``RWKVState``. The block math has two forms only: the spec
+form (``Block.forward``, any T, which is also the step at T = 1 everywhere the C step does not apply) and the C step
+(``decode/``: fp32 RWKV-7 on CPU without autograd).
+
+Input values (finite frames, token ids in range) are checked once, here at the model's edge (``check_inputs``, on by
+default): on CUDA without a device-to-host read (``torch._assert_async``). Layers call the unchecked op cores.
 """
 
 import torch
@@ -9,11 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import decode
 from .config import RWKVConfig
-from .layers import cpu_step, fused, rwkv4, rwkv6, rwkv7
+from .layers import rwkv4, rwkv5, rwkv6, rwkv7
 from .state import RWKVState, state_meta, zero_state
 
-_LAYERS = {4: rwkv4, 5: rwkv6, 6: rwkv6, 7: rwkv7}  # RWKV-5 shares the RWKV-6 module (version switch inside)
+_LAYERS = {4: rwkv4, 5: rwkv5, 6: rwkv6, 7: rwkv7}
 # On CPU the parallel form runs long sequences in pieces of this many tokens, the state carried between them
 # (exact): every op's working set then stays in cache. Measured (benchmarks/bench_cpu.py, 2 cores): prefill of
 # 1024 tokens ~1.2x faster than in one piece, training fwd+bwd at T=4096 ~1.3x; 128-token pieces are slower again.
@@ -38,24 +44,6 @@ class Block(nn.Module):
         ffn, shift_ffn = self.ffn(self.ln2(x), shift_ffn)
         return x + self.drop(ffn), shift_att, shift_ffn, wkv, v_first
 
-    def step_weights(self) -> tuple:
-        return (self.ln1.weight, self.ln1.bias, self.ln1.eps, self.ln2.weight, self.ln2.bias, self.ln2.eps,
-                self.att.step_weights(), self.ffn.step_weights())
-
-
-def _block_step(layers, x, shift_att, shift_ffn, wkv, v_first, weights, inplace: bool, pointwise: bool = False):
-    """One token through a block without autograd, eval semantics (``Block.step_weights()`` as ``weights``).
-    x: [B, C] -> (x, new shift_att, new shift_ffn, new wkv, v_first); ``inplace`` overwrites the three states."""
-    ln1_w, ln1_b, ln1_eps, ln2_w, ln2_b, ln2_eps, att_w, ffn_w = weights
-    C = x.shape[-1]
-    xa = torch.layer_norm(x, (C,), ln1_w, ln1_b, ln1_eps)
-    x, wkv, v_first = layers.time_mix_step(xa, shift_att, wkv, v_first, x, att_w, inplace=inplace, pointwise=pointwise)
-    xf = torch.layer_norm(x, (C,), ln2_w, ln2_b, ln2_eps)
-    x = layers.channel_mix_step(xf, shift_ffn, x, ffn_w)
-    if inplace:
-        xa, xf = shift_att.copy_(xa), shift_ffn.copy_(xf)
-    return x, xa, xf, wkv, v_first
-
 
 class RWKV(nn.Module):
     """RWKV backbone or language model; see ``rwkv_torch.build``.
@@ -63,12 +51,19 @@ class RWKV(nn.Module):
     ``gradient_checkpointing`` (default False): when True, every forward that records a graph runs each block
     under ``torch.utils.checkpoint`` (non-reentrant): activations inside a block are recomputed in the backward
     pass instead of kept, for about one extra forward of compute. Set it with ``set_gradient_checkpointing``.
+
+    ``check_inputs`` (default True): ``forward`` and ``step`` check their input's values (frames finite, token ids in
+    range) with a clear error. On CPU this reads one value back per call; on CUDA the check is queued on the device
+    (``torch._assert_async``) and fails at the next synchronisation. Set it False for CUDA-graph capture or when the
+    caller has checked already (``set_input_checks``).
     """
 
     def __init__(self, config: RWKVConfig, *, generator: torch.Generator | None = None):
         super().__init__()
         self.config = c = config
         self.gradient_checkpointing = False
+        self.check_inputs = True
+        self._decode_weights: decode.DecodeWeights | None = None  # see decode_weights()
         C = c.hidden_size
         if c.vocab_size is not None:
             self.emb = nn.Embedding(c.vocab_size, C)
@@ -116,28 +111,32 @@ class RWKV(nn.Module):
         self.gradient_checkpointing = enabled
         return self
 
-    def clear_step_cache(self) -> None:
-        """Drop the weights stacked for the fused ``step`` (rebuilt on the next step). They are rebuilt by
-        themselves whenever a parameter changes, except through ``param.data``: call this after such updates."""
-        self.__dict__.pop("_step_cache", None)
+    def set_input_checks(self, enabled: bool = True) -> "RWKV":
+        """Turn the value checks of ``forward``/``step`` inputs on or off (see ``check_inputs``); returns the model."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.check_inputs = enabled
+        return self
+
+    def decode_weights(self) -> decode.DecodeWeights:
+        """The RWKV-7 decode weights the C step reads: built on first use, rebuilt when stale by the rule of
+        ``decode.weights`` (parameter versions, parameter replacement, ``.to()``)."""
+        dw = self._decode_weights
+        if dw is None or not dw.is_current():
+            dw = self._decode_weights = decode.DecodeWeights(self)
+        return dw
+
+    def clear_decode_weights(self) -> None:
+        """Drop the decode weights (rebuilt on the next step). Needed only after ``param.data = other_tensor``, the
+        one parameter change the invalidation rule does not see."""
+        self._decode_weights = None
+
+    clear_step_cache = clear_decode_weights  # the old name
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .float() / .cuda() ...: the stacked copies would keep the old tensors alive.
-        self.clear_step_cache()
+        # .to() / .float() / .cuda() ...: the decode weights would keep the old tensors alive.
+        self.clear_decode_weights()
         return super()._apply(fn, *args, **kwargs)
-
-    def _step_plan(self) -> list:
-        """Per block ``Block.step_weights()``, cached until a parameter changes (``fused.ParamWatch``)."""
-        cache = self.__dict__.get("_step_cache")
-        if cache is None:
-            cache = self.__dict__["_step_cache"] = [fused.ParamWatch(self), None, None]
-        watch, fingerprint, plan = cache
-        now = watch.fingerprint()
-        if now != fingerprint:
-            with torch.no_grad():
-                plan = [block.step_weights() for block in self.blocks]
-            cache[1:] = now, plan
-        return plan
 
     @property
     def is_token_model(self) -> bool:
@@ -170,24 +169,32 @@ class RWKV(nn.Module):
                 raise TypeError(f"token ids must be an integer tensor {shape}, got {x.dtype}")
             if x.dim() != (2 if time_axis else 1):
                 raise ValueError(f"token ids must be {shape}, got shape {tuple(x.shape)}")
-            if x.numel() and torch.compiler.is_compiling():  # the same rule inside a compiled graph, no break
-                torch._assert_async((x >= 0).all() & (x < c.vocab_size).all(), "token ids out of range")
-            elif x.numel():
-                lo, hi = (int(t) for t in torch.aminmax(x))
-                if lo < 0 or hi >= c.vocab_size:
-                    raise ValueError(f"token ids must be in [0, {c.vocab_size}), got min {lo} max {hi}")
         else:
             shape = "[B, T, embed_dim]" if time_axis else "[B, embed_dim]"
             if not x.is_floating_point():
                 raise TypeError(f"frames must be a floating tensor {shape}, got {x.dtype}")
             if x.dim() != (3 if time_axis else 2) or x.shape[-1] != c.embed_dim:
                 raise ValueError(f"frames must be {shape} with embed_dim={c.embed_dim}, got shape {tuple(x.shape)}")
-            if torch.compiler.is_compiling():
-                torch._assert_async(torch.isfinite(x).all(), "frames contain NaN or inf")
-            elif not torch.isfinite(x).all():
-                raise ValueError("frames contain NaN or inf; they would poison the recurrent state")
         if time_axis and x.shape[1] == 0:
             raise ValueError("the sequence is empty (T = 0)")
+        if self.check_inputs and x.numel():
+            self._check_values(x)
+
+    def _check_values(self, x: torch.Tensor) -> None:
+        """Token ids in range / frames finite: one read-back on CPU, none on CUDA or inside a compiled graph."""
+        queued = torch.compiler.is_compiling() or x.device.type != "cpu"
+        if self.is_token_model:
+            V = self.config.vocab_size
+            if queued:
+                torch._assert_async((x >= 0).all() & (x < V).all(), "token ids out of range")
+                return
+            lo, hi = torch.stack(torch.aminmax(x)).tolist()
+            if lo < 0 or hi >= V:
+                raise ValueError(f"token ids must be in [0, {V}), got min {lo} max {hi}")
+        elif queued:
+            torch._assert_async(torch.isfinite(x).all(), "frames contain NaN or inf")
+        elif not torch.isfinite(x).all():
+            raise ValueError("frames contain NaN or inf; they would poison the recurrent state")
 
     def _embed(self, x: torch.Tensor, time_axis: bool) -> torch.Tensor:
         self._check_input(x, time_axis)
@@ -199,10 +206,6 @@ class RWKV(nn.Module):
         else:
             h = F.linear(x.to(self.input_proj.weight.dtype), self.input_proj.weight, self.input_proj.bias)
         return F.layer_norm(h, (self.config.hidden_size,), self.ln0.weight, self.ln0.bias, self.ln0.eps)
-
-    def _run(self, h, state, backend):
-        """Blocks and head over h [B, T, C]; the new per-layer state is written into ``state`` (a fresh object)."""
-        return self._head(self._blocks(h, state, backend))
 
     def _blocks(self, h, state, backend):
         v_first = None
@@ -222,8 +225,13 @@ class RWKV(nn.Module):
         h = F.layer_norm(h, (self.config.hidden_size,), self.ln_out.weight, self.ln_out.bias, self.ln_out.eps)
         if self.head is None:
             return h
-        if h.dim() == 2:  # one position per row (step, or the last position of forward)
-            return fused.linear(h, self.head.weight, self.head.bias)
+        if h.dim() == 2 and h.shape[0] == 1 and not torch.compiler.is_compiling():
+            # One row as weight @ hᵀ: MKL's matrix-vector product over contiguous weight rows is 2-7% faster than
+            # h @ weightᵀ for the big LM head.
+            bias = self.head.bias
+            out = torch.mm(self.head.weight, h.t()) if bias is None else torch.addmm(bias[:, None], self.head.weight,
+                                                                                      h.t())
+            return out.t()
         return F.linear(h, self.head.weight, self.head.bias)
 
     def forward(self, x, state: RWKVState | None = None, *, return_sequence: bool | None = None,
@@ -236,7 +244,7 @@ class RWKV(nn.Module):
             return_sequence: all positions ``[B, T, out]`` or only the last ``[B, out]``; None means the model's
                 default (token models: all positions; continuous backbones: last position).
             return_state: also return the state after the last position.
-            backend: WKV backend (``"auto"``, ``"chunk"``, ``"naive"``, ``"step"``).
+            backend: WKV backend (``"auto"``, ``"naive"``, ``"chunk"``, ``"recurrent"``; see ``ops.wkv7``).
 
         Returns:
             ``out`` or ``(out, state)``; ``out`` has ``config.output_size`` features.
@@ -246,7 +254,7 @@ class RWKV(nn.Module):
             state = self.init_state(x.shape[0], device=h.device, dtype=h.dtype)
         else:
             self._check_state(state, x.shape[0])
-            state = RWKVState(list(state.shift_att), list(state.shift_ffn), list(state.wkv), dict(state.meta))
+            state = state.fork()
         if return_sequence is None:
             return_sequence = self.is_token_model
         pieces = h.split(CPU_SEGMENT_LEN, dim=1) if h.device.type == "cpu" else (h,)
@@ -261,158 +269,56 @@ class RWKV(nn.Module):
     def step(self, x_t, state: RWKVState | None = None):
         """One token ``[B]`` or frame ``[B, embed_dim]`` -> ``(out [B, out], new state)``; O(1) time and memory.
 
-        The given state is not modified. Without autograd (``torch.no_grad()`` / ``torch.inference_mode()``), autocast
-        and active dropout, the step runs a fused path (LoRA and token-shift weights stacked once and cached, see
-        ``clear_step_cache``); otherwise the differentiable path of ``forward``. Both compute the same function.
+        The given state is not modified. fp32 RWKV-7 on CPU without autograd, autocast or active dropout runs the C
+        step (``decode/``, over ``decode_weights()``); everything else runs the spec form at T = 1 (``forward``'s
+        blocks over one position). Both compute the same function.
         """
         h = self._embed(x_t, time_axis=False)  # [B, C]
         if state is None:
             state = self.init_state(h.shape[0], device=h.device, dtype=h.dtype)
         else:
             self._check_state(state, h.shape[0])
-        if self._fast_step_applies(h):
-            return self._fast_step(h, state, inplace=False)
-        state = RWKVState(list(state.shift_att), list(state.shift_ffn), list(state.wkv), dict(state.meta))
-        return self._run(h.unsqueeze(1), state, "step")[:, 0], state
+        if self._c_step_applies(h, state):
+            done = decode.blocks_step(self.decode_weights(), self.config, h, state, inplace=False)
+            if done is not None:
+                h, (shift_att, shift_ffn, wkv) = done
+                return self._head(h), RWKVState(shift_att, shift_ffn, wkv, dict(state.meta))
+        state = state.fork()
+        return self._head(self._blocks(h.unsqueeze(1), state, "auto")[:, 0]), state
 
     def step_(self, x_t, state: RWKVState) -> torch.Tensor:
         """``step`` that overwrites ``state``'s tensors with the new state and returns only ``out [B, out]``.
 
-        Saves allocating a new state per token; ``Stream`` uses it. Anything aliasing the state's tensors sees the
-        update (take ``state.clone()`` to keep a copy).
+        Saves allocating a new state per token on the C step; ``Stream`` uses it. Anything aliasing the state's
+        tensors sees the update (take ``state.clone()`` to keep a copy).
         """
         h = self._embed(x_t, time_axis=False)
         self._check_state(state, h.shape[0])
-        cd = torch.float64 if h.dtype == torch.float64 else torch.float32
-        if self._fast_step_applies(h) and all(
-            s.dtype == cd and s.is_contiguous() and a.dtype == f.dtype == h.dtype
-            for s, a, f in zip(state.wkv, state.shift_att, state.shift_ffn)
+        if self._c_step_applies(h, state) and all(
+            a.dtype == f.dtype == h.dtype for a, f in zip(state.shift_att, state.shift_ffn)
         ):
-            return self._fast_step(h, state, inplace=True)[0]
-        out, new = self.step(x_t, state)
+            done = decode.blocks_step(self.decode_weights(), self.config, h, state, inplace=True)
+            if done is not None:
+                return self._head(done[0])
+        new = state.fork()
+        out = self._head(self._blocks(h.unsqueeze(1), new, "auto")[:, 0])
         with torch.no_grad():
-            for old, t in zip(state.tensors().values(), new.tensors().values()):
+            for old, t in zip(state.flat(), new.flat()):
                 old.copy_(t)
         return out
 
-    def _fast_step_applies(self, h) -> bool:
+    def _c_step_applies(self, h, state) -> bool:
         if torch.is_grad_enabled() or (self.training and self.config.dropout > 0):
             return False
-        return hasattr(_LAYERS[self.config.version], "time_mix_step") and not _autocast_enabled(h.device.type)
+        return not _autocast_enabled(h.device.type) and decode.applies(self, h, state)
 
-    def _fast_step(self, h, state: RWKVState, *, inplace: bool):
-        plan = self._step_plan()
-        done = cpu_step.blocks_step(self, plan, h, state, inplace=inplace) if cpu_step.applies(self, h, state) else None
-        if done is not None:  # fp32 RWKV-7 on CPU: every block in one C call
-            h, (shift_att, shift_ffn, wkv) = done
-            return self._head(h), (state if inplace else RWKVState(shift_att, shift_ffn, wkv, dict(state.meta)))
-        layers = _LAYERS[self.config.version]
-        shift_att, shift_ffn, wkv = [], [], []
-        v_first = None
-        for l, weights in enumerate(plan):
-            h, sa, sf, s, v_first = _block_step(
-                layers, h, state.shift_att[l], state.shift_ffn[l], state.wkv[l], v_first, weights, inplace
-            )
-            shift_att.append(sa)
-            shift_ffn.append(sf)
-            wkv.append(s)
-        return self._head(h), (state if inplace else RWKVState(shift_att, shift_ffn, wkv, dict(state.meta)))
-
-    def compile_step(self, batch_size: int = 1) -> "CompiledStep":
+    def compile_step(self, batch_size: int = 1) -> decode.CompiledStep:
         """``step`` for a fixed ``batch_size``, compiled ahead of time by TorchInductor (AOTInductor: torch >= 2.6
-        and a C++ compiler; tens of seconds). The weights are a snapshot taken now. See ``CompiledStep``."""
-        return CompiledStep(self, batch_size)
+        and a C++ compiler; tens of seconds). The weights are a snapshot taken now. See ``decode.CompiledStep``."""
+        return decode.CompiledStep(self, batch_size)
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-class _FrozenStep(nn.Module):
-    """The fused step over a snapshot of ``model``'s weights as one graph: (x_t, *flat state) -> (out, *flat state),
-    the state flattened per layer as (shift_att, shift_ffn, wkv)."""
-
-    def __init__(self, model: RWKV):
-        super().__init__()
-        self.model = model
-        with torch.no_grad():
-            self.plan = [_detached(w) for w in model._step_plan()]
-
-    def forward(self, x_t, *flat):
-        m = self.model
-        layers = _LAYERS[m.config.version]
-        h, v_first, new = m._embed_unchecked(x_t), None, []
-        for l, weights in enumerate(self.plan):
-            h, sa, sf, s, v_first = _block_step(layers, h, *flat[3 * l : 3 * l + 3], v_first, weights, False, True)
-            new += [sa, sf, s]
-        return m._head(h), *new
-
-
-def _detached(weights):
-    if isinstance(weights, torch.Tensor):
-        return weights.detach()
-    return tuple(_detached(w) for w in weights) if isinstance(weights, tuple) else weights
-
-
-class CompiledStep:
-    """``RWKV.step`` compiled ahead of time for one batch size (``RWKV.compile_step``).
-
-    ``step(x_t, state) -> (out, new state)`` and ``step_(x_t, state) -> out`` behave as the model's (same inputs,
-    checks and results up to fp32 rounding), with a fraction of the per-token overhead; ``init_state()`` and
-    ``is_token_model`` make it usable by ``Stream``. It holds a snapshot of the weights: compile again after
-    changing the model.
-    """
-
-    def __init__(self, model: RWKV, batch_size: int = 1):
-        import tempfile
-        from pathlib import Path
-
-        inductor = getattr(torch, "_inductor", None)
-        if not hasattr(inductor, "aoti_compile_and_package"):
-            raise RuntimeError(f"compile_step needs torch >= 2.6 (AOTInductor); this is torch {torch.__version__}")
-        if not hasattr(_LAYERS[model.config.version], "time_mix_step"):
-            raise ValueError(f"RWKV-{model.config.version} has no fused step to compile")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.model, self.config, self.batch_size = model, model.config, batch_size
-        c, p = model.config, next(model.parameters())
-        x = (torch.zeros(batch_size, dtype=torch.long) if model.is_token_model
-             else torch.zeros(batch_size, c.embed_dim, dtype=p.dtype))
-        state = model.init_state(batch_size, device=p.device)
-        with torch.no_grad():
-            program = torch.export.export(_FrozenStep(model).eval(), (x.to(p.device), *state.tensors().values()),
-                                          strict=False)
-            self._dir = tempfile.TemporaryDirectory(prefix="rwkv-step-")
-            package = inductor.aoti_compile_and_package(program, package_path=str(Path(self._dir.name) / "step.pt2"))
-        self._run = inductor.aoti_load_package(package)
-        self._state_dtypes = [t.dtype for t in state.tensors().values()]
-
-    @property
-    def is_token_model(self) -> bool:
-        return self.model.is_token_model
-
-    def init_state(self, batch_size: int | None = None) -> RWKVState:
-        return self.model.init_state(batch_size or self.batch_size)
-
-    def step(self, x_t, state: RWKVState | None = None):
-        """Like ``RWKV.step`` (batch size fixed at compile time)."""
-        self.model._check_input(x_t, time_axis=False)
-        if x_t.shape[0] != self.batch_size:
-            raise ValueError(f"compiled for batch size {self.batch_size}, input has batch size {x_t.shape[0]}")
-        state = self.init_state() if state is None else state
-        self.model._check_state(state, self.batch_size)
-        if not self.model.is_token_model:
-            x_t = x_t.to(self.model.input_proj.weight.dtype)
-        # The compiled code assumes the example's (contiguous) strides and does not check them.
-        flat = (t.to(dt).contiguous() for t, dt in zip(state.tensors().values(), self._state_dtypes))
-        out, *flat = self._run(x_t.contiguous(), *flat)
-        return out, RWKVState(flat[0::3], flat[1::3], flat[2::3], dict(state.meta))
-
-    def step_(self, x_t, state: RWKVState) -> torch.Tensor:
-        """Like ``RWKV.step_``: the new state is copied into ``state``'s tensors."""
-        out, new = self.step(x_t, state)
-        for old, t in zip(state.tensors().values(), new.tensors().values()):
-            old.copy_(t)
-        return out
 
 
 def _autocast_enabled(device_type: str) -> bool:

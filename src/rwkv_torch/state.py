@@ -63,6 +63,22 @@ class RWKVState:
         """Move to a device; ``dtype`` applies to the shift states only (the wkv state stays float32/64)."""
         return self._map(lambda t: t.to(device=device, dtype=dtype), lambda t: t.to(device=device))
 
+    def flat(self) -> list[torch.Tensor]:
+        """The state tensors in the documented flat order: per layer shift_att, shift_ffn, wkv (ONNX graph inputs,
+        compiled steps)."""
+        return [t for l in range(self.num_layers) for t in (self.shift_att[l], self.shift_ffn[l], self.wkv[l])]
+
+    @classmethod
+    def from_flat(cls, flat, meta: dict) -> "RWKVState":
+        """The inverse of ``flat``."""
+        flat = list(flat)
+        return cls(flat[0::3], flat[1::3], flat[2::3], dict(meta))
+
+    def fork(self) -> "RWKVState":
+        """A new state object holding the same tensors (the per-layer lists copied, the tensors shared): a forward
+        then writes its new tensors into the fork and leaves this one as it was."""
+        return RWKVState(list(self.shift_att), list(self.shift_ffn), list(self.wkv), dict(self.meta))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for l in range(self.num_layers):

@@ -7,8 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import RWKVConfig
-from ..ops import token_shift, wkv7
-from . import fused
+from ..ops import token_shift
+from ..ops._common import compute_dtype
+from ..ops.wkv7 import wkv7_unchecked
+from ._init import orthogonal_scaled as _ortho
 
 # exp(-0.5): the soft clamp w = -softplus(-w_raw) - 0.5 gives log decay -e^{-0.5} * sigmoid(w_raw).
 DECAY_SCALE = math.exp(-0.5)
@@ -59,7 +61,7 @@ class TimeMix(nn.Module):
         v = self.value(xv)
         w_raw = F.linear(torch.tanh(xw @ self.w1), self.w2.t(), self.w0)  # w0 + tanh(xw @ w1) @ w2
         # = -exp(-softplus(-w_raw) - 0.5), in the dtype of the wkv state: fp32 (fp64 for fp64 models)
-        log_decay = -DECAY_SCALE * torch.sigmoid(w_raw.to(_state_dtype(x.dtype)))
+        log_decay = -DECAY_SCALE * torch.sigmoid(w_raw.to(compute_dtype(x.dtype)))
         if self.layer_id == 0:
             v_first = v
         else:  # v + (v_first - v) * sigmoid(v0 + (xv @ v1) @ v2)
@@ -72,7 +74,8 @@ class TimeMix(nn.Module):
 
         dt = r.dtype  # under autocast the elementwise terms may come out in another dtype than r
         heads = lambda t: t.to(dt).view(B, T, H, N)  # noqa: E731
-        y, wkv_state = wkv7(
+        # w_min: the soft clamp bounds the log decay, so the op picks its numerics without reading w back.
+        y, wkv_state = wkv7_unchecked(
             heads(r), heads(log_decay), heads(k), heads(v), heads(-kk), heads(kk * a), wkv_state, backend=backend,
             w_min=W_MIN,
         )
@@ -80,25 +83,6 @@ class TimeMix(nn.Module):
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True)  # [B, T, H, 1]
         y = torch.addcmul(y, bonus.to(y.dtype), heads(v).to(y.dtype)).view(B, T, C)
         return self.output(y * g), x[:, -1], wkv_state, v_first
-
-    def step_weights(self) -> tuple:
-        """What ``time_mix_step`` reads: stacked copies of the token-shift mixes and the LoRA matrices, views of
-        the other parameters, and the layer's sizes. ``RWKV`` builds it once per parameter change (under no_grad)."""
-        # Mixes stacked [6, 1, C] in the order r, k, v, a, w, g: xs[2:] = (v, a, w, g) feeds the LoRA stack (layer 0
-        # has no value-residual LoRA and uses xs[3:]). The LoRA matrices are zero-padded to one rank ([n, C, D] and
-        # [n, D, C]) with their biases [n, 1, C]. The gate's sigmoid(u) @ g2 is rewritten as
-        # tanh(u / 2) @ (g2 / 2) + sum(g2 / 2), so that one in-place tanh serves both w and g.
-        g1, g2 = self.g1 / 2, self.g2 / 2
-        loras = [(self.a1, self.a2, self.a0), (self.w1, self.w2, self.w0), (g1, g2, g2.sum(0))]
-        if self.layer_id > 0:
-            loras.insert(0, (self.v1, self.v2, self.v0))
-        mus = torch.stack([self.x_r, self.x_k, self.x_v, self.x_a, self.x_w, self.x_g]).unsqueeze(1)
-        first = fused.stack_padded([m for m, _, _ in loras], dim=1)
-        second = fused.stack_padded([m for _, m, _ in loras], dim=0)
-        bias = torch.stack([b for _, _, b in loras]).unsqueeze(1)
-        return (mus, first, second, bias, 1 - self.k_a, self.k_a, self.k_k, self.r_k.view(-1), self.receptance.weight,
-                self.key.weight, self.value.weight, self.output.weight, self.ln_x.weight, self.ln_x.bias,
-                self.layer_id, self.n_head, self.ln_x.eps)
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
@@ -151,9 +135,6 @@ class ChannelMix(nn.Module):
         xk = torch.addcmul(x, token_shift(x, shift) - x, self.x_k)  # x + (x_prev - x) * x_k
         return self.value(torch.relu(self.key(xk)).square()), x[:, -1]  # square: pow is ~6x slower on CPU
 
-    def step_weights(self) -> tuple:
-        return self.x_k, self.key.weight, self.value.weight
-
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
         C = self.x_k.numel()
@@ -164,75 +145,3 @@ class ChannelMix(nn.Module):
         self.value.weight.zero_()
 
 
-def time_mix_step(x, shift, wkv_state, v_first, residual, weights: tuple, *, inplace: bool = False,
-                  pointwise: bool = False):
-    """One token of ``TimeMix`` without autograd (the fused decode path of ``RWKV.step``): the math of
-    ``TimeMix.forward`` at T = 1 in few, mostly in-place ops.
-
-    x: [B, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N, N]; v_first: [B, C] or None in layer 0;
-    residual: [B, C]; weights: ``TimeMix.step_weights()``. ``inplace`` overwrites ``wkv_state`` with the new state
-    (it must then be contiguous, in the state dtype); otherwise it is only read. ``pointwise`` writes the state
-    update as one elementwise expression, which a compiler fuses into one pass (eager prefers the in-place form).
-    Returns (residual + out [B, C], new wkv_state [B, H, N, N], v_first).
-    """
-    (mus, first, second, bias, one_minus_k_a, k_a, k_k, r_k, w_r, w_k, w_v, w_o, ln_w, ln_b,
-     layer_id, H, eps) = weights
-    B, C = x.shape
-    N, BH = C // H, B * H
-    xs = torch.addcmul(x, shift - x, mus)  # [6, B, C]: r, k, v, a, w, g
-    xr, xk, xv = xs[:3].unbind(0)
-    r, k, v = fused.linear(xr, w_r), fused.linear(xk, w_k), fused.linear(xv, w_v)
-    z = torch.bmm(xs[2:] if layer_id > 0 else xs[3:], first)  # [n, B, D]: (v,) a, w, g
-    z[-2:].tanh_()
-    z = torch.baddbmm(bias, z, second)  # [n, B, C]
-    cd = _state_dtype(x.dtype)
-    decay = torch.sigmoid(z[-2] if cd == x.dtype else z[-2].to(cd)).mul_(-DECAY_SCALE).exp_()  # fp32 like forward
-    z[:-2].sigmoid_()  # (v gate,) a
-    *z, a, _, g = z.unbind(0)
-    if layer_id == 0:
-        v_first = v
-    else:
-        v = torch.lerp(v, v_first, z[0])
-    kk = (k * k_k).view(B, H, N)
-    kk = kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min_(1e-12)  # F.normalize
-    k = k * torch.addcmul(one_minus_k_a, a, k_a)  # = k * (1 + (a - 1) * k_a)
-    b = kk * a.view(B, H, N)
-    r_, k_, v_, kk, b = (r, k, v, kk, b) if cd == x.dtype else (t.to(cd) for t in (r, k, v, kk, b))
-
-    # WKV (spec 4.4) per head, [B*H, N_v, N_k]: S' = S diag(decay) - (S kk) bᵀ + v kᵀ, y = S' r.
-    S = wkv_state.view(BH, N, N) if inplace else wkv_state.reshape(BH, N, N)
-    if S.dtype != cd:
-        S = S.to(cd)
-    sa = torch.bmm(S, kk.view(BH, N, 1))
-    if pointwise:
-        S = S * decay.view(BH, 1, N) - sa * b.view(BH, 1, N) + v_.view(BH, N, 1) * k_.view(BH, 1, N)
-    else:
-        S = S.mul_(decay.view(BH, 1, N)) if inplace else S * decay.view(BH, 1, N)
-        S.baddbmm_(sa, b.view(BH, 1, N), alpha=-1)
-        S.baddbmm_(v_.view(BH, N, 1), k_.view(BH, 1, N))
-    y = torch.bmm(S, r_.view(BH, N, 1)).view(B, C)
-    if cd != x.dtype:
-        y = y.to(x.dtype)
-
-    y = torch.group_norm(y, H, ln_w, ln_b, eps)
-    bonus = (r * k).mul_(r_k).view(B, H, N).sum(dim=-1, keepdim=True)
-    y = torch.addcmul(y.view(B, H, N), bonus, v.view(B, H, N)).view(B, C)
-    return fused.addmm(residual, y.mul_(g), w_o), S.view(B, H, N, N), v_first
-
-
-def channel_mix_step(x, shift, residual, weights: tuple):
-    """One token of ``ChannelMix`` without autograd: x, shift, residual [B, C]. Returns residual + out [B, C]."""
-    x_k, w_key, w_value = weights
-    k = fused.linear(torch.addcmul(x, shift - x, x_k), w_key).relu_().square_()
-    return fused.addmm(residual, k, w_value)
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _ortho(weight: torch.Tensor, scale: float, generator: torch.Generator | None) -> None:
-    """orthogonal_ with gain scale * sqrt(rows/cols) when rows > cols (the official generate_init_weight)."""
-    rows, cols = weight.shape
-    gain = scale * (math.sqrt(rows / cols) if rows > cols else 1.0)
-    nn.init.orthogonal_(weight, gain=gain, generator=generator)

@@ -1,13 +1,21 @@
-"""Input checks and variable-length packing shared by the WKV ops."""
+"""Shared by the WKV ops: backend names and resolution, compute dtype, input checks, variable-length packing."""
 
 import importlib.util
 import math
 import os
+import warnings
 
 import torch
 
-BACKENDS = ("auto", "naive", "chunk", "step", "triton", "cpu")
+BACKENDS = ("auto", "naive", "chunk", "recurrent")
+# Old names, accepted with a DeprecationWarning for one release: what each ran is now named by its algorithm.
+DEPRECATED_BACKENDS = {"step": "naive", "cpu": "recurrent", "triton": "recurrent"}
 TRITON_INSTALL_HINT = "pip install rwkv-torch[gpu]"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation (and state) dtype for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def triton_importable() -> bool:
@@ -20,55 +28,68 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
-def check_triton(device: torch.device) -> None:
-    """Raise a clear error when backend='triton' cannot run on `device`."""
-    if device.type != "cuda" and not triton_interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors, got {device.type} tensors (off the GPU, Triton runs only in its "
-            f"interpreter, TRITON_INTERPRET=1, for testing). Use backend='chunk' on {device.type}; for the GPU "
-            f"kernels: `{TRITON_INSTALL_HINT}`."
-        )
-    if not triton_importable():
-        raise ImportError(f"backend='triton' needs the triton package, which is not installed: `{TRITON_INSTALL_HINT}`")
-
-
 def needs_grad(*tensors) -> bool:
     """Whether autograd will need a backward through an op on these tensors (None entries ignored)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def resolve_backend(op: str, backend: str, device: torch.device, T: int, grad: bool, *, cpu_kernel: bool = True,
-                    triton: bool = True) -> str:
-    """The backend an op runs: ``auto`` picks triton on CUDA (when installed), the fused CPU kernel on CPU for
-    T > 1 without autograd (when it builds here; not while tracing for export), else chunk for T > 1, step for
-    T == 1. Explicit choices are checked with clear errors."""
+def _canonical(backend: str) -> str:
+    if backend in DEPRECATED_BACKENDS:
+        new = DEPRECATED_BACKENDS[backend]
+        warnings.warn(f"backend={backend!r} is deprecated and will be removed in the next release; use "
+                      f"backend={new!r}", DeprecationWarning, stacklevel=4)
+        return new
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        if not triton:
-            raise ValueError(f"backend='triton' is not available yet for {op}; use 'chunk', 'naive' or 'step'")
-        check_triton(device)
-    if backend == "cpu":
-        if not cpu_kernel:
-            raise ValueError(f"backend='cpu' is not available for {op}; use 'chunk', 'naive' or 'step'")
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' runs on CPU tensors, got {device.type} tensors")
-        if grad:
-            raise ValueError("backend='cpu' is forward-only (no backward); use backend='chunk' when gradients "
-                             "are needed")
-        from . import cpu_kernel as ck
+    return backend
 
-        ck.library()  # a clear error when it cannot be built here
+
+def recurrent_kernel(op: str, device: torch.device, grad: bool, *, c_kernel: bool = True,
+                     triton: bool = True) -> str:
+    """Which implementation of the fused recurrence runs for ``backend='recurrent'``: ``"triton"`` on CUDA (and on
+    CPU tensors under TRITON_INTERPRET=1, Triton's interpreter, for tests), ``"c"`` on CPU. Clear errors when the
+    one needed is missing."""
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreting() and triton):
+        if not triton:
+            raise ValueError(f"backend='recurrent' has no GPU kernel for {op} yet; use 'chunk' or 'naive'")
+        if not triton_importable():
+            raise ImportError(f"backend='recurrent' on {device.type} needs the triton package, which is not "
+                              f"installed: `{TRITON_INSTALL_HINT}`")
+        return "triton"
+    if device.type != "cpu":
+        raise ValueError(f"backend='recurrent' runs on CPU (C) or CUDA (Triton) tensors, got {device.type} tensors")
+    if not c_kernel:
+        raise ValueError(f"backend='recurrent' has no CPU kernel for {op}; use 'chunk' or 'naive'")
+    if grad:
+        raise ValueError("backend='recurrent' on CPU is forward-only (no backward yet); use backend='chunk' when "
+                         "gradients are needed")
+    from . import cpu_kernel as ck
+
+    ck.library()  # a clear error when it cannot be built here
+    return "c"
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, T: int, grad: bool, *, c_kernel: bool = True,
+                    triton: bool = True) -> str:
+    """The implementation an op runs: ``"naive"``, ``"chunk"``, ``"c"`` or ``"triton"`` (the last two are the
+    ``recurrent`` backend on CPU and CUDA).
+
+    ``auto`` picks the Triton recurrence on CUDA (when installed), the C recurrence on CPU for T > 1 without autograd
+    (when it builds here; not while tracing for export), else chunk for T > 1 and the naive loop for T == 1 (one
+    token is one step of the spec). Explicit choices are checked with clear errors."""
+    backend = _canonical(backend)
+    if backend == "recurrent":
+        return recurrent_kernel(op, device, grad, c_kernel=c_kernel, triton=triton)
     if backend != "auto":
         return backend
     if triton and device.type == "cuda" and triton_importable():
         return "triton"
-    if T > 1 and cpu_kernel and device.type == "cpu" and not grad and not _tracing_for_export():
+    if T > 1 and c_kernel and device.type == "cpu" and not grad and not _tracing_for_export():
         from . import cpu_kernel as ck
 
         if ck.available():
-            return "cpu"
-    return "chunk" if T > 1 else "step"
+            return "c"
+    return "chunk" if T > 1 else "naive"
 
 
 def _tracing_for_export() -> bool:

@@ -1,6 +1,6 @@
 """Fused CPU kernels, built from ``csrc/*.c`` on first use: the WKV-7 and WKV-6 recurrences (forward only,
 ``csrc/wkv_cpu.c``) and the whole one-token RWKV-7 block stack (``csrc/rwkv7_step.c``, driven by
-``layers/cpu_step.py``).
+``decode/c_step.py``).
 
 The chunked form turns a sequence into many small matrix products and elementwise passes; on a CPU, with 64x64
 head states that stay in L1, the plain spec recurrence in C does less work: one read of the inputs, two passes
@@ -11,8 +11,8 @@ chunked form.
 The C files are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``: the same one
 ``torch.compile`` needs on CPU) into a cache directory (``$RWKV_TORCH_CACHE``, else ``~/.cache/rwkv_torch``) keyed by
 the source, flags, compiler and CPU, and loaded with ``ctypes``; no build step at install time. Where there is no
-compiler, ``auto`` falls back to the chunked form with one warning; ``backend="cpu"`` raises with the compiler's
-message. ``RWKV_TORCH_CPU_KERNEL=0`` turns the kernel off.
+compiler, ``auto`` falls back to the chunked form with one warning; ``backend="recurrent"`` on CPU raises with the
+compiler's message. ``RWKV_TORCH_CPU_KERNEL=0`` turns the kernel off.
 
 Each call is registered as a ``torch.library`` custom op, so a ``torch.compile``-d model keeps it as one opaque
 kernel inside its graph.
@@ -124,6 +124,8 @@ def _load() -> ctypes.CDLL:
         lib.rwkv_wkv6_forward.argtypes = [ptr] * 7 + [i64] * 4 + [ctypes.c_int] * 2
         lib.rwkv7_blocks_step.argtypes = [i64] * 6 + [ptr] * 10 + [ctypes.c_int]
         lib.rwkv_wkv7_forward.restype = lib.rwkv_wkv6_forward.restype = lib.rwkv7_blocks_step.restype = ctypes.c_int
+        lib.rwkv7_step_fields.argtypes = []
+        lib.rwkv7_step_fields.restype = ctypes.c_char_p
         _lib = lib
         return lib
 
@@ -202,17 +204,17 @@ def _wkv6_fake(r, w, k, v, u, state):
 
 
 if hasattr(torch.library, "custom_op"):  # torch >= 2.4: opaque to torch.compile
-    _wkv7_op = torch.library.custom_op("rwkv_torch::wkv7_cpu_forward", mutates_args=(), device_types="cpu")(
+    _wkv7_op = torch.library.custom_op("rwkv_torch::wkv7_recurrent_fwd", mutates_args=(), device_types="cpu")(
         _wkv7_impl)
     _wkv7_op.register_fake(_wkv7_fake)
-    _wkv6_op = torch.library.custom_op("rwkv_torch::wkv6_cpu_forward", mutates_args=(), device_types="cpu")(
+    _wkv6_op = torch.library.custom_op("rwkv_torch::wkv6_recurrent_fwd", mutates_args=(), device_types="cpu")(
         _wkv6_impl)
     _wkv6_op.register_fake(_wkv6_fake)
 else:  # pragma: no cover - older torch: plain calls (torch.compile breaks the graph here)
     _wkv7_op, _wkv6_op = _wkv7_impl, _wkv6_impl
 
 
-def wkv7_cpu(r, w, k, v, a, b, state=None):
+def wkv7_c(r, w, k, v, a, b, state=None):
     """r, w, k, v, a, b: [B, T, H, N] CPU tensors; state: [B, H, N_v, N_k] or None. Returns (out, final state) in
     float32 (float64 for float64 inputs); no autograd."""
     if state is None:
@@ -220,7 +222,7 @@ def wkv7_cpu(r, w, k, v, a, b, state=None):
     return _wkv7_op(r, w, k, v, a, b, state)
 
 
-def wkv6_cpu(r, w, k, v, u, state=None):
+def wkv6_c(r, w, k, v, u, state=None):
     """r, w, k, v: [B, T, H, N] CPU tensors; u: [H, N]; state: [B, H, N_k, N_v] or None. Returns (out, final state)
     in float32 (float64 for float64 inputs); no autograd."""
     if state is None:

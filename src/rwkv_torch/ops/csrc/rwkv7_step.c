@@ -1,12 +1,12 @@
-/* One token through every RWKV-7 block in one call (rwkv_torch.layers.cpu_step drives it), fp32, eval semantics.
+/* One token through every RWKV-7 block in one call (rwkv_torch.decode.c_step drives it), fp32, eval semantics.
  *
- * The math of layers/rwkv7.py's time_mix_step and channel_mix_step over the weights of TimeMix.step_weights() (the
+ * The math of layers/rwkv7.py's TimeMix and ChannelMix at T = 1 over decode.weights.RWKV7LayerWeights (the
  * stacked, zero-padded LoRAs with the gate rewritten as tanh(u/2) @ (g2/2) + sum(g2/2)). Embedding, ln0, ln_out and
  * the head stay in PyTorch. One OpenMP team runs the whole step: the large matrix-vector products are split by
  * output rows, the LoRAs one per thread, the WKV state update one (batch, head) pair per work item, and the small
  * elementwise passes on one thread; every weight is read once per token for the whole batch.
  *
- * Per layer, params[l * NP + P_*] (all float32, contiguous, layouts of step_weights):
+ * Per layer, params[l * NP + P_*] (all float32, contiguous, layouts of RWKV7LayerWeights):
  *   ln1/ln2 weight and bias [C]; mus [6, C] (order r, k, v, a, w, g); lora first [n, C, D], second [n, D, C],
  *   bias [n, C] (order (v,) a, w, g: n = 4, or 3 in layer 0); 1 - k_a, k_a, k_k, r_k [C]; W_r, W_k, W_v, W_o [C, C]
  *   (out x in); ln_x weight and bias [C]; ffn x_k [C], key [F, C], value [C, F].
@@ -18,8 +18,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The pointer table's order: the tensor fields of rwkv_torch.decode.weights.RWKV7LayerWeights, which checks this list
+ * (rwkv7_step_fields) against its own when the library is first used. */
 enum { P_LN1W, P_LN1B, P_LN2W, P_LN2B, P_MUS, P_FIRST, P_SECOND, P_BIAS, P_OMKA, P_KA, P_KK, P_RK,
        P_WR, P_WK, P_WV, P_WO, P_LNXW, P_LNXB, P_FXK, P_FKEY, P_FVAL, NP };
+
+const char *rwkv7_step_fields(void) {
+    return "ln1_w,ln1_b,ln2_w,ln2_b,mus,lora_first,lora_second,lora_bias,one_minus_k_a,k_a,k_k,r_k,"
+           "w_r,w_k,w_v,w_o,ln_x_w,ln_x_b,ffn_x_k,ffn_key,ffn_value";
+}
 
 #define DECAY_SCALE 0.60653065971263342f /* exp(-0.5) */
 

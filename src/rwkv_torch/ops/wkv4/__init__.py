@@ -2,12 +2,13 @@
 
 import torch
 
-from .._common import check_float, check_log_decay, check_same, resolve_backend
-from ..wkv7.naive import compute_dtype
+from .._common import check_float, check_log_decay, check_same, compute_dtype, resolve_backend
 from .chunk import DEFAULT_CHUNK_SIZE, wkv4_chunk
 from .naive import PP_INIT, empty_state, wkv4_naive, wkv4_step
 
-__all__ = ["wkv4", "wkv4_naive", "wkv4_chunk", "wkv4_step", "empty_state", "PP_INIT", "DEFAULT_CHUNK_SIZE"]
+__all__ = [
+    "wkv4", "wkv4_unchecked", "wkv4_naive", "wkv4_chunk", "wkv4_step", "empty_state", "PP_INIT", "DEFAULT_CHUNK_SIZE",
+]
 
 
 def _check_channel_vector(name: str, t, k: torch.Tensor) -> None:
@@ -54,7 +55,8 @@ def wkv4(w, u, k, v, state=None, *, backend: str = "auto", chunk_size: int | Non
         state: ``(aa, bb, pp)`` each ``[B, C]`` float32 (or float64), or None for the empty state
             ``aa = bb = 0, pp = PP_INIT = -1e38`` (the official kernels' value; the pip package's -1e30 gives the
             same results).
-        backend: ``"auto"`` (chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``.
+        backend: ``"auto"`` (chunk for T > 1, naive for one token), ``"naive"`` (the spec loop), ``"chunk"``
+            (``"step"``: a deprecated alias of naive). There is no fused ``"recurrent"`` kernel for WKV-4 yet.
         chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``).
 
     Returns:
@@ -79,12 +81,15 @@ def wkv4(w, u, k, v, state=None, *, backend: str = "auto", chunk_size: int | Non
         _check_state(state, k)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    cd = compute_dtype(k.dtype)
-    be = resolve_backend("wkv4", backend, k.device, k.shape[1], False, cpu_kernel=False, triton=False)
+    return wkv4_unchecked(w, u, k, v, state, backend=backend, chunk_size=chunk_size)
 
+
+def wkv4_unchecked(w, u, k, v, state=None, *, backend: str = "auto", chunk_size: int | None = None):
+    """``wkv4`` without its value checks (the layers' entry; the model checks its inputs once, at its edge)."""
+    cd = compute_dtype(k.dtype)
+    be = resolve_backend("wkv4", backend, k.device, k.shape[1], False, c_kernel=False, triton=False)
     if be == "chunk":
         out, final = wkv4_chunk(w, u, k, v, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
     else:
-        # "naive" and "step": the recurrence token by token (the decode path; for T == 1 one call).
         out, final = wkv4_naive(w, u, k, v, state)
     return out.to(k.dtype), tuple(s.to(cd) for s in final)

@@ -21,7 +21,7 @@ Memory is a few ``[B, T, L, C]`` tensors for the pair exponents, hence the small
 import torch
 import torch.nn.functional as F
 
-from ..wkv7.naive import compute_dtype
+from .._common import compute_dtype
 from .naive import empty_state
 
 # The pairwise part costs O(T L C) time and memory and the sequential part O(T / L) small steps; 16 keeps memory at

@@ -11,7 +11,7 @@ Computes in float64 when given float64, otherwise in float32 (bf16/fp16 inputs a
 
 import torch
 
-from ..wkv7.naive import compute_dtype
+from .._common import compute_dtype
 
 # pp of an empty state: "minus infinity" that stays finite, so pp - p never gives inf - inf. The official CUDA kernels
 # and HF's cpu path use -1e38; the pip package and HF's model-level state use -1e30 (same results: e^{pp-p} is 0).

@@ -7,16 +7,17 @@ from .._common import (
     check_log_decay,
     check_same,
     check_seq_and_state,
+    compute_dtype,
     needs_grad,
     pack_to_batch,
     resolve_backend,
     unpack_from_batch,
 )
-from ..wkv7.naive import compute_dtype
 from .chunk import DEFAULT_CHUNK_SIZE, wkv6_chunk
 from .naive import wkv6_naive, wkv6_step
+from .recurrent import wkv6_recurrent
 
-__all__ = ["wkv6", "wkv6_naive", "wkv6_chunk", "wkv6_step", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["wkv6", "wkv6_unchecked", "wkv6_naive", "wkv6_chunk", "wkv6_recurrent", "wkv6_step", "DEFAULT_CHUNK_SIZE"]
 
 
 def _check_bonus(u, r: torch.Tensor) -> None:
@@ -49,12 +50,13 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
         state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
         cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
             at every boundary and one final state per sequence is returned.
-        backend: ``"auto"`` (triton on CUDA when installed; on CPU without autograd and T > 1 the fused CPU kernel;
-            otherwise chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``,
-            ``"triton"`` (GPU kernels, ``pip install rwkv-torch[gpu]``), ``"cpu"`` (the fused C recurrence,
-            forward only, built on first use: ``ops/cpu_kernel.py``).
-        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for triton, the interval of
-            the state checkpoints kept for the backward (default 32).
+        backend: ``"naive"`` (the spec loop), ``"chunk"`` (the parallel form, autograd backward), ``"recurrent"``
+            (the fused recurrence: Triton on CUDA, ``pip install rwkv-torch[gpu]``; C on CPU, forward only, built
+            on first use: ``ops/cpu_kernel.py``) or ``"auto"`` (recurrent on CUDA when Triton is installed and on
+            CPU without autograd for T > 1; otherwise chunk for T > 1, naive for one token). ``"step"``, ``"cpu"``
+            and ``"triton"`` are deprecated aliases of naive, recurrent and recurrent.
+        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for the Triton recurrence,
+            the interval of the state checkpoints kept for the backward (default 32).
 
     Returns:
         ``(out [B, T, H, N] in the input dtype, final_state [B or S, H, N, N])``; the state is float32,
@@ -76,15 +78,20 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
     _check_bonus(u, r)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_seq_and_state(r, cu_seqlens, state, "N_k, N_v")
+    return wkv6_unchecked(r, w, k, v, u, state, cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size)
+
+
+def wkv6_unchecked(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto",
+                   chunk_size: int | None = None):
+    """``wkv6`` without its value checks: the layers' entry, whose inputs are valid by construction (the model
+    checks its own inputs once, at its edge). Same arguments and results as ``wkv6``."""
     cd = compute_dtype(r.dtype)
-    cs = check_seq_and_state(r, cu_seqlens, state, "N_k, N_v")
+    cs = cu_seqlens.tolist() if cu_seqlens is not None else None
     be = resolve_backend("wkv6", backend, r.device, r.shape[1], needs_grad(r, w, k, v, u, state))
-    if be == "triton":
-        # Kernels live in their own file so that Triton is imported only when asked for.
-        from .triton import CHECKPOINT_EVERY, wkv6_triton
-
-        return wkv6_triton(r, w, k, v, u, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or CHECKPOINT_EVERY)
-
+    if be in ("c", "triton"):
+        out, final = wkv6_recurrent(be, r, w, k, v, u, state, cu_seqlens=cu_seqlens, cs=cs, chunk_size=chunk_size)
+        return out.to(r.dtype), final.to(cd)
     if cs is not None:
         # Zero padding at the end of a sequence (w = 0, k = 0) leaves its state unchanged.
         packed = pack_to_batch(cs, r, w, k, v)
@@ -97,11 +104,4 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
 def _run(be, r, w, k, v, u, state, chunk_size):
     if be == "naive":
         return wkv6_naive(r, w, k, v, u, state)
-    if be == "cpu":
-        from ..cpu_kernel import wkv6_cpu
-
-        return wkv6_cpu(r, w, k, v, u, state)
-    if be == "chunk":
-        return wkv6_chunk(r, w, k, v, u, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
-    # "step": the recurrence token by token (the decode path; for T == 1 one call).
-    return wkv6_naive(r, w, k, v, u, state)
+    return wkv6_chunk(r, w, k, v, u, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)

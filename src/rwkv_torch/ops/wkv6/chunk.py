@@ -22,7 +22,7 @@ before exp, which is exact for any w <= 0 at L x more memory. The choice is made
 import torch
 import torch.nn.functional as F
 
-from ..wkv7.naive import compute_dtype
+from .._common import compute_dtype
 
 DEFAULT_CHUNK_SIZE = 32
 MIN_FACTOR_CHUNK = 8  # chunks are halved down to this length while the factorised form does not fit

@@ -10,7 +10,7 @@ Computes in float64 when given float64, otherwise in float32 (bf16/fp16 inputs a
 
 import torch
 
-from ..wkv7.naive import compute_dtype
+from .._common import compute_dtype
 
 
 def wkv6_step(r, w, k, v, u, state):

@@ -7,15 +7,17 @@ from .._common import (
     check_log_decay,
     check_same,
     check_seq_and_state,
+    compute_dtype,
     needs_grad,
     pack_to_batch,
     resolve_backend,
     unpack_from_batch,
 )
 from .chunk import DEFAULT_CHUNK_SIZE, wkv7_chunk
-from .naive import compute_dtype, wkv7_naive, wkv7_step
+from .naive import wkv7_naive, wkv7_step
+from .recurrent import wkv7_recurrent
 
-__all__ = ["wkv7", "wkv7_naive", "wkv7_chunk", "wkv7_step", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["wkv7", "wkv7_unchecked", "wkv7_naive", "wkv7_chunk", "wkv7_recurrent", "wkv7_step", "DEFAULT_CHUNK_SIZE"]
 
 
 def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto", chunk_size: int | None = None,
@@ -33,12 +35,13 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
         state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
         cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
             at every boundary and one final state per sequence is returned.
-        backend: ``"auto"`` (triton on CUDA when installed; on CPU without autograd and T > 1 the fused CPU kernel;
-            otherwise chunk for T > 1, else step), ``"naive"`` (the spec loop), ``"chunk"``, ``"step"``,
-            ``"triton"`` (GPU kernels, ``pip install rwkv-torch[gpu]``), ``"cpu"`` (the fused C recurrence,
-            forward only, built on first use: ``ops/cpu_kernel.py``).
-        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for triton, the interval of
-            the state checkpoints kept for the backward (default 32).
+        backend: ``"naive"`` (the spec loop), ``"chunk"`` (the parallel form, autograd backward), ``"recurrent"``
+            (the fused recurrence: Triton on CUDA, ``pip install rwkv-torch[gpu]``; C on CPU, forward only, built
+            on first use: ``ops/cpu_kernel.py``) or ``"auto"`` (recurrent on CUDA when Triton is installed and on
+            CPU without autograd for T > 1; otherwise chunk for T > 1, naive for one token). ``"step"``, ``"cpu"``
+            and ``"triton"`` are deprecated aliases of naive, recurrent and recurrent.
+        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for the Triton recurrence,
+            the interval of the state checkpoints kept for the backward (default 32).
         w_min: optional lower bound on ``w`` (checked like the other input rules; RWKV-7 layers pass
             ``-0.6065306597``): lets the chunk backend choose its numerics without reading ``w`` back, so the op
             traces into one ``torch.compile`` graph.
@@ -60,42 +63,35 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
     check_float("r", r)
     check_same("r", r, w=w, k=k, v=v, a=a, b=b)
     check_log_decay(w, w_min)
-    B, T, H, N = r.shape
+    check_seq_and_state(r, cu_seqlens, state, "N_v, N_k")
+    return wkv7_unchecked(r, w, k, v, a, b, state, cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size,
+                          w_min=w_min)
+
+
+def wkv7_unchecked(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto",
+                   chunk_size: int | None = None, w_min: float | None = None):
+    """``wkv7`` without its value checks: the layers' entry, whose inputs are valid by construction (the model
+    checks its own inputs once, at its edge). No device-to-host read when ``w_min`` is given and there is no
+    ``cu_seqlens``; same arguments and results as ``wkv7``."""
+    T = r.shape[1]
     cd = compute_dtype(r.dtype)
-    cs = check_seq_and_state(r, cu_seqlens, state, "N_v, N_k")
+    cs = cu_seqlens.tolist() if cu_seqlens is not None else None
     grad = needs_grad(r, w, k, v, a, b, state)
     be = resolve_backend("wkv7", backend, r.device, T, grad)
-    if be == "triton":
-        return _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size, grad)
-
+    if be in ("c", "triton"):
+        out, final = wkv7_recurrent(be, r, w, k, v, a, b, state, cu_seqlens=cu_seqlens, cs=cs,
+                                    chunk_size=chunk_size, grad=grad)
+        return out.to(r.dtype), final.to(cd)
     if cs is not None:
         # Zero padding at the end of a sequence (w = 0, k = b = 0) leaves its state unchanged.
         packed = pack_to_batch(cs, r, w, k, v, a, b)
         out, final = _run(be, *packed, state, chunk_size, w_min)
-        return unpack_from_batch(cs, out).to(r.dtype), final
+        return unpack_from_batch(cs, out).to(r.dtype), final.to(cd)
     out, final = _run(be, r, w, k, v, a, b, state, chunk_size, w_min)
     return out.to(r.dtype), final.to(cd)
-
-
-def _run_triton(r, w, k, v, a, b, state, cu_seqlens, chunk_size, grad):
-    # Kernels live in their own files so that Triton is imported only when asked for.
-    if cu_seqlens is None and not grad:
-        from .triton_step import wkv7_step_triton
-
-        return wkv7_step_triton(r, w, k, v, a, b, state)
-    from .triton_chunk import CHECKPOINT_EVERY, wkv7_triton
-
-    return wkv7_triton(r, w, k, v, a, b, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or CHECKPOINT_EVERY)
 
 
 def _run(be, r, w, k, v, a, b, state, chunk_size, w_min=None):
     if be == "naive":
         return wkv7_naive(r, w, k, v, a, b, state)
-    if be == "cpu":
-        from ..cpu_kernel import wkv7_cpu
-
-        return wkv7_cpu(r, w, k, v, a, b, state)
-    if be == "chunk":
-        return wkv7_chunk(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, w_min=w_min)
-    # "step": the recurrence token by token (the decode path; for T == 1 one call).
-    return wkv7_naive(r, w, k, v, a, b, state)
+    return wkv7_chunk(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, w_min=w_min)

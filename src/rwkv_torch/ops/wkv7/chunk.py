@@ -22,7 +22,7 @@ per call from the data.
 import torch
 import torch.nn.functional as F
 
-from .naive import compute_dtype
+from .._common import compute_dtype
 
 DEFAULT_CHUNK_SIZE = 64  # measured: benchmarks/bench_ops.py (RESULTS.md)
 # Largest total |log decay| of one chunk for the factorised form: every valid factor then stays within e^{±span}.

@@ -11,9 +11,7 @@ Computes in float64 when given float64, otherwise in float32 (bf16/fp16 inputs a
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._common import compute_dtype
 
 
 def wkv7_step(r, w, k, v, a, b, state):

@@ -1,4 +1,5 @@
-"""WKV-7 Triton kernels for training: recurrent forward with state checkpoints, reverse-time backward.
+"""WKV-7 Triton kernels: the recurrence, forward with state checkpoints and reverse-time backward (training), and
+a forward-only decode kernel for a few tokens per call.
 
 First version, correctness before speed: one program per (sequence, head, block of value rows) holds its
 ``[BV, N_k]`` slice of the state ``S [N_v, N_k]`` in registers and loops over time. Value rows never interact
@@ -24,19 +25,23 @@ Key-indexed gradients (dr, dw, dk, da, db) are sums over value rows; each value 
 host adds them (exact, no atomics). All state math is in the accumulation dtype: float32, or float64 for float64
 inputs (the interpreter tests use that to check the backward to ~1e-12).
 
-Triton is imported here only; ``ops.wkv7.wkv7(..., backend="triton")`` imports this module on first use.
+The decode kernel (``wkv7_decode_triton``) runs at batch 1..few, so it splits the work into small blocks of value rows
+(``STEP_BLOCK_V = 16``: 16 programs per head at N = 64) to spread one token over many SMs; nothing is stored for a
+backward. The new state may be written over the old one (``out_state=state``): every program reads its own tile
+before writing it, and tiles are disjoint, so an in-place update is safe; this keeps the addresses fixed for
+CUDA-graph replay.
+
+Triton is imported here only; ``ops.wkv7.wkv7(..., backend="recurrent")`` on CUDA imports this module on first use.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .naive import compute_dtype
+from .._common import compute_dtype
+from .._triton import BWD_NUM_WARPS, CHECKPOINT_EVERY, check_checkpoint_interval, sequence_layout, state_blocks
 
-CHECKPOINT_EVERY = 32  # tokens between stored states; the backward keeps one chunk of states in scratch
-BLOCK_V = 32  # value rows per program: B*H*N/BLOCK_V programs
-# 8 warps: the backward holds three state tiles; with 4 warps it spills registers at N = 64 (sm_90 cubin, ptxas)
-BWD_NUM_WARPS = 8
+STEP_BLOCK_V = 16  # the decode kernel: small value blocks spread one token over many SMs
 
 
 @triton.jit
@@ -170,25 +175,62 @@ def wkv7_bwd_kernel_recurrent(
     tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * N * N + p_s, dS, mask=m_s)
 
 
-def _layout(B, T, device, cu_seqlens, chunk):
-    """The sequences (rows of B, or the cu_seqlens packing) as int64 offsets: (first token of each [S+1],
-    first checkpoint of each [S+1], S, number of checkpoints)."""
-    if cu_seqlens is None:
-        n_ck = triton.cdiv(T, chunk)
-        steps = torch.arange(B + 1, device=device, dtype=torch.int64)
-        return steps * T, steps * n_ck, B, B * n_ck
-    cs = cu_seqlens.tolist()
-    ck = [0]
-    for x, y in zip(cs[:-1], cs[1:]):
-        ck.append(ck[-1] + triton.cdiv(y - x, chunk))
-    seq = cu_seqlens.to(device=device, dtype=torch.int64)
-    return seq, torch.tensor(ck, device=device, dtype=torch.int64), len(cs) - 1, ck[-1]
+@triton.jit
+def wkv7_fwd_kernel_step(
+    r, w, k, v, a, b,  # [B, T, H, N] contiguous, input dtype
+    h0,  # [B, H, N, N] accumulation dtype (read if USE_H0)
+    o,  # [B, T, H, N] output dtype
+    ht,  # [B, H, N, N] accumulation dtype; may be h0 itself
+    T,
+    H: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
+):
+    i_v, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    acc = ht.dtype.element_ty
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < N
+    m_v = o_v < N
+    m_s = m_v[:, None] & m_k[None, :]
+    p_s = (i_b * H + i_h).to(tl.int64) * N * N + o_v[:, None] * N + o_k[None, :]
+    if USE_H0:  # noqa: SIM108 (the constexpr branch reads clearer as a statement in a kernel)
+        S = tl.load(h0 + p_s, mask=m_s, other=0).to(acc)
+    else:
+        S = tl.zeros([BV, BK], dtype=acc)
+    for t in range(0, T):
+        base = ((i_b.to(tl.int64) * T + t) * H + i_h) * N
+        b_r = tl.load(r + base + o_k, mask=m_k, other=0).to(acc)
+        b_w = tl.load(w + base + o_k, mask=m_k, other=0).to(acc)
+        b_k = tl.load(k + base + o_k, mask=m_k, other=0).to(acc)
+        b_a = tl.load(a + base + o_k, mask=m_k, other=0).to(acc)
+        b_b = tl.load(b + base + o_k, mask=m_k, other=0).to(acc)
+        b_v = tl.load(v + base + o_v, mask=m_v, other=0).to(acc)
+        sa = tl.sum(S * b_a[None, :], 1)
+        S = S * tl.exp(b_w)[None, :] + sa[:, None] * b_b[None, :] + b_v[:, None] * b_k[None, :]
+        tl.store(o + base + o_v, tl.sum(S * b_r[None, :], 1).to(o.dtype.element_ty), mask=m_v)
+    tl.store(ht + p_s, S, mask=m_s)
 
 
-def _blocks(N):
-    BK = triton.next_power_of_2(N)
-    BV = min(BK, BLOCK_V)
-    return BK, BV, triton.cdiv(N, BV)
+def wkv7_decode_triton(r, w, k, v, a, b, state=None, *, out_state=None):
+    """r..b: [B, T, H, N] (T small; usually 1); state: [B, H, N_v, N_k] or None for zeros.
+
+    Returns (out [B, T, H, N] in the input dtype, new state [B, H, N, N]) without building an autograd graph.
+    ``out_state`` (contiguous, accumulation dtype: float32, float64 for float64 inputs) receives the new state and may
+    be ``state`` itself for an in-place update."""
+    B, T, H, N = r.shape
+    acc = compute_dtype(r.dtype)
+    r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
+    h0 = None if state is None else state.to(acc).contiguous()
+    if out_state is None:
+        out_state = r.new_empty(B, H, N, N, dtype=acc)
+    elif out_state.shape != (B, H, N, N) or out_state.dtype != acc or not out_state.is_contiguous():
+        raise ValueError(f"out_state must be a contiguous {acc} tensor [{B}, {H}, {N}, {N}]")
+    BK, BV, NV = state_blocks(N, STEP_BLOCK_V)
+    o = torch.empty_like(r)
+    wkv7_fwd_kernel_step[(NV, H, B)](
+        r, w, k, v, a, b, h0 if h0 is not None else out_state, o, out_state, T,
+        H=H, N=N, BK=BK, BV=BV, USE_H0=h0 is not None,
+    )
+    return o, out_state
 
 
 def wkv7_fwd(r, w, k, v, a, b, h0, cu_seqlens=None, chunk_size=CHECKPOINT_EVERY, save_checkpoints=False):
@@ -197,8 +239,8 @@ def wkv7_fwd(r, w, k, v, a, b, h0, cu_seqlens=None, chunk_size=CHECKPOINT_EVERY,
     Returns (o [B, T, H, N], ht [S, H, N, N], hc checkpoints or None, seq_offsets, chunk_offsets)."""
     B, T, H, N = r.shape
     acc = compute_dtype(r.dtype)
-    seq, ck, S, n_ck = _layout(B, T, r.device, cu_seqlens, chunk_size)
-    BK, BV, NV = _blocks(N)
+    seq, ck, S, n_ck = sequence_layout(B, T, r.device, cu_seqlens, chunk_size)
+    BK, BV, NV = state_blocks(N)
     o = torch.empty_like(r)
     ht = r.new_empty(S, H, N, N, dtype=acc)
     hc = r.new_empty(n_ck, H, N, N, dtype=acc) if save_checkpoints else ht  # (ht: an unused placeholder)
@@ -215,7 +257,7 @@ def wkv7_bwd(r, w, k, v, a, b, hc, do, dht, seq, ck, chunk_size):
     acc = compute_dtype(r.dtype)
     S = seq.numel() - 1
     total = B * T
-    BK, BV, NV = _blocks(N)
+    BK, BV, NV = state_blocks(N)
     dv = torch.empty_like(v)
     dh0 = r.new_empty(S, H, N, N, dtype=acc)
     parts = [r.new_empty(NV, total, H, N, dtype=acc) for _ in range(5)]
@@ -251,13 +293,12 @@ def wkv7_triton(r, w, k, v, a, b, state=None, *, cu_seqlens=None, chunk_size=CHE
     Returns (out [B, T, H, N] in the input dtype, final state [B or S, H, N, N] float32, float64 for float64 inputs).
     Differentiable in every input and the state; the backward re-runs the forward from states stored every
     ``chunk_size`` tokens."""
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size (the checkpoint interval) must be a positive int, got {chunk_size!r}")
+    chunk_size = check_checkpoint_interval(chunk_size)
     acc = compute_dtype(r.dtype)
     xs = [t.contiguous() for t in (r, w, k, v, a, b)]
     h0 = None if state is None else state.to(acc).contiguous()
     tensors = [*xs] + ([state] if state is not None else [])
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return WKV7Triton.apply(*xs, h0, cu_seqlens, int(chunk_size))
-    o, ht, *_ = wkv7_fwd(*xs, h0, cu_seqlens, int(chunk_size))
+        return WKV7Triton.apply(*xs, h0, cu_seqlens, chunk_size)
+    o, ht, *_ = wkv7_fwd(*xs, h0, cu_seqlens, chunk_size)
     return o, ht

@@ -1,8 +1,8 @@
 """WKV-6 Triton kernels: recurrent forward (with state checkpoints for training) and reverse-time backward.
 
-First version, correctness before speed, the same scheme as ``wkv7/triton_chunk.py``: one program per (sequence, head,
-block of value columns) holds its ``[N_k, BV]`` slice of the state ``S [N_k, N_v]`` (row = key, the op's layout) in
-registers and loops over time. Value columns never interact, so the split is exact. Per token::
+First version, correctness before speed, the same scheme as ``wkv7/triton_recurrent.py``: one program per (sequence,
+head, block of value columns) holds its ``[N_k, BV]`` slice of the state ``S [N_k, N_v]`` (row = key, the op's layout)
+in registers and loops over time. Value columns never interact, so the split is exact. Per token::
 
     y = rᵀ (S + diag(u) k vᵀ);   S = diag(e^w) S + k vᵀ        # y uses the state BEFORE token t, plus the bonus
 
@@ -16,15 +16,15 @@ Every factor above is e^w <= 1: stepping forward and the backward recursion are 
 (RWKV-6's log decay -e^d is unbounded below). Key-indexed gradients are partial sums over this program's value
 columns, added on the host. State math is float32, or float64 for float64 inputs.
 
-Triton is imported here only; ``ops.wkv6.wkv6(..., backend="triton")`` imports this module on first use.
+Triton is imported here only; ``ops.wkv6.wkv6(..., backend="recurrent")`` on CUDA imports this module on first use.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ..wkv7.naive import compute_dtype
-from ..wkv7.triton_chunk import BWD_NUM_WARPS, CHECKPOINT_EVERY, _blocks, _layout
+from .._common import compute_dtype
+from .._triton import BWD_NUM_WARPS, CHECKPOINT_EVERY, check_checkpoint_interval, sequence_layout, state_blocks
 
 
 @triton.jit
@@ -157,8 +157,8 @@ def wkv6_fwd(r, w, k, v, u, h0, cu_seqlens=None, chunk_size=CHECKPOINT_EVERY, sa
     Returns (o [B, T, H, N], ht [S, H, N, N], hc checkpoints or None, seq_offsets, chunk_offsets)."""
     B, T, H, N = r.shape
     acc = compute_dtype(r.dtype)
-    seq, ck, S, n_ck = _layout(B, T, r.device, cu_seqlens, chunk_size)
-    BK, BV, NV = _blocks(N)
+    seq, ck, S, n_ck = sequence_layout(B, T, r.device, cu_seqlens, chunk_size)
+    BK, BV, NV = state_blocks(N)
     o = torch.empty_like(r)
     ht = r.new_empty(S, H, N, N, dtype=acc)
     hc = r.new_empty(n_ck, H, N, N, dtype=acc) if save_checkpoints else ht  # (ht: an unused placeholder)
@@ -175,7 +175,7 @@ def wkv6_bwd(r, w, k, v, u, hc, do, dht, seq, ck, chunk_size):
     acc = compute_dtype(r.dtype)
     S = seq.numel() - 1
     total = B * T
-    BK, BV, NV = _blocks(N)
+    BK, BV, NV = state_blocks(N)
     dv = torch.empty_like(v)
     dh0 = r.new_empty(S, H, N, N, dtype=acc)
     parts = [r.new_empty(NV, total, H, N, dtype=acc) for _ in range(4)]
@@ -213,13 +213,12 @@ def wkv6_triton(r, w, k, v, u, state=None, *, cu_seqlens=None, chunk_size=CHECKP
     Returns (out [B, T, H, N] in the input dtype, final state [B or S, H, N, N] float32, float64 for float64 inputs).
     Differentiable in every input and the state; the backward re-runs the forward from states stored every
     ``chunk_size`` tokens. Without gradients this is also the decode path (no checkpoints are stored)."""
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size (the checkpoint interval) must be a positive int, got {chunk_size!r}")
+    chunk_size = check_checkpoint_interval(chunk_size)
     acc = compute_dtype(r.dtype)
     xs = [t.contiguous() for t in (r, w, k, v, u)]
     h0 = None if state is None else state.to(acc).contiguous()
     tensors = [*xs] + ([state] if state is not None else [])
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return WKV6Triton.apply(*xs, h0, cu_seqlens, int(chunk_size))
-    o, ht, *_ = wkv6_fwd(*xs, h0, cu_seqlens, int(chunk_size))
+        return WKV6Triton.apply(*xs, h0, cu_seqlens, chunk_size)
+    o, ht, *_ = wkv6_fwd(*xs, h0, cu_seqlens, chunk_size)
     return o, ht

@@ -1,7 +1,7 @@
 """Training data: episode files (``.npz`` replays), byte-level text, the built-in default corpus, and the window
 plans that walk each sequence in order so the recurrent state can be carried from one window to the next.
 
-Numpy only; ``train.py`` turns batches into tensors.
+Numpy only; ``step.py`` turns batches into tensors.
 """
 
 import random
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import TOKENIZERS
+from ..tokenizer import TOKENIZERS
 
 BYTE_VOCAB = 256
 DEFAULT_CORPUS_BYTES = 8_000_000

@@ -1,0 +1,107 @@
+"""RWKV-5 (x052) layers (x052 notes in ops/wkv6/README.md), official init: the WKV-6 op (state ``[B, H, N_k, N_v]``)
+with a static per-head-channel decay and the v4-style token-shift mix ``x * μ + x_prev * (1 - μ)``."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import RWKVConfig
+from ..ops import token_shift
+from ..ops._common import compute_dtype
+from ..ops.wkv6 import wkv6_unchecked
+from .rwkv6 import _ratios
+
+
+def _mix(x, prev, mu):
+    # v4/v5 convention: the weight multiplies the CURRENT token.
+    return x * mu + prev * (1 - mu)
+
+
+class TimeMix(nn.Module):
+    """RWKV-5 time mixing; names follow the official checkpoints."""
+
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        C, H, N = config.hidden_size, config.num_heads, config.head_size
+        self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        for name in ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g"):
+            setattr(self, name, nn.Parameter(torch.zeros(C)))
+        self.time_decay = nn.Parameter(torch.zeros(H, N))
+        self.time_faaaa = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto"):
+        """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N_k, N_v] fp32.
+
+        Returns (out [B, T, C], new shift, new wkv_state, v_first unchanged)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        prev = token_shift(x, shift)
+        xk, xv, xr, xg = (_mix(x, prev, mu) for mu in (self.time_mix_k, self.time_mix_v, self.time_mix_r,
+                                                       self.time_mix_g))
+        log_decay = (-torch.exp(self.time_decay.to(compute_dtype(x.dtype)))).view(1, 1, C).expand(B, T, C)
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        g = F.silu(self.gate(xg))
+        heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
+        y, wkv_state = wkv6_unchecked(heads(r), heads(log_decay.to(r.dtype)), heads(k), heads(v),
+                                      self.time_faaaa.to(r.dtype), wkv_state, backend=backend)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        return self.output(y * g), x[:, -1], wkv_state, v_first
+
+    @torch.no_grad()
+    def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
+        """The official from-scratch init (the x052 code)."""
+        C = self.receptance.weight.shape[0]
+        r0, r1 = _ratios(self.layer_id, num_layers)
+        n = torch.arange(C, dtype=torch.float64)
+        ddd = n / C
+        span = n / (C - 1) if C > 1 else n
+        decay = -6 + 5 * span ** (0.7 + 1.3 * r0)
+        self.time_faaaa.copy_((r0 * (1 - span) + 0.1 * ((n + 1) % 3 - 1)).view_as(self.time_faaaa))
+        self.time_mix_k.copy_(ddd**r1)
+        self.time_mix_v.copy_(ddd**r1 + 0.3 * r0)
+        self.time_mix_r.copy_(ddd ** (0.5 * r1))
+        self.time_mix_g.copy_(ddd ** (0.5 * r1))
+        self.time_decay.copy_(decay.view_as(self.time_decay))
+        nn.init.orthogonal_(self.receptance.weight, gain=1.0, generator=generator)
+        nn.init.orthogonal_(self.key.weight, gain=0.1, generator=generator)
+        nn.init.orthogonal_(self.value.weight, gain=1.0, generator=generator)
+        nn.init.orthogonal_(self.gate.weight, gain=0.1, generator=generator)
+        self.output.weight.zero_()
+        self.ln_x.weight.fill_(((1 + self.layer_id) / num_layers) ** 0.7)
+        self.ln_x.bias.zero_()
+
+
+class ChannelMix(nn.Module):
+    """RWKV-5 feed-forward: relu² key, sigmoid receptance gate, the v4-style mix."""
+
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        C, Fd = config.hidden_size, config.ffn_dim
+        self.layer_id = layer_id
+        self.time_mix_k = nn.Parameter(torch.zeros(C))
+        self.time_mix_r = nn.Parameter(torch.zeros(C))
+        self.key = nn.Linear(C, Fd, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(Fd, C, bias=False)
+
+    def forward(self, x, shift):
+        prev = token_shift(x, shift)
+        k = torch.relu(self.key(_mix(x, prev, self.time_mix_k))).square()  # square: pow is ~6x slower on CPU
+        return torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r))) * self.value(k), x[:, -1]
+
+    @torch.no_grad()
+    def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
+        C = self.receptance.weight.shape[0]
+        _, r1 = _ratios(self.layer_id, num_layers)
+        ddd = torch.arange(C, dtype=torch.float64) / C
+        self.time_mix_k.copy_(ddd**r1)
+        self.time_mix_r.copy_(ddd**r1)
+        nn.init.orthogonal_(self.key.weight, gain=1.0, generator=generator)
+        self.receptance.weight.zero_()
+        self.value.weight.zero_()

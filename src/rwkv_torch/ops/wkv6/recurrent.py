@@ -1,0 +1,23 @@
+"""The fused WKV-6 recurrence (``backend="recurrent"``): the C kernel on CPU, the Triton kernels on CUDA.
+
+C: forward only for now (``ops/csrc/wkv_cpu.c``); Triton: state checkpoints and a reverse-time backward
+(``triton_recurrent.py``, imported only here and only when asked for).
+"""
+
+from .._common import pack_to_batch, unpack_from_batch
+
+
+def wkv6_recurrent(kernel: str, r, w, k, v, u, state, *, cu_seqlens=None, cs=None, chunk_size=None):
+    """``kernel``: ``"c"`` or ``"triton"``. r, w, k, v: [B, T, H, N]; u: [H, N]; state [B or S, H, N_k, N_v] or None;
+    ``cs``: cu_seqlens as a list. Returns (out [B, T, H, N], final state)."""
+    if kernel == "triton":
+        from .triton_recurrent import CHECKPOINT_EVERY, wkv6_triton
+
+        return wkv6_triton(r, w, k, v, u, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or CHECKPOINT_EVERY)
+    from ..cpu_kernel import wkv6_c
+
+    if cs is None:
+        return wkv6_c(r, w, k, v, u, state)
+    # Zero padding at the end of a sequence (w = 0, k = 0) leaves its state unchanged.
+    out, final = wkv6_c(*pack_to_batch(cs, r, w, k, v), u, state)
+    return unpack_from_batch(cs, out), final

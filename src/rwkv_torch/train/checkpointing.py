@@ -1,0 +1,51 @@
+"""Training checkpoints: the atomic ``ckpt-<step>.pt`` writer (keeping the newest few), ``find_checkpoint`` and
+the config of a resumed run."""
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+CHECKPOINT_FORMAT = "rwkv-torch-train"
+# Fields a resumed run may change; everything else comes from the checkpoint.
+RESUME_OVERRIDES = ("steps", "stop_after", "time_limit", "device", "eval_every", "save_every", "log_every",
+                    "keep_checkpoints", "progress", "gradient_checkpoint", "compile")
+
+
+def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
+    """Write ``ckpt-<step>.pt`` atomically (temp file + os.replace) and keep only the newest ``keep``."""
+    path = run_dir / f"ckpt-{step:08d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    for old in sorted(run_dir.glob("ckpt-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def find_checkpoint(path) -> Path:
+    """A checkpoint file, or the newest ``ckpt-*.pt`` in a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("ckpt-*.pt"))
+        if not found:
+            raise ValueError(f"{path}: no ckpt-*.pt checkpoint to resume from")
+        return found[-1]
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint")
+    return path
+
+
+def _resume_config(cfg: TrainConfig, given: dict) -> tuple:
+    ckpt_path = find_checkpoint(cfg.resume)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{ckpt_path}: not an rwkv-torch training checkpoint")
+    saved = dict(ckpt["config"])
+    saved.update({k: v for k, v in given.items() if k in RESUME_OVERRIDES and v is not None})
+    saved["stop_after"] = given.get("stop_after")  # limits of the earlier invocation, not of the run
+    saved["time_limit"] = given.get("time_limit")
+    saved.update(resume=str(ckpt_path), out=str(ckpt_path.parent))
+    return TrainConfig(**saved), ckpt

@@ -1,0 +1,82 @@
+"""What is trained: ``TaskModel`` (a backbone plus one head per target), ``build_model``, and the official RWKV
+optimizer recipe (spec 4.7): ``param_groups`` and the ``lr_factor`` schedule.
+
+``att.w0`` (v7) / ``time_decay`` (v4-v6) at 2x lr and v4 ``time_first`` at 3x; weight decay only on 2-D
+``.weight`` tensors; a warm-up factor ``0.01 + 0.99 * step / warmup`` on a cosine from ``lr`` to ``lr_final``.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .baselines import build_baseline, matched_width
+from .config import TrainConfig
+from .data import Dataset
+
+LR_SCALE = {"att.w0": 2.0, "att.time_decay": 2.0, "att.time_first": 3.0}
+
+
+class TaskModel(nn.Module):
+    """A backbone (``[B, T, in] -> [B, T, width]``) with one linear head per episode target; a text model uses the
+    backbone's own LM head. ``forward(x, state) -> ({target: out [B, T, size]}, state)``."""
+
+    def __init__(self, backbone: nn.Module, targets: list, width: int, lm: bool):
+        super().__init__()
+        self.backbone, self.lm = backbone, lm
+        self.heads = nn.ModuleDict() if lm else nn.ModuleDict({t.name: nn.Linear(width, t.size) for t in targets})
+        self.target_names = [t.name for t in targets]
+
+    def init_state(self, batch_size: int, device=None):
+        return self.backbone.init_state(batch_size, device=device)
+
+    def forward(self, x, state):
+        h, state = self.backbone(x, state, return_sequence=True, return_state=True)
+        if self.lm:
+            return {self.target_names[0]: h}, state
+        return {name: head(h) for name, head in self.heads.items()}, state
+
+
+def build_model(cfg: TrainConfig, data: Dataset) -> TaskModel:
+    """The backbone named by ``cfg.backbone`` for ``data``; baselines get about the RWKV model's parameter count."""
+    import rwkv_torch as rt
+
+    torch.manual_seed(cfg.seed)
+    io = dict(vocab_size=data.vocab_size) if data.is_text else dict(embed_dim=data.embed_dim)
+    rwkv = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, head_size=cfg.head_size, dropout=cfg.dropout,
+                **io)
+    if cfg.backbone.startswith("rwkv"):
+        backbone = rt.build(version=int(cfg.backbone[4:]), seed=cfg.seed, **rwkv)
+        width = cfg.hidden_size
+    else:
+        opts = dict(num_layers=cfg.num_layers, head_size=cfg.head_size, max_len=cfg.window_size,
+                    dropout=cfg.dropout, **io)
+        width = matched_width(cfg.backbone, rt.param_count(**rwkv), **opts)
+        backbone = build_baseline(cfg.backbone, width=width, **opts)
+    return TaskModel(backbone, data.targets, width, data.is_text)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:
+    """Adam groups of the official recipe: lr scale by name (``LR_SCALE``), decay on 2-D ``.weight`` only."""
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((s for suffix, s in LR_SCALE.items() if name.endswith(suffix)), 1.0)
+        decay = weight_decay if p.dim() >= 2 and name.endswith(".weight") else 0.0
+        groups.setdefault((scale, decay), []).append(p)
+    return [dict(params=ps, lr=lr * s, weight_decay=d) for (s, d), ps in groups.items()]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier on each group's lr: cosine from 1 to ``lr_final / lr`` over ``steps``, times the warm-up."""
+    final = min(1.0, cfg.lr_final / cfg.lr)
+    progress = min(1.0, step / max(1, cfg.steps))
+    factor = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor * (0.01 + 0.99 * step / cfg.warmup if step < cfg.warmup else 1.0)
+
+
+def _unwrap(model):
+    """The model inside ``torch.compile`` and DistributedDataParallel wrappers (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
