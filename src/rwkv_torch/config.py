@@ -35,7 +35,7 @@ class RWKVConfig:
     gate_lora: int | None = None
     mix_lora: int | None = None
     dropout: float = 0.0
-    window_size: int = 60
+    window_size: int = 60  # not read by the model: Edifice's option, kept so its configs and ours round-trip
 
     def __post_init__(self):
         def bad(field, rule):
@@ -166,3 +166,31 @@ def count_params(c: RWKVConfig) -> int:
         if c.output_dim is not None:
             total += C * c.output_dim + c.output_dim
     return total
+
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(RWKVConfig)}
+
+
+def config_for(**options) -> RWKVConfig:
+    """The RWKVConfig that ``build(**options)`` would use: ``recommended_defaults()`` overridden by ``options``.
+
+    Token models (``vocab_size`` given) default to ``dropout=0``.
+    """
+    unknown = sorted(set(options) - _CONFIG_FIELDS - {"seed"})
+    if unknown:
+        raise TypeError(f"unknown build option(s) {unknown}; known: {sorted(_CONFIG_FIELDS)}")
+    opts = recommended_defaults()
+    if options.get("vocab_size") is not None:
+        opts["dropout"] = 0.0
+    opts.update({k: v for k, v in options.items() if k != "seed"})
+    return RWKVConfig(**opts)
+
+
+def param_count(**options) -> int:
+    """The exact parameter count of ``build(**options)``, computed from the sizes without building."""
+    return count_params(config_for(**options))
+
+
+def output_size(**options) -> int:
+    """Features per position returned by ``build(**options)``."""
+    return config_for(**options).output_size

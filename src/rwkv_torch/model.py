@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import decode
-from .config import RWKVConfig
+from .config import RWKVConfig, config_for
 from .layers import rwkv4, rwkv5, rwkv6, rwkv7
 from .state import RWKVState, state_meta, zero_state
 
@@ -326,3 +326,16 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def build(*, seed: int | None = None, **options) -> RWKV:
+    """Build an RWKV model with the official from-scratch initialisation.
+
+    Options are ``RWKVConfig`` fields (Edifice's names): ``embed_dim`` (continuous frames ``[B, T, embed_dim]``;
+    the call returns the last position ``[B, hidden_size]``) or ``vocab_size`` (token model with LM head),
+    ``hidden_size=256, num_layers=6, head_size=64, dropout=0.1, window_size=60, version=7``, ``output_dim``, LoRA
+    ranks. ``seed`` makes the initial weights independent of the global RNG (same seed, same tensors).
+    """
+    config = config_for(**options)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return RWKV(config, generator=gen)

@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn as nn
 
+from ..config import param_count
+from ..model import build
 from .baselines import build_baseline, matched_width
 from .config import TrainConfig
 from .data import Dataset
@@ -39,19 +41,17 @@ class TaskModel(nn.Module):
 
 def build_model(cfg: TrainConfig, data: Dataset) -> TaskModel:
     """The backbone named by ``cfg.backbone`` for ``data``; baselines get about the RWKV model's parameter count."""
-    import rwkv_torch as rt
-
     torch.manual_seed(cfg.seed)
     io = dict(vocab_size=data.vocab_size) if data.is_text else dict(embed_dim=data.embed_dim)
     rwkv = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, head_size=cfg.head_size, dropout=cfg.dropout,
                 **io)
     if cfg.backbone.startswith("rwkv"):
-        backbone = rt.build(version=int(cfg.backbone[4:]), seed=cfg.seed, **rwkv)
+        backbone = build(version=int(cfg.backbone[4:]), seed=cfg.seed, **rwkv)
         width = cfg.hidden_size
     else:
         opts = dict(num_layers=cfg.num_layers, head_size=cfg.head_size, max_len=cfg.window_size,
                     dropout=cfg.dropout, **io)
-        width = matched_width(cfg.backbone, rt.param_count(**rwkv), **opts)
+        width = matched_width(cfg.backbone, param_count(**rwkv), **opts)
         backbone = build_baseline(cfg.backbone, width=width, **opts)
     return TaskModel(backbone, data.targets, width, data.is_text)
 
