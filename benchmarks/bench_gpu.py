@@ -4,7 +4,7 @@
 
 1. Checks our triton backend against the float64 naive spec on a small problem (a benchmark of a wrong kernel is
    worthless) and stops if it disagrees.
-2. Forward and forward+backward time of ``wkv7`` / ``wkv6`` with ``backend="triton"`` against fla's ``chunk_rwkv7``,
+2. Forward and forward+backward time of ``wkv7`` / ``wkv6`` with ``backend="recurrent"`` against fla's ``chunk_rwkv7``,
    ``fused_recurrent_rwkv7`` (forward only in fla), ``chunk_rwkv6`` and ``fused_recurrent_rwkv6``, bf16 inputs, fp32
    state from a random initial state. fla is used only if installed. The last column is the relative RMS difference of
    each output from ours on the same inputs (a check that both compute the same thing).
@@ -66,7 +66,7 @@ def verify_against_naive():
     """Ours (triton) against the float64 naive spec: outputs, states and every gradient; exits if any is off."""
     for version, op in ((7, wkv7), (6, wkv6)):
         xs, h0 = inputs(version, 2, 100, 2, 64, torch.float32)
-        got = run_fwd_bwd(lambda *a, op=op: op(*a, backend="triton"), xs, h0, want_grads=True)
+        got = run_fwd_bwd(lambda *a, op=op: op(*a, backend="recurrent"), xs, h0, want_grads=True)
         xs64 = [x.detach().double().requires_grad_() for x in xs]
         h64 = h0.detach().double().requires_grad_()
         ref = run_fwd_bwd(lambda *a, op=op: op(*a, backend="naive"), xs64, h64, want_grads=True)
@@ -106,9 +106,9 @@ def import_fla():
 def candidates(version, fla_ops):
     """(name, fn(*xs, h0) -> (o, ht) in our layouts) for every implementation present."""
     if version == 7:
-        rows = [("rwkv-torch triton", lambda *a: wkv7(*a, backend="triton"))]
+        rows = [("rwkv-torch triton", lambda *a: wkv7(*a, backend="recurrent"))]
     else:
-        rows = [("rwkv-torch triton", lambda *a: wkv6(*a, backend="triton"))]
+        rows = [("rwkv-torch triton", lambda *a: wkv6(*a, backend="recurrent"))]
     if fla_ops is None:
         return rows
     fla6, fla7 = fla_ops
@@ -182,7 +182,7 @@ def decode_step(model, x_t, state, backend):
     """One frame through the backbone: the body of RWKV.step with a chosen WKV backend and without the input checks
     that read values back to the host (a CUDA graph cannot). Mutates ``state``'s lists; returns [B, out]."""
     h = model.ln0(model.input_proj(x_t)).unsqueeze(1)
-    return model._run(h, state, backend)[:, 0]
+    return model._head(model._blocks(h, state, backend)[:, 0])
 
 
 def bench_decode(a):
@@ -191,14 +191,14 @@ def bench_decode(a):
     print("| WKV backend | eager µs/step | CUDA graph µs/step | graph == eager |")
     print("|---|---|---|---|")
     x_t = torch.randn(1, 287, device="cuda")
-    for backend in ("step", "triton"):
+    for backend in ("naive", "recurrent"):
         static = model.init_state(1)
         for t in static.shift_att + static.shift_ffn + static.wkv:
             t.normal_()
 
         def step_inplace(static=static, backend=backend):
             # Work on a shallow copy whose lists the layers rebind; copy the new tensors back into the static ones.
-            work = rt.RWKVState(list(static.shift_att), list(static.shift_ffn), list(static.wkv), dict(static.meta))
+            work = static.fork()
             y = decode_step(model, x_t, work, backend)
             for dst, src in zip(static.shift_att + static.shift_ffn + static.wkv,
                                 work.shift_att + work.shift_ffn + work.wkv):

@@ -49,14 +49,13 @@ def task_loss(outs: dict, ys: dict, targets: list, lm: bool) -> tuple:
 
 def _state_tensors(state) -> list:
     if isinstance(state, RWKVState):
-        return [*state.shift_att, *state.shift_ffn, *state.wkv]
+        return state.flat()
     return list(state)
 
 
 def _state_like(template, tensors: list):
     if isinstance(template, RWKVState):
-        L = template.num_layers
-        return RWKVState(tensors[:L], tensors[L:2 * L], tensors[2 * L:], dict(template.meta))
+        return RWKVState.from_flat(tensors, template.meta)
     return tuple(tensors)
 
 
