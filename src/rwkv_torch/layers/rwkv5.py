@@ -9,7 +9,7 @@ from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
 from ..ops.wkv6 import wkv6_unchecked
-from .rwkv6 import _ratios
+from .rwkv6 import _ratios, add_projections, init_projections
 
 
 def _mix(x, prev, mu):
@@ -28,12 +28,7 @@ class TimeMix(nn.Module):
             setattr(self, name, nn.Parameter(torch.zeros(C)))
         self.time_decay = nn.Parameter(torch.zeros(H, N))
         self.time_faaaa = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+        add_projections(self, C, H)
 
     def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto"):
         """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N_k, N_v] fp32.
@@ -68,13 +63,7 @@ class TimeMix(nn.Module):
         self.time_mix_r.copy_(ddd ** (0.5 * r1))
         self.time_mix_g.copy_(ddd ** (0.5 * r1))
         self.time_decay.copy_(decay.view_as(self.time_decay))
-        nn.init.orthogonal_(self.receptance.weight, gain=1.0, generator=generator)
-        nn.init.orthogonal_(self.key.weight, gain=0.1, generator=generator)
-        nn.init.orthogonal_(self.value.weight, gain=1.0, generator=generator)
-        nn.init.orthogonal_(self.gate.weight, gain=0.1, generator=generator)
-        self.output.weight.zero_()
-        self.ln_x.weight.fill_(((1 + self.layer_id) / num_layers) ** 0.7)
-        self.ln_x.bias.zero_()
+        init_projections(self, num_layers, generator)
 
 
 class ChannelMix(nn.Module):

@@ -17,6 +17,28 @@ def _ratios(layer_id: int, num_layers: int):
     return r0, 1.0 - layer_id / num_layers
 
 
+def add_projections(m: nn.Module, C: int, H: int) -> None:
+    """The RWKV-5/6 time-mix projections (receptance, key, value, gate, output) and the per-head ln_x."""
+    m.receptance = nn.Linear(C, C, bias=False)
+    m.key = nn.Linear(C, C, bias=False)
+    m.value = nn.Linear(C, C, bias=False)
+    m.gate = nn.Linear(C, C, bias=False)
+    m.output = nn.Linear(C, C, bias=False)
+    m.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+
+@torch.no_grad()
+def init_projections(m: nn.Module, num_layers: int, generator: torch.Generator | None) -> None:
+    """The official init of ``add_projections``' modules (the same in x052 and x060)."""
+    nn.init.orthogonal_(m.receptance.weight, gain=1.0, generator=generator)
+    nn.init.orthogonal_(m.key.weight, gain=0.1, generator=generator)
+    nn.init.orthogonal_(m.value.weight, gain=1.0, generator=generator)
+    nn.init.orthogonal_(m.gate.weight, gain=0.1, generator=generator)
+    m.output.weight.zero_()
+    m.ln_x.weight.fill_(((1 + m.layer_id) / num_layers) ** 0.7)
+    m.ln_x.bias.zero_()
+
+
 class TimeMix(nn.Module):
     """RWKV-6 time mixing; names follow the official checkpoints."""
 
@@ -33,12 +55,7 @@ class TimeMix(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, Dd))
         self.time_decay_w2 = nn.Parameter(torch.zeros(Dd, C))
         self.time_faaaa = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+        add_projections(self, C, H)
 
     def _mix(self, x, xx):
         B, T, C = x.shape
@@ -85,13 +102,7 @@ class TimeMix(nn.Module):
         self.time_decay.copy_(decay)
         self.time_decay_w1.zero_()
         self.time_decay_w2.uniform_(-0.01, 0.01, generator=generator)
-        nn.init.orthogonal_(self.receptance.weight, gain=1.0, generator=generator)
-        nn.init.orthogonal_(self.key.weight, gain=0.1, generator=generator)
-        nn.init.orthogonal_(self.value.weight, gain=1.0, generator=generator)
-        nn.init.orthogonal_(self.gate.weight, gain=0.1, generator=generator)
-        self.output.weight.zero_()
-        self.ln_x.weight.fill_(((1 + self.layer_id) / num_layers) ** 0.7)
-        self.ln_x.bias.zero_()
+        init_projections(self, num_layers, generator)
 
 
 class ChannelMix(nn.Module):
