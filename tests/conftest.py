@@ -20,7 +20,8 @@ def _import_triton_for_this_machine() -> None:
     Triton decorates its own library once, when first imported, and a process then runs kernels only that way. Left
     to chance, the first import comes from whatever test runs first (torch.compile imports Triton too) and, on a
     machine without CUDA, the interpreter tests of tests/ops/test_triton.py would all skip. The variable is restored
-    at once, so other tests still see backend='triton' refuse CPU tensors.
+    at once: backend='recurrent' reads it at call time, so on CPU tensors other tests still get the C kernel (the
+    interpreter tests set it while they call the op).
     """
     if importlib.util.find_spec("triton") is None or "triton" in sys.modules:
         return

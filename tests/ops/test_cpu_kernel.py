@@ -1,5 +1,5 @@
-"""The fused CPU kernel (backend="cpu", ops/cpu_kernel.py) against independent float64 recurrences, the naive spec and
-the other backends; when ``auto`` picks it; its errors, fallback and build cache."""
+"""The C recurrence (backend="recurrent" on CPU tensors, ops/cpu_kernel.py) against independent float64 recurrences, the
+naive spec and the other backends; when ``auto`` picks it; its errors, fallback and build cache."""
 
 import warnings
 
@@ -10,9 +10,23 @@ import rwkv_torch as rt
 from rwkv_torch.ops import _common, cpu_kernel, wkv4, wkv6, wkv7
 from tests.ops import test_wkv6 as t6
 from tests.ops import test_wkv7 as t7
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_varlen_matches, cu_seqlens_of, each_sequence, needs_c_kernel
 
-pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler for the CPU kernel here")
+pytestmark = needs_c_kernel()
+
+
+@pytest.fixture(autouse=True)
+def _no_interpreter(monkeypatch):
+    """backend="recurrent" on CPU tensors is the C kernel here, also when the suite runs with TRITON_INTERPRET set."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def unloaded(monkeypatch):
+    """The kernel as before its first use in this process: not loaded, no error or warning yet (restored after)."""
+    for name, value in (("_lib", None), ("_error", None), ("_warned", False)):
+        monkeypatch.setattr(cpu_kernel, name, value)
+
 
 SHAPES = [(1, 1, 1, 4), (2, 37, 3, 16), (3, 50, 2, 64), (1, 19, 5, 5)]  # N=64 has its own specialised loop
 
@@ -22,7 +36,7 @@ SHAPES = [(1, 1, 1, 4), (2, 37, 3, 16), (3, 50, 2, 64), (1, 19, 5, 5)]  # N=64 h
 def test_matches_independent_recurrence_fp64(op, B, T, H, N):
     mod, fn = (t7, wkv7) if op == "wkv7" else (t6, wkv6)
     xs, h0 = mod.make_inputs(B, T, H, N)
-    out, ht = fn(*xs, h0, backend="cpu")
+    out, ht = fn(*xs, h0, backend="recurrent")
     ref_o, ref_h = mod.reference(*xs, h0)
     assert out.dtype == ht.dtype == torch.float64
     assert_close("o", ref_o, out, 1e-12)
@@ -34,13 +48,13 @@ def test_matches_independent_recurrence_fp64(op, B, T, H, N):
 def test_low_precision_inputs_match_naive_fp64(N, dtype, tol):
     xs, h0 = t7.make_inputs(2, 130, 2, N)
     ref_o, ref_h = wkv7(*xs, h0, backend="naive")
-    out, ht = wkv7(*(x.to(dtype) for x in xs), h0.float(), backend="cpu")
+    out, ht = wkv7(*(x.to(dtype) for x in xs), h0.float(), backend="recurrent")
     assert out.dtype == dtype and ht.dtype == torch.float32
     assert_close("o7", ref_o, out, tol)
     assert_close("ht7", ref_h, ht, tol)
     xs, h0 = t6.make_inputs(2, 130, 2, N)
     ref_o, ref_h = wkv6(*xs, h0, backend="naive")
-    out, ht = wkv6(*(x.to(dtype) for x in xs[:4]), xs[4].float(), h0.float(), backend="cpu")
+    out, ht = wkv6(*(x.to(dtype) for x in xs[:4]), xs[4].float(), h0.float(), backend="recurrent")
     assert out.dtype == dtype and ht.dtype == torch.float32
     assert_close("o6", ref_o, out, tol)
     assert_close("ht6", ref_h, ht, tol)
@@ -49,7 +63,7 @@ def test_low_precision_inputs_match_naive_fp64(N, dtype, tol):
 def test_agrees_with_chunk_and_leaves_inputs_alone():
     xs, h0 = t7.make_inputs(2, 200, 4, 64, dtype=torch.float32)
     before = [x.clone() for x in (*xs, h0)]
-    o_cpu, h_cpu = wkv7(*xs, h0, backend="cpu")
+    o_cpu, h_cpu = wkv7(*xs, h0, backend="recurrent")
     o_chunk, h_chunk = wkv7(*xs, h0, backend="chunk")
     assert_close("o", o_chunk, o_cpu, 1e-5)
     assert_close("ht", h_chunk, h_cpu, 1e-5)
@@ -63,7 +77,7 @@ def test_results_do_not_depend_on_the_thread_count():
         results = []
         for n in (1, 2, 7):
             torch.set_num_threads(n)
-            results.append(wkv7(*xs, h0, backend="cpu"))
+            results.append(wkv7(*xs, h0, backend="recurrent"))
     finally:
         torch.set_num_threads(threads)
     for o, h in results[1:]:
@@ -72,31 +86,27 @@ def test_results_do_not_depend_on_the_thread_count():
 
 @pytest.mark.parametrize("op", ["wkv7", "wkv6"])
 def test_varlen_equals_separate_calls(op):
-    lens = [5, 1, 40, 17]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    mod, fn = (t7, wkv7) if op == "wkv7" else (t6, wkv6)
-    xs, _ = mod.make_inputs(1, sum(lens), 2, 8)
-    h0 = torch.randn(len(lens), 2, 8, 8, dtype=torch.float64)
-    out, ht = fn(*xs, h0, cu_seqlens=cu, backend="cpu")
-    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        seq = [x[:, s:e] for x in xs] if op == "wkv7" else [*(x[:, s:e] for x in xs[:4]), xs[4]]
-        o_i, h_i = fn(*seq, h0[i : i + 1], backend="naive")
-        assert_close(f"o[{i}]", o_i, out[:, s:e], 1e-12)
-        assert_close(f"ht[{i}]", h_i, ht[i : i + 1], 1e-12)
+    lens = [5, 1, 0, 40, 17]  # with an empty sequence
+    cu = cu_seqlens_of(lens)
+    mod, fn, n_seq = (t7, wkv7, 6) if op == "wkv7" else (t6, wkv6, 4)
+    xs, h0 = mod.make_inputs(1, sum(lens), 2, 8, n_states=len(lens))
+    packed = lambda *a: fn(*a, cu_seqlens=cu, backend="recurrent")  # noqa: E731
+    assert_varlen_matches(packed, each_sequence(fn, cu, n_seq, backend="naive"), xs, h0, cu, 1e-12)
 
 
 def test_auto_uses_it_only_without_autograd_and_for_sequences():
     cpu = torch.device("cpu")
-    assert _common.resolve_backend("wkv7", "auto", cpu, 10, grad=False) == "cpu"
+    assert _common.resolve_backend("wkv7", "auto", cpu, 10, grad=False) == "c"
     assert _common.resolve_backend("wkv7", "auto", cpu, 10, grad=True) == "chunk"
-    assert _common.resolve_backend("wkv7", "auto", cpu, 1, grad=False) == "step"
-    assert _common.resolve_backend("wkv4", "auto", cpu, 10, grad=False, cpu_kernel=False, triton=False) == "chunk"
+    assert _common.resolve_backend("wkv7", "auto", cpu, 1, grad=False) == "naive"
+    assert _common.resolve_backend("wkv7", "recurrent", cpu, 10, grad=False) == "c"
+    assert _common.resolve_backend("wkv4", "auto", cpu, 10, grad=False, c_kernel=False, triton=False) == "chunk"
     # Through the op: with gradients the chunked form runs (and differentiates); without, the kernel's numbers.
     xs, h0 = t7.make_inputs(1, 30, 2, 8, requires_grad=True)
     out, _ = wkv7(*xs, h0)
     assert out.grad_fn is not None
     with torch.no_grad():
-        assert torch.equal(wkv7(*xs, h0)[0], wkv7(*xs, h0, backend="cpu")[0])
+        assert torch.equal(wkv7(*xs, h0)[0], wkv7(*xs, h0, backend="recurrent")[0])
 
 
 def test_model_prefill_uses_it_and_matches_the_step():
@@ -123,7 +133,7 @@ def test_compiled_model_keeps_one_graph_with_the_kernel():
         explained = dynamo.explain(model)(x, return_sequence=True)
         assert explained.graph_break_count == 0, explained.break_reasons
         ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
-        assert any("wkv7_cpu_forward" in o for o in ops), sorted(ops)
+        assert any("wkv7_recurrent_fwd" in o for o in ops), sorted(ops)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         assert_close("compiled", model(x, return_sequence=True), compiled(x, return_sequence=True), 1e-6)
     dynamo.reset()
@@ -132,17 +142,16 @@ def test_compiled_model_keeps_one_graph_with_the_kernel():
 def test_clear_errors():
     xs, h0 = t7.make_inputs(1, 6, 2, 8, requires_grad=True)
     with pytest.raises(ValueError, match="forward-only"):
-        wkv7(*xs, h0, backend="cpu")
-    with pytest.raises(ValueError, match="not available for wkv4"):
-        wkv4(torch.rand(4).neg(), torch.rand(4), torch.rand(1, 3, 4), torch.rand(1, 3, 4), backend="cpu")
-    with pytest.raises(ValueError, match="CPU tensors"):
-        _common.resolve_backend("wkv7", "cpu", torch.device("meta"), 4, grad=False)
+        wkv7(*xs, h0, backend="recurrent")
+    with pytest.raises(ValueError, match="forward-only"):
+        wkv6(*t6.make_inputs(1, 6, 2, 8, requires_grad=True)[0], backend="recurrent")
+    with pytest.raises(ValueError, match="no CPU kernel for wkv4"):
+        wkv4(torch.rand(4).neg(), torch.rand(4), torch.rand(1, 3, 4), torch.rand(1, 3, 4), backend="recurrent")
+    with pytest.raises(ValueError, match=r"runs on CPU \(C\) or CUDA \(Triton\) tensors, got meta"):
+        _common.resolve_backend("wkv7", "recurrent", torch.device("meta"), 4, grad=False)
 
 
-def test_without_a_compiler_auto_falls_back_and_cpu_explains(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernel, "_lib", None)
-    monkeypatch.setattr(cpu_kernel, "_error", None)
-    monkeypatch.setattr(cpu_kernel, "_warned", False)
+def test_without_a_compiler_auto_falls_back_and_recurrent_explains(monkeypatch, unloaded):
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
     xs, h0 = t7.make_inputs(1, 20, 2, 8)
     with pytest.warns(RuntimeWarning, match="C compiler"):
@@ -150,20 +159,18 @@ def test_without_a_compiler_auto_falls_back_and_cpu_explains(monkeypatch, tmp_pa
     ref_o, ref_h = t7.reference(*xs, h0)
     assert_close("o", ref_o, out, 1e-10)
     with pytest.raises(RuntimeError, match="C compiler"):
-        wkv7(*xs, h0, backend="cpu")
+        wkv7(*xs, h0, backend="recurrent")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
         wkv7(*xs, h0)
 
 
-def test_turned_off_by_environment(monkeypatch):
+def test_turned_off_by_environment(monkeypatch, unloaded):
     monkeypatch.setenv("RWKV_TORCH_CPU_KERNEL", "0")
-    monkeypatch.setattr(cpu_kernel, "_lib", None)
-    monkeypatch.setattr(cpu_kernel, "_error", None)
     assert not cpu_kernel.available()
     assert _common.resolve_backend("wkv7", "auto", torch.device("cpu"), 10, grad=False) == "chunk"
     with pytest.raises(RuntimeError, match="RWKV_TORCH_CPU_KERNEL=0"):
-        _common.resolve_backend("wkv7", "cpu", torch.device("cpu"), 10, grad=False)
+        _common.resolve_backend("wkv7", "recurrent", torch.device("cpu"), 10, grad=False)
 
 
 def test_build_cache_is_keyed_and_leaves_no_temporary_files(monkeypatch, tmp_path):

@@ -1,10 +1,12 @@
-"""Triton kernels (wkv7 chunk + step, wkv6) against the float64 naive spec, from a non-zero initial state.
+"""The Triton recurrences (backend="recurrent" on CUDA: wkv7 training + decode kernels, wkv6) against the float64 naive
+spec, from a non-zero initial state.
 
-On a machine without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, tiny shapes, `@pytest.mark.triton`);
-with CUDA compiled, at bigger shapes (`@pytest.mark.gpu`). A process runs Triton one way only (see tests/conftest.py).
-Every check covers the output, the final state and the gradients of every input and of the initial state, against the
-naive loop in float64 on the *same* (rounded) inputs, by relative RMS per dtype. One more test compiles every kernel for
-an H100 in a subprocess, which needs no GPU.
+On a machine without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set while the op is called; tiny
+shapes, `@pytest.mark.triton`); with CUDA compiled, at bigger shapes (`@pytest.mark.gpu`). A process runs Triton one
+way only (see tests/conftest.py). Every check covers the output, the final state and the gradients of every input and
+of the initial state, against the naive loop in float64 on the *same* (rounded) inputs, by relative RMS per dtype. One
+more test compiles every kernel for an H100 in a subprocess, which needs no GPU; others check that on CPU tensors
+without the interpreter backend="recurrent" is the C kernel and never imports Triton.
 """
 
 import importlib.util
@@ -15,12 +17,23 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from rwkv_torch.ops import _common, wkv6, wkv7
-from tests.utils import assert_close
+from rwkv_torch.ops import _common, cpu_kernel, wkv6, wkv7
+from tests.ops import test_wkv6 as t6
+from tests.ops import test_wkv7 as t7
+from tests.utils import (
+    assert_all_close,
+    assert_close,
+    assert_varlen_matches,
+    cu_seqlens_of,
+    each_sequence,
+    float64_leaves,
+    grads_of,
+    needs_c_kernel,
+)
 
-KERNEL_MODULES = ("rwkv_torch.ops.wkv7.triton_chunk", "rwkv_torch.ops.wkv7.triton_step", "rwkv_torch.ops.wkv6.triton")
+KERNEL_MODULES = ("rwkv_torch.ops.wkv7.triton_recurrent", "rwkv_torch.ops.wkv6.triton_recurrent")
+TRITON_MODULES = (*KERNEL_MODULES, "rwkv_torch.ops._triton")  # every module that imports Triton
 
 
 def _import_triton_mode() -> str | None:
@@ -57,7 +70,7 @@ DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
 def _forget_kernels():
     # Kernel modules are decorated for the TRITON_INTERPRET of the moment they are imported; re-import them fresh:
     # drop the module and the package attribute that `from package import module` would otherwise return.
-    for name in KERNEL_MODULES:
+    for name in TRITON_MODULES:
         sys.modules.pop(name, None)
         package, _, module = name.rpartition(".")
         if package in sys.modules:
@@ -80,55 +93,44 @@ def compiled(monkeypatch):
     _forget_kernels()
 
 
-def inputs7(B, T, H, N, dtype, device="cpu", n_states=None):
-    """RWKV-7-shaped inputs (w in [-0.6065, 0), a = -kk, b = kk * a_rate) and a random non-zero state."""
-    r, k, v = (torch.randn(B, T, H, N, dtype=torch.float64) for _ in range(3))
-    w = -0.6065 * torch.rand(B, T, H, N, dtype=torch.float64)
-    kk = F.normalize(torch.randn(B, T, H, N, dtype=torch.float64), dim=-1)
-    a, b = -kk, kk * torch.rand(B, T, H, N, dtype=torch.float64)
-    xs = [t.to(device=device, dtype=dtype).requires_grad_() for t in (r, w, k, v, a, b)]
-    h0 = torch.randn(n_states or B, H, N, N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return xs, h0.to(device).requires_grad_()
+def inputs7(B, T, H, N, dtype, **kwargs):
+    """RWKV-7-shaped inputs needing grad and a random non-zero state (test_wkv7.make_inputs)."""
+    return t7.make_inputs(B, T, H, N, dtype, requires_grad=True, **kwargs)
 
 
-def inputs6(B, T, H, N, dtype, device="cpu", n_states=None, decay_max=3.0):
-    """RWKV-6-shaped inputs (w = log decay in (-decay_max, 0), a bonus u [H, N]) and a random non-zero state."""
-    r, k, v = (torch.randn(B, T, H, N, dtype=torch.float64) for _ in range(3))
-    w = -decay_max * torch.rand(B, T, H, N, dtype=torch.float64)
-    u = torch.randn(H, N, dtype=torch.float64)
-    xs = [t.to(device=device, dtype=dtype).requires_grad_() for t in (r, w, k, v, u)]
-    h0 = torch.randn(n_states or B, H, N, N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return xs, h0.to(device).requires_grad_()
+def inputs6(B, T, H, N, dtype, **kwargs):
+    """RWKV-6-shaped inputs needing grad and a random non-zero state (test_wkv6.make_inputs)."""
+    return t6.make_inputs(B, T, H, N, dtype, requires_grad=True, **kwargs)
 
 
-def run(fn, xs, h0, like=None, seed=1):
-    """(out, final state, grads of xs and h0) through (out * do).sum() + (ht * dht).sum() with random do, dht.
-
-    ``like`` = (output dtype, state dtype) of the run under test: the reference then gets do, dht rounded the same."""
-    out, ht = fn(*xs, h0)
-    g = torch.Generator().manual_seed(seed)
-    o_dt, h_dt = like or (out.dtype, ht.dtype)
-    do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(o_dt).to(out)
-    dht = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(h_dt).to(ht)
-    leaves = [*xs, h0] if h0 is not None else list(xs)
-    grads = torch.autograd.grad((out * do).sum() + (ht * dht).sum(), leaves)
-    return [out, ht, *grads]
+NAMES = {wkv7: t7.NAMES, wkv6: t6.NAMES}
 
 
-def double(xs, h0):
-    """The same values in float64, as fresh leaves: the reference sees exactly what the kernel saw."""
-    leaf = lambda t: t.detach().double().requires_grad_()  # noqa: E731
-    return [leaf(x) for x in xs], (None if h0 is None else leaf(h0))
+def assert_matches_naive(fn, xs, h0, rtol, **kwargs):
+    """``fn(..., backend="recurrent", **kwargs)`` against the float64 naive op on the same (rounded) inputs, with the
+    same (rounded) loss weights: output, final state and the gradients of every input and of h0. Returns the run's
+    ``grads_of`` result."""
+    got = grads_of(lambda *a: fn(*a, backend="recurrent", **kwargs), xs, h0)
+    like = (xs[0].dtype, _common.compute_dtype(xs[0].dtype) if h0 is None else h0.dtype)
+    ref = grads_of(lambda *a: fn(*a, backend="naive"), *float64_leaves(xs, h0), like=like)
+    assert_all_close(ref, got, rtol, NAMES[fn])
+    return got
 
 
-def check_all(names, ref, got, rtol):
-    assert len(ref) == len(got) == len(names)
-    for name, r_, g_ in zip(names, ref, got):
-        assert_close(name, r_, g_, rtol)
+def assert_dtypes(got, xs, h0):
+    """Output in the input dtype, the state in h0's, every gradient in its input's."""
+    assert got[0].dtype == xs[0].dtype and got[1].dtype == h0.dtype
+    assert all(g.dtype == x.dtype for g, x in zip(got[2], [*xs, h0], strict=True))
 
 
-NAMES7 = ["o", "ht", "dr", "dw", "dk", "dv", "da", "db", "dh0"]
-NAMES6 = ["o", "ht", "dr", "dw", "dk", "dv", "du", "dh0"]
+def assert_varlen_matches_naive(fn, xs, h0, cu, rtol, **kwargs):
+    """One packed ``backend="recurrent"`` call against each sequence alone through the float64 naive op."""
+    packed = lambda *a: fn(*a, cu_seqlens=cu, backend="recurrent", **kwargs)  # noqa: E731
+    separate = each_sequence(fn, cu, 6 if fn is wkv7 else 4, backend="naive")
+    assert_varlen_matches(packed, separate, xs, h0, cu, rtol, grad_names=NAMES[fn],
+                          ref_inputs=float64_leaves(xs, h0), per_sequence=False)
+
+
 # (B, T, H, N, checkpoint interval): one token, T below / across checkpoints, odd T, N not a power of two.
 CASES = [(2, 1, 2, 8, 4), (1, 7, 2, 8, 4), (2, 37, 1, 16, 16), (1, 9, 1, 6, 4)]
 CASE_IDS = [f"B{b}-T{t}-H{h}-N{n}-C{c}" for b, t, h, n, c in CASES]
@@ -140,11 +142,7 @@ CASE_IDS = [f"B{b}-T{t}-H{h}-N{n}-C{c}" for b, t, h, n, c in CASES]
 @pytest.mark.parametrize("B,T,H,N,chunk", CASES, ids=CASE_IDS)
 def test_wkv7_triton_interpreter(B, T, H, N, chunk, dtype, interpreter):
     xs, h0 = inputs7(B, T, H, N, dtype)
-    got = run(lambda *a: wkv7(*a, backend="triton", chunk_size=chunk), xs, h0)
-    ref = run(lambda *a: wkv7(*a, backend="naive"), *double(xs, h0), like=(dtype, h0.dtype))
-    assert got[0].dtype == dtype and got[1].dtype == h0.dtype
-    assert all(g.dtype == x.dtype for g, x in zip(got[2:], [*xs, h0]))
-    check_all(NAMES7, ref, got, RTOL[dtype])
+    assert_dtypes(assert_matches_naive(wkv7, xs, h0, RTOL[dtype], chunk_size=chunk), xs, h0)
 
 
 @pytest.mark.triton
@@ -154,42 +152,16 @@ def test_wkv7_triton_interpreter(B, T, H, N, chunk, dtype, interpreter):
 def test_wkv6_triton_interpreter(B, T, H, N, chunk, dtype, interpreter):
     # decay_max 20: per-token decays down to e^-20, the regime where back-stepping or factorising would break.
     xs, h0 = inputs6(B, T, H, N, dtype, decay_max=20.0)
-    got = run(lambda *a: wkv6(*a, backend="triton", chunk_size=chunk), xs, h0)
-    ref = run(lambda *a: wkv6(*a, backend="naive"), *double(xs, h0), like=(dtype, h0.dtype))
-    assert got[0].dtype == dtype and got[1].dtype == h0.dtype
-    assert all(g.dtype == x.dtype for g, x in zip(got[2:], [*xs, h0]))
-    check_all(NAMES6, ref, got, RTOL[dtype])
+    assert_dtypes(assert_matches_naive(wkv6, xs, h0, RTOL[dtype], chunk_size=chunk), xs, h0)
 
 
 @pytest.mark.triton
 @needs_interpreter
 def test_triton_without_initial_state_interpreter(interpreter):
-    xs, _ = inputs7(1, 5, 2, 8, torch.float32)
-    got = run(lambda *a: wkv7(*a, backend="triton", chunk_size=2), xs, None)
-    ref = run(lambda *a: wkv7(*a, backend="naive"), *double(xs, None), like=(torch.float32, torch.float32))
-    check_all(NAMES7[:-1], ref, got, RTOL[torch.float32])
-    xs, _ = inputs6(1, 5, 2, 8, torch.float32)
-    got = run(lambda *a: wkv6(*a, backend="triton", chunk_size=2), xs, None)
-    ref = run(lambda *a: wkv6(*a, backend="naive"), *double(xs, None), like=(torch.float32, torch.float32))
-    check_all(NAMES6[:-1], ref, got, RTOL[torch.float32])
-
-
-def varlen_reference(op, xs, h0, cu, n_seq_inputs, seed=1):
-    """Each sequence alone through the float64 naive op; the same loss weights as run() uses on the packed call."""
-    like = (xs[0].dtype, h0.dtype)
-    xs, h0 = double(xs, h0)
-    g = torch.Generator().manual_seed(seed)
-    do = torch.randn(xs[0].shape, generator=g, dtype=torch.float64).to(like[0]).to(xs[0])
-    dht = torch.randn(h0.shape, generator=g, dtype=torch.float64).to(like[1]).to(h0)
-    outs, states = [], []
-    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        seq = [x[:, s:e] for x in xs[:n_seq_inputs]] + list(xs[n_seq_inputs:])
-        o_i, h_i = op(*seq, h0[i : i + 1], backend="naive")
-        outs.append(o_i)
-        states.append(h_i)
-    out, ht = torch.cat(outs, 1), torch.cat(states, 0)
-    grads = torch.autograd.grad((out * do).sum() + (ht * dht).sum(), [*xs, h0])
-    return [out, ht, *grads]
+    for fn, make in ((wkv7, inputs7), (wkv6, inputs6)):
+        xs, _ = make(1, 5, 2, 8, torch.float32)
+        got = assert_matches_naive(fn, xs, None, RTOL[torch.float32], chunk_size=2)
+        assert len(got[2]) == len(xs)  # gradients of the inputs only
 
 
 LENS = [5, 1, 0, 13, 4]  # includes a one-token and an empty sequence; 13 crosses three checkpoints of 4
@@ -199,31 +171,28 @@ LENS = [5, 1, 0, 13, 4]  # includes a one-token and an empty sequence; 13 crosse
 @needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_varlen_triton_interpreter(dtype, interpreter):
-    cu = torch.tensor([0, *torch.tensor(LENS).cumsum(0).tolist()], dtype=torch.int32)
-    xs, h0 = inputs7(1, sum(LENS), 2, 8, dtype, n_states=len(LENS))
-    got = run(lambda *a: wkv7(*a, cu_seqlens=cu, backend="triton", chunk_size=4), xs, h0)
-    check_all(NAMES7, varlen_reference(wkv7, xs, h0, cu, 6), got, RTOL[dtype])
-    xs, h0 = inputs6(1, sum(LENS), 2, 8, dtype, n_states=len(LENS))
-    got = run(lambda *a: wkv6(*a, cu_seqlens=cu, backend="triton", chunk_size=4), xs, h0)
-    check_all(NAMES6, varlen_reference(wkv6, xs, h0, cu, 4), got, RTOL[dtype])
+    cu = cu_seqlens_of(LENS, dtype=torch.int32)
+    for fn, make in ((wkv7, inputs7), (wkv6, inputs6)):
+        xs, h0 = make(1, sum(LENS), 2, 8, dtype, n_states=len(LENS))
+        assert_varlen_matches_naive(fn, xs, h0, cu, RTOL[dtype], chunk_size=4)
 
 
 @pytest.mark.triton
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T", [1, 3])
-def test_wkv7_step_kernel_interpreter(T, dtype, interpreter):
-    from rwkv_torch.ops.wkv7.triton_step import wkv7_step_triton
+def test_wkv7_decode_kernel_interpreter(T, dtype, interpreter):
+    from rwkv_torch.ops.wkv7.triton_recurrent import wkv7_decode_triton
 
     xs, h0 = inputs7(3, T, 2, 20, dtype)  # N = 20: two value blocks of 16, the second one masked
     xs, h0 = [x.detach() for x in xs], h0.detach()
     ref_o, ref_h = wkv7(*[x.double() for x in xs], h0.double(), backend="naive")
-    with torch.no_grad():  # no gradient needed: the public op takes the step kernel
-        out, ht = wkv7(*xs, h0, backend="triton")
+    with torch.no_grad():  # no gradient needed: the public op takes the decode kernel
+        out, ht = wkv7(*xs, h0, backend="recurrent")
     assert_close("o", ref_o, out, RTOL[dtype])
     assert_close("ht", ref_h, ht, RTOL[dtype])
     state = h0.clone()
-    out2, ht2 = wkv7_step_triton(*xs, state, out_state=state)  # in place, as a CUDA-graph decode loop does
+    out2, ht2 = wkv7_decode_triton(*xs, state, out_state=state)  # in place, as a CUDA-graph decode loop does
     assert ht2.data_ptr() == state.data_ptr()
     assert torch.equal(out2, out) and torch.equal(state, ht)
 
@@ -232,9 +201,9 @@ def test_wkv7_step_kernel_interpreter(T, dtype, interpreter):
 @needs_interpreter
 def test_gradcheck_tiny_interpreter(interpreter):
     xs, h0 = inputs7(1, 3, 1, 2, torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: wkv7(*a[:6], a[6], backend="triton", chunk_size=2), (*xs, h0))
+    assert torch.autograd.gradcheck(lambda *a: wkv7(*a[:6], a[6], backend="recurrent", chunk_size=2), (*xs, h0))
     xs, h0 = inputs6(1, 3, 1, 2, torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: wkv6(*a[:5], a[5], backend="triton", chunk_size=2), (*xs, h0))
+    assert torch.autograd.gradcheck(lambda *a: wkv6(*a[:5], a[5], backend="recurrent", chunk_size=2), (*xs, h0))
 
 
 # Compiles every kernel, as the launchers call it at N = 64, for an H100 (sm_90): Triton -> PTX -> ptxas cubin.
@@ -246,7 +215,7 @@ try:
     from triton.compiler import ASTSource
 except ImportError as e:
     sys.exit(f"SKIP this Triton has no ahead-of-time compile API: {e}")
-c7, s7, t6 = (importlib.import_module(m) for m in sys.argv[2:5])
+c7, t6 = (importlib.import_module(m) for m in sys.argv[2:4])
 for dt in sys.argv[1].split(","):
     x, acc = "*" + dt, "*fp32"
     seqs = dict(seq_offsets="*i64", chunk_offsets="*i64")
@@ -257,7 +226,7 @@ for dt in sys.argv[1].split(","):
     kernels = [
         (c7.wkv7_fwd_kernel_recurrent, in7 | fwd, shape | dict(CHUNK=32, USE_H0=True, SAVE=True), 4),
         (c7.wkv7_bwd_kernel_recurrent, in7 | bwd | dict(da=acc, db=acc), shape | dict(CHUNK=32, USE_DHT=True), 8),
-        (s7.wkv7_fwd_kernel_step, in7 | dict(h0=acc, o=x, ht=acc, T="i32"), shape | dict(BV=16, USE_H0=True), 4),
+        (c7.wkv7_fwd_kernel_step, in7 | dict(h0=acc, o=x, ht=acc, T="i32"), shape | dict(BV=16, USE_H0=True), 4),
         (t6.wkv6_fwd_kernel_recurrent, in6 | fwd, shape | dict(CHUNK=32, USE_H0=True, SAVE=True), 4),
         (t6.wkv6_bwd_kernel_recurrent, in6 | bwd | dict(du=acc), shape | dict(CHUNK=32, USE_DHT=True), 8),
     ]
@@ -290,26 +259,37 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     assert proc.stdout.count("compiled") == 10, proc.stdout
 
 
-def test_triton_backend_errors_and_auto_on_cpu(monkeypatch):
+@needs_c_kernel()
+def test_recurrent_on_cpu_without_the_interpreter_runs_the_c_kernel(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _forget_kernels()
-    xs, h0 = inputs7(1, 4, 2, 8, torch.float32)
-    with pytest.raises(ValueError, match=r"needs CUDA tensors.*pip install rwkv-torch\[gpu\]"):
-        wkv7(*xs, h0, backend="triton")
-    xs6, h6 = inputs6(1, 4, 2, 8, torch.float32)
-    with pytest.raises(ValueError, match=r"needs CUDA tensors.*pip install rwkv-torch\[gpu\]"):
-        wkv6(*xs6, h6, backend="triton")
-    # auto on CPU is unchanged (chunk / step) and never imports Triton's kernels.
-    ref, _ = wkv7(*xs, h0, backend="chunk")
-    assert torch.equal(wkv7(*xs, h0)[0], ref)
-    assert not any(name in sys.modules for name in KERNEL_MODULES)
-    # A missing triton package names the install command.
+    cpu = torch.device("cpu")
+    for fn, make, c_kernel in ((wkv7, inputs7, cpu_kernel.wkv7_c), (wkv6, inputs6, cpu_kernel.wkv6_c)):
+        xs, h0 = make(1, 4, 2, 8, torch.float32)
+        xs, h0 = [x.detach() for x in xs], h0.detach()
+        assert _common.resolve_backend(fn.__name__, "recurrent", cpu, 4, grad=False) == "c"
+        out, ht = fn(*xs, h0, backend="recurrent")
+        c_out, c_ht = c_kernel(*xs, h0)
+        assert torch.equal(out, c_out) and torch.equal(ht, c_ht)
+        ref_o, ref_h = fn(*(x.double() for x in xs), h0.double(), backend="naive")
+        assert_close(f"o-{fn.__name__}", ref_o, out, RTOL[torch.float32])
+        assert_close(f"ht-{fn.__name__}", ref_h, ht, RTOL[torch.float32])
+        # auto on CPU without grad is the C kernel too (chunk with grad)
+        assert torch.equal(fn(*xs, h0)[0], out)
+        # with grad: a clear error, no silent switch to another kernel
+        with pytest.raises(ValueError, match="forward-only"):
+            fn(*(x.requires_grad_() for x in xs), h0, backend="recurrent")
+    # None of this imported Triton's kernels.
+    assert not any(name in sys.modules for name in TRITON_MODULES)
+
+
+def test_missing_triton_package_names_the_install_command(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_common, "triton_importable", lambda: False)
-    with pytest.raises(ImportError, match=r"pip install rwkv-torch\[gpu\]"):
-        wkv7(*xs, h0, backend="triton")
-    with pytest.raises(ImportError, match=r"pip install rwkv-torch\[gpu\]"):
-        wkv6(*xs6, h6, backend="triton")
+    for fn, make in ((wkv7, inputs7), (wkv6, inputs6)):
+        xs, h0 = make(1, 4, 2, 8, torch.float32)
+        with pytest.raises(ImportError, match=r"needs the triton package.*pip install rwkv-torch\[gpu\]"):
+            fn(*xs, h0, backend="recurrent")
 
 
 @pytest.mark.gpu
@@ -317,14 +297,9 @@ def test_triton_backend_errors_and_auto_on_cpu(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("B,T,H,N", [(2, 300, 4, 64), (1, 1000, 2, 32)], ids=["B2-T300-H4-N64", "B1-T1000-H2-N32"])
 def test_triton_gpu(B, T, H, N, dtype, compiled):
-    xs, h0 = inputs7(B, T, H, N, dtype, device="cuda")
-    got = run(lambda *a: wkv7(*a, backend="triton"), xs, h0)
-    ref = run(lambda *a: wkv7(*a, backend="naive"), *double(xs, h0), like=(dtype, h0.dtype))
-    check_all(NAMES7, ref, got, RTOL[dtype])
-    xs, h0 = inputs6(B, T, H, N, dtype, device="cuda")
-    got = run(lambda *a: wkv6(*a, backend="triton"), xs, h0)
-    ref = run(lambda *a: wkv6(*a, backend="naive"), *double(xs, h0), like=(dtype, h0.dtype))
-    check_all(NAMES6, ref, got, RTOL[dtype])
+    for fn, make in ((wkv7, inputs7), (wkv6, inputs6)):
+        xs, h0 = make(B, T, H, N, dtype, device="cuda")
+        assert_matches_naive(fn, xs, h0, RTOL[dtype])
 
 
 @pytest.mark.gpu
@@ -332,33 +307,30 @@ def test_triton_gpu(B, T, H, N, dtype, compiled):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_varlen_gpu(dtype, compiled):
     lens = [1, 100, 0, 257, 64]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    xs, h0 = inputs7(1, sum(lens), 4, 64, dtype, device="cuda", n_states=len(lens))
-    got = run(lambda *a: wkv7(*a, cu_seqlens=cu, backend="triton"), xs, h0)
-    check_all(NAMES7, varlen_reference(wkv7, xs, h0, cu, 6), got, RTOL[dtype])
-    xs, h0 = inputs6(1, sum(lens), 4, 64, dtype, device="cuda", n_states=len(lens))
-    got = run(lambda *a: wkv6(*a, cu_seqlens=cu, backend="triton"), xs, h0)
-    check_all(NAMES6, varlen_reference(wkv6, xs, h0, cu, 4), got, RTOL[dtype])
+    cu = cu_seqlens_of(lens, dtype=torch.int32, device="cuda")
+    for fn, make in ((wkv7, inputs7), (wkv6, inputs6)):
+        xs, h0 = make(1, sum(lens), 4, 64, dtype, device="cuda", n_states=len(lens))
+        assert_varlen_matches_naive(fn, xs, h0, cu, RTOL[dtype])
 
 
 @pytest.mark.gpu
 @needs_compiled
-def test_step_kernel_cuda_graph_and_auto(compiled):
-    from rwkv_torch.ops.wkv7.triton_step import wkv7_step_triton
+def test_decode_kernel_cuda_graph_and_auto(compiled):
+    from rwkv_torch.ops.wkv7.triton_recurrent import wkv7_decode_triton
 
     xs, h0 = inputs7(4, 1, 4, 64, torch.bfloat16, device="cuda")
     xs, h0 = [x.detach() for x in xs], h0.detach()
     ref_o, ref_h = wkv7(*[x.double() for x in xs], h0.double(), backend="naive")
     with torch.no_grad():
-        out, ht = wkv7(*xs, h0)  # auto on CUDA with triton installed: the triton step kernel
+        out, ht = wkv7(*xs, h0)  # auto on CUDA with triton installed, no grad: the Triton decode kernel
     assert_close("o-auto", ref_o, out, RTOL[torch.bfloat16])
     assert_close("ht-auto", ref_h, ht, RTOL[torch.float32])
     state = h0.clone()
-    wkv7_step_triton(*xs, state, out_state=state)  # warm-up (compiles) outside the capture
+    wkv7_decode_triton(*xs, state, out_state=state)  # warm-up (compiles) outside the capture
     state.copy_(h0)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out_g, _ = wkv7_step_triton(*xs, state, out_state=state)
+        out_g, _ = wkv7_decode_triton(*xs, state, out_state=state)
     state.copy_(h0)
     graph.replay()
     torch.cuda.synchronize()
@@ -373,15 +345,12 @@ def test_step_kernel_cuda_graph_and_auto(compiled):
 def test_triton_matches_independent_float64_recurrence(op, dtype, interpreter):
     """Besides the naive backend: the independent float64 loops of test_wkv7/test_wkv6 (the spec's matrix form),
     from a non-zero initial state, odd T across state checkpoints."""
-    from tests.ops import test_wkv6 as t6
-    from tests.ops import test_wkv7 as t7
-
     mod, fn, make = (t7, wkv7, inputs7) if op == "wkv7" else (t6, wkv6, inputs6)
     xs, h0 = make(2, 11, 2, 8, dtype)
     ref_o, ref_h = mod.reference(*(x.detach().double() for x in xs), h0.detach().double())
-    out, ht = fn(*xs, h0, backend="triton", chunk_size=4)  # inputs need grad: the kernel with state checkpoints
+    out, ht = fn(*xs, h0, backend="recurrent", chunk_size=4)  # inputs need grad: the kernel with state checkpoints
     with torch.no_grad():  # no grad: for wkv7 the decode kernel
-        out_ng, ht_ng = fn(*xs, h0, backend="triton", chunk_size=4)
+        out_ng, ht_ng = fn(*xs, h0, backend="recurrent", chunk_size=4)
     for name, o, h in (("grad", out, ht), ("no grad", out_ng, ht_ng)):
         assert_close(f"o ({name})", ref_o, o, RTOL[dtype])
         assert_close(f"ht ({name})", ref_h, h, RTOL[dtype])

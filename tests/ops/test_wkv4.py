@@ -5,9 +5,10 @@ import torch
 
 from rwkv_torch.ops import wkv4
 from rwkv_torch.ops.wkv4 import PP_INIT
-from tests.utils import assert_close
+from tests.utils import assert_all_close, assert_close, grads_of
 
-NAMES = ("w", "u", "k", "v", "aa0", "bb0", "pp0")
+NAMES = ("w", "u", "k", "v", "aa0", "bb0", "pp0")  # the inputs, then the initial state
+STATE_NAMES = ("aa", "bb", "pp")
 
 
 def make_inputs(B, T, C, dtype=torch.float64, requires_grad=False, k_scale=2.0, decay_scale=1.0):
@@ -64,27 +65,6 @@ def test_naive_matches_textbook_formula(B, T, C):
     assert torch.equal(out0[:, 0], v[:, 0])
 
 
-def grads_of(fn, xs, state, seed=1):
-    """Outputs, final (aa, bb, pp) and the gradients of every input through (o*do).sum() + Σ (s*ds).sum()."""
-    out, final = fn(*xs, state)
-    g = torch.Generator().manual_seed(seed)
-    do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    ds = [torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.dtype) for s in final]
-    loss = (out * do).sum() + sum((s * d).sum() for s, d in zip(final, ds))
-    leaves = [*xs, *(state or ())]
-    grads = torch.autograd.grad(loss, leaves)
-    return out.detach(), [s.detach() for s in final], grads
-
-
-def assert_all_close(ref, got, rtol):
-    (ref_o, ref_s, ref_g), (out, st, gs) = ref, got
-    assert_close("o", ref_o, out, rtol)
-    for name, rs, s in zip(("aa", "bb", "pp"), ref_s, st):
-        assert_close(name, rs, s, rtol)
-    for name, rg, g in zip(NAMES, ref_g, gs):
-        assert_close(f"d{name}", rg, g, rtol)
-
-
 CASES = [
     # (B, T, C, chunk): T = 1, T below one chunk, T a multiple, T not a multiple of the chunk
     (1, 1, 4, 16),
@@ -103,22 +83,13 @@ def test_chunk_matches_naive_fp64(B, T, C, chunk, with_state):
     state = make_state(B, C, requires_grad=True) if with_state else None
     ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
     got = grads_of(lambda *a: wkv4(*a, backend="chunk", chunk_size=chunk), xs, state)
-    assert_all_close(ref, got, 1e-10)
-
-
-@pytest.mark.parametrize("T", [1, 7])
-def test_step_backend_matches_naive(T):
-    xs = make_inputs(2, T, 6, requires_grad=True)
-    state = make_state(2, 6, requires_grad=True)
-    ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
-    got = grads_of(lambda *a: wkv4(*a, backend="step"), xs, state)
-    assert_all_close(ref, got, 1e-12)
+    assert_all_close(ref, got, 1e-10, NAMES, STATE_NAMES)
 
 
 def test_auto_backend_matches_naive():
     w, u, k, v = make_inputs(2, 40, 6)
     state = make_state(2, 6)
-    for T in (1, 40):  # auto: step for one token, chunk otherwise
+    for T in (1, 40):  # auto: naive for one token, chunk otherwise
         out, st = wkv4(w, u, k[:, :T], v[:, :T], state)
         ref, ref_st = wkv4(w, u, k[:, :T], v[:, :T], state, backend="naive")
         assert_close(f"o-T{T}", ref, out, 1e-10)
@@ -160,7 +131,7 @@ def test_long_sequence_with_strong_decay_is_stable(dtype):
         ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
         got = grads_of(lambda *a: wkv4(*a, backend="chunk", chunk_size=64), xs, state)
         assert all(torch.isfinite(t).all() for t in (got[0], *got[1], *got[2]))
-        assert_all_close(ref, got, 1e-10)
+        assert_all_close(ref, got, 1e-10, NAMES, STATE_NAMES)
         return
     ref, ref_st = wkv4(*xs, state, backend="naive")
     low = [x.float() for x in xs]
@@ -172,7 +143,7 @@ def test_long_sequence_with_strong_decay_is_stable(dtype):
             assert_close(f"{name}-{backend}", a, b, 1e-5)
 
 
-@pytest.mark.parametrize("backend", ["naive", "chunk", "step", "auto"])
+@pytest.mark.parametrize("backend", ["naive", "chunk", "auto"])
 def test_empty_sequence_returns_the_initial_state(backend):
     w, u, k, v = make_inputs(2, 0, 4)
     state = make_state(2, 4)
@@ -228,7 +199,7 @@ def test_bad_inputs_raise_clear_errors():
         wkv4(w, u, k, v, (*state[:2], state[2].half()))
     with pytest.raises(ValueError, match="backend must be one of"):
         wkv4(w, u, k, v, backend="fast")
-    with pytest.raises(ValueError, match="not available yet"):
-        wkv4(w, u, k, v, backend="triton")
+    with pytest.raises(ValueError, match="no CPU kernel for wkv4"):
+        wkv4(w, u, k, v, backend="recurrent")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         wkv4(w, u, k, v, backend="chunk", chunk_size=-1)

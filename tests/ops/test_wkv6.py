@@ -1,26 +1,34 @@
 """WKV-6 (RWKV-5/6): every backend against the naive spec, the spec against an independent loop, stability, varlen."""
 
-import os
-
 import pytest
 import torch
 
-from rwkv_torch.ops import wkv6
+from rwkv_torch.ops import _common, wkv6
 from rwkv_torch.ops.wkv6 import chunk as wkv6_chunk_module
-from tests.utils import assert_close
+from tests.utils import (
+    assert_all_close,
+    assert_close,
+    assert_varlen_matches,
+    cu_seqlens_of,
+    each_sequence,
+    float64_leaves,
+    grads_of,
+    needs_c_kernel,
+)
 
-NAMES = ("r", "w", "k", "v", "u", "h0")
+NAMES = ("r", "w", "k", "v", "u", "h0")  # the inputs, then the initial state
 
 
-def make_inputs(B, T, H, N, dtype=torch.float64, decay_max=3.0, requires_grad=False, with_state=True):
+def make_inputs(B, T, H, N, dtype=torch.float64, decay_max=3.0, requires_grad=False, with_state=True, device="cpu",
+                n_states=None):
     """RWKV-6-shaped inputs: log decays w = -exp(d) spread over (-decay_max, 0), a random bonus u [H, N] and a
-    non-zero initial state (float32, or float64 for float64 inputs)."""
+    non-zero initial state [n_states or B, H, N, N] (float32, or float64 for float64 inputs)."""
     r, k, v = (torch.randn(B, T, H, N, dtype=torch.float64) for _ in range(3))
     w = -decay_max * torch.rand(B, T, H, N, dtype=torch.float64)
     u = torch.randn(H, N, dtype=torch.float64)
-    xs = [t.to(dtype).requires_grad_(requires_grad) for t in (r, w, k, v, u)]
-    h0 = torch.randn(B, H, N, N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return xs, (h0.requires_grad_(requires_grad) if with_state else None)
+    xs = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (r, w, k, v, u)]
+    h0 = torch.randn(n_states or B, H, N, N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return xs, (h0.to(device).requires_grad_(requires_grad) if with_state else None)
 
 
 def reference(r, w, k, v, u, h0):
@@ -36,28 +44,6 @@ def reference(r, w, k, v, u, h0):
             out[:, t] += r[:, t, :, c, None] * (u[:, c, None] * kv + S[:, :, c])
             S[:, :, c] = w[:, t, :, c, None].exp() * S[:, :, c] + kv
     return out, S
-
-
-def grads_of(fn, xs, h0, seed=1):
-    """Outputs, final state and the gradients of every input through (o*do).sum() + (ht*dht).sum()."""
-    out, ht = fn(*xs, h0)
-    g = torch.Generator().manual_seed(seed)
-    do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    dht = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.dtype)
-    ((out * do).sum() + (ht * dht).sum()).backward()
-    leaves = [*xs, h0] if h0 is not None else list(xs)
-    gs = [x.grad.clone() for x in leaves]
-    for x in leaves:
-        x.grad = None
-    return out.detach(), ht.detach(), gs
-
-
-def assert_all_close(ref, got, rtol):
-    (ref_o, ref_h, ref_g), (out, ht, gs) = ref, got
-    assert_close("o", ref_o, out, rtol)
-    assert_close("ht", ref_h, ht, rtol)
-    for name, rg, g in zip(NAMES, ref_g, gs):
-        assert_close(f"d{name}", rg, g, rtol)
 
 
 SPEC_CASES = [(2, 1, 2, 4, 3.0), (1, 23, 3, 8, 3.0), (2, 40, 2, 4, 25.0)]
@@ -96,7 +82,7 @@ def test_chunk_matches_naive_fp64(B, T, H, N, chunk, pairs, with_state, monkeypa
     xs, h0 = make_inputs(B, T, H, N, decay_max=1.0, requires_grad=True, with_state=with_state)
     ref = grads_of(lambda *a: wkv6(*a, backend="naive"), xs, h0)
     got = grads_of(lambda *a: wkv6(*a, backend="chunk", chunk_size=chunk), xs, h0)
-    assert_all_close(ref, got, 1e-10)
+    assert_all_close(ref, got, 1e-10, NAMES)
 
 
 def test_strong_decays_use_shorter_factorised_chunks(monkeypatch):
@@ -108,23 +94,14 @@ def test_strong_decays_use_shorter_factorised_chunks(monkeypatch):
 
     monkeypatch.setattr(wkv6_chunk_module, "_pair_scores_exact", no_exact)
     xs, h0 = make_inputs(2, 70, 2, 16, dtype=torch.float32, decay_max=6.0, requires_grad=True)
-    ref = grads_of(lambda *a: wkv6(*a, backend="naive"), [x.detach().double().requires_grad_() for x in xs],
-                   h0.detach().double().requires_grad_())
+    ref = grads_of(lambda *a: wkv6(*a, backend="naive"), *float64_leaves(xs, h0))
     got = grads_of(lambda *a: wkv6(*a, backend="chunk", chunk_size=32), xs, h0)
-    assert_all_close(ref, got, 1e-5)
-
-
-@pytest.mark.parametrize("T", [1, 7])
-def test_step_backend_matches_naive(T):
-    xs, h0 = make_inputs(2, T, 2, 8, requires_grad=True)
-    ref = grads_of(lambda *a: wkv6(*a, backend="naive"), xs, h0)
-    got = grads_of(lambda *a: wkv6(*a, backend="step"), xs, h0)
-    assert_all_close(ref, got, 1e-12)
+    assert_all_close(ref, got, 1e-5, NAMES)
 
 
 def test_auto_backend_matches_naive():
     xs, h0 = make_inputs(1, 50, 2, 8)
-    for T in (1, 50):  # auto: step for one token, chunk otherwise
+    for T in (1, 50):  # auto on CPU without grad: naive for one token, the C recurrence (or chunk) otherwise
         seq = [x[:, :T] for x in xs[:4]]
         out, ht = wkv6(*seq, xs[4], h0)
         ref_o, ref_h = wkv6(*seq, xs[4], h0, backend="naive")
@@ -164,7 +141,7 @@ def test_long_sequence_with_strong_decay_is_stable(dtype):
         ref = grads_of(lambda *a: wkv6(*a, backend="naive"), xs, h0)
         got = grads_of(lambda *a: wkv6(*a, backend="chunk", chunk_size=64), xs, h0)
         assert all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2]))
-        assert_all_close(ref, got, 1e-10)
+        assert_all_close(ref, got, 1e-10, NAMES)
         return
     ref_o, ref_h = wkv6(*[x.double() for x in xs], h0.double(), backend="naive")
     for backend in ("naive", "chunk"):
@@ -176,34 +153,16 @@ def test_long_sequence_with_strong_decay_is_stable(dtype):
 
 @pytest.mark.parametrize("backend", ["naive", "chunk"])
 def test_varlen_equals_separate_calls(backend):
+    # Outputs and states per sequence (the empty one must just return its initial state); gradients reach every
+    # input and each sequence's own initial state exactly as in the separate calls.
     lens = [7, 0, 1, 33, 16]  # includes an empty sequence, one token, and a chunk-sized one
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    xs, _ = make_inputs(1, sum(lens), 2, 8, requires_grad=True)
-    h0 = torch.randn(len(lens), 2, 8, 8, dtype=torch.float64, requires_grad=True)
-    out, ht = wkv6(*xs, h0, cu_seqlens=cu, backend=backend, chunk_size=16)
-    assert out.shape == xs[0].shape and ht.shape == (len(lens), 2, 8, 8)
-    spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
-    separate = [
-        wkv6(*[x[:, s:e] for x in xs[:4]], xs[4], h0[i : i + 1], backend="naive") for i, (s, e) in enumerate(spans)
-    ]
-    for i, ((s, e), (o_i, h_i)) in enumerate(zip(spans, separate)):
-        if e > s:  # (assert_close needs elements; the empty sequence must just return its initial state)
-            assert_close(f"o[{i}]", o_i, out[:, s:e], 1e-10)
-        assert_close(f"ht[{i}]", h_i, ht[i : i + 1], 1e-10)
-    # Gradients reach every input and each sequence's own initial state exactly as in the separate calls.
-    g = torch.Generator().manual_seed(2)
-    do = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    dht = torch.randn(ht.shape, generator=g, dtype=torch.float64)
-    packed = torch.autograd.grad((out * do).sum() + (ht * dht).sum(), [*xs, h0])
-    loss = sum(
-        (o_i * do[:, s:e]).sum() + (h_i * dht[i : i + 1]).sum()
-        for i, ((s, e), (o_i, h_i)) in enumerate(zip(spans, separate))
-    )
-    for name, ref_g, g_ in zip(NAMES, torch.autograd.grad(loss, [*xs, h0]), packed):
-        assert_close(f"d{name}", ref_g, g_, 1e-10)
+    cu = cu_seqlens_of(lens)
+    xs, h0 = make_inputs(1, sum(lens), 2, 8, requires_grad=True, n_states=len(lens))
+    packed = lambda *a: wkv6(*a, cu_seqlens=cu, backend=backend, chunk_size=16)  # noqa: E731
+    assert_varlen_matches(packed, each_sequence(wkv6, cu, 4, backend="naive"), xs, h0, cu, 1e-10, grad_names=NAMES)
 
 
-@pytest.mark.parametrize("backend", ["naive", "chunk", "step", "auto"])
+@pytest.mark.parametrize("backend", ["naive", "chunk", pytest.param("recurrent", marks=needs_c_kernel()), "auto"])
 def test_empty_sequence_returns_the_initial_state(backend):
     xs, h0 = make_inputs(2, 0, 2, 4)
     out, ht = wkv6(*xs, h0, backend=backend)
@@ -250,9 +209,9 @@ def test_bad_inputs_raise_clear_errors():
         wkv6(*xs, h0.half())
     with pytest.raises(ValueError, match="backend must be one of"):
         wkv6(*xs, backend="fast")
-    if not os.environ.get("TRITON_INTERPRET"):
-        with pytest.raises(ValueError, match="needs CUDA tensors"):
-            wkv6(*xs, backend="triton")
+    if not _common.triton_interpreting():  # (under the interpreter, Triton's recurrence has a backward)
+        with pytest.raises(ValueError, match="forward-only"):
+            wkv6(*(x.detach().requires_grad_() for x in xs), backend="recurrent")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         wkv6(*xs, backend="chunk", chunk_size=0)
     with pytest.raises(ValueError, match="end at T=4"):

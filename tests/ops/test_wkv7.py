@@ -6,20 +6,22 @@ import torch.nn.functional as F
 
 from rwkv_torch.ops import wkv7
 from rwkv_torch.ops.wkv7 import wkv7_chunk
-from tests.utils import assert_close
+from tests.utils import assert_all_close, assert_close, assert_varlen_matches, cu_seqlens_of, each_sequence, grads_of
 
-NAMES = ("r", "w", "k", "v", "a", "b")
+NAMES = ("r", "w", "k", "v", "a", "b", "h0")  # the inputs, then the initial state
 
 
-def make_inputs(B, T, H, N, dtype=torch.float64, decay_min=-0.6065, requires_grad=False, with_state=True):
-    """RWKV-7-shaped inputs: w in [decay_min, 0), a = -kk, b = kk * a_rate with kk unit-norm per head."""
+def make_inputs(B, T, H, N, dtype=torch.float64, decay_min=-0.6065, requires_grad=False, with_state=True,
+                device="cpu", n_states=None):
+    """RWKV-7-shaped inputs: w in [decay_min, 0), a = -kk, b = kk * a_rate with kk unit-norm per head, and a random
+    non-zero initial state [n_states or B, H, N, N] (float32, or float64 for float64 inputs)."""
     r, k, v = (torch.randn(B, T, H, N, dtype=torch.float64) for _ in range(3))
     w = decay_min * torch.rand(B, T, H, N, dtype=torch.float64)
     kk = F.normalize(torch.randn(B, T, H, N, dtype=torch.float64), dim=-1)
     a, b = -kk, kk * torch.rand(B, T, H, N, dtype=torch.float64)
-    xs = [t.to(dtype).requires_grad_(requires_grad) for t in (r, w, k, v, a, b)]
-    h0 = torch.randn(B, H, N, N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    h0 = h0.requires_grad_(requires_grad) if with_state else None
+    xs = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (r, w, k, v, a, b)]
+    h0 = torch.randn(n_states or B, H, N, N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    h0 = h0.to(device).requires_grad_(requires_grad) if with_state else None
     return xs, h0
 
 
@@ -35,19 +37,6 @@ def reference(r, w, k, v, a, b, h0):
         S = S * row["w"].exp() + S @ col["a"] @ row["b"] + col["v"] @ row["k"]
         ys.append((S @ col["r"]).squeeze(-1))
     return torch.stack(ys, 1), S
-
-
-def grads_of(fn, xs, h0, seed=1):
-    out, ht = fn(*xs, h0)
-    g = torch.Generator().manual_seed(seed)
-    do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    dht = torch.randn(ht.shape, generator=g, dtype=torch.float64).to(ht.dtype)
-    ((out * do).sum() + (ht * dht).sum()).backward()
-    gs = [x.grad.clone() for x in xs] + ([h0.grad.clone()] if h0 is not None else [])
-    for x in [*xs, h0]:
-        if x is not None:
-            x.grad = None
-    return out.detach(), ht.detach(), gs
 
 
 @pytest.mark.parametrize("B,T,H,N", [(2, 1, 2, 8), (1, 37, 3, 16), (2, 100, 1, 4)], ids=lambda x: str(x))
@@ -75,23 +64,9 @@ CASES = [
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
 def test_chunk_matches_naive_fp64(B, T, H, N, chunk, with_state):
     xs, h0 = make_inputs(B, T, H, N, requires_grad=True, with_state=with_state)
-    ref_o, ref_h, ref_g = grads_of(lambda *a: wkv7(*a, backend="naive"), xs, h0)
-    out, ht, gs = grads_of(lambda *a: wkv7(*a, backend="chunk", chunk_size=chunk), xs, h0)
-    assert_close("o", ref_o, out, 1e-10)
-    assert_close("ht", ref_h, ht, 1e-10)
-    for name, rg, g in zip([*NAMES, "h0"], ref_g, gs):
-        assert_close(f"d{name}", rg, g, 1e-10)
-
-
-@pytest.mark.parametrize("T", [1, 7])
-def test_step_backend_matches_naive(T):
-    xs, h0 = make_inputs(2, T, 2, 8, requires_grad=True)
-    ref_o, ref_h, ref_g = grads_of(lambda *a: wkv7(*a, backend="naive"), xs, h0)
-    out, ht, gs = grads_of(lambda *a: wkv7(*a, backend="step"), xs, h0)
-    assert_close("o", ref_o, out, 1e-12)
-    assert_close("ht", ref_h, ht, 1e-12)
-    for name, rg, g in zip([*NAMES, "h0"], ref_g, gs):
-        assert_close(f"d{name}", rg, g, 1e-12)
+    ref = grads_of(lambda *a: wkv7(*a, backend="naive"), xs, h0)
+    got = grads_of(lambda *a: wkv7(*a, backend="chunk", chunk_size=chunk), xs, h0)
+    assert_all_close(ref, got, 1e-10, NAMES)
 
 
 def test_chunk_fp32_matches_fp64():
@@ -136,23 +111,13 @@ def test_chunk_gradcheck_tiny():
 
 @pytest.mark.parametrize("backend", ["naive", "chunk"])
 def test_varlen_equals_separate_calls(backend):
+    # Outputs and states per sequence; gradients reach every input and each sequence's own initial state exactly as
+    # in the separate calls.
     lens = [5, 1, 40, 17]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    xs, _ = make_inputs(1, sum(lens), 2, 8, requires_grad=True)
-    h0 = torch.randn(len(lens), 2, 8, 8, dtype=torch.float64, requires_grad=True)
-    out, ht = wkv7(*xs, h0, cu_seqlens=cu, backend=backend, chunk_size=16)
-    assert out.shape == xs[0].shape and ht.shape == (len(lens), 2, 8, 8)
-    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        o_i, h_i = wkv7(*[x[:, s:e] for x in xs], h0[i : i + 1], backend="naive")
-        assert_close(f"o[{i}]", o_i, out[:, s:e], 1e-10)
-        assert_close(f"ht[{i}]", h_i, ht[i : i + 1], 1e-10)
-    # Gradients flow to each sequence's initial state exactly as in the separate calls.
-    out.sum().backward()
-    g_packed = h0.grad.clone()
-    h0.grad = None
-    sum(wkv7(*[x[:, s:e] for x in xs], h0[i : i + 1], backend="naive")[0].sum()
-        for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist()))).backward()
-    assert_close("dh0", h0.grad, g_packed, 1e-10)
+    cu = cu_seqlens_of(lens)
+    xs, h0 = make_inputs(1, sum(lens), 2, 8, requires_grad=True, n_states=len(lens))
+    packed = lambda *a: wkv7(*a, cu_seqlens=cu, backend=backend, chunk_size=16)  # noqa: E731
+    assert_varlen_matches(packed, each_sequence(wkv7, cu, 6, backend="naive"), xs, h0, cu, 1e-10, grad_names=NAMES)
 
 
 def test_no_state_equals_zero_state():
