@@ -50,26 +50,3 @@ class Stream:
         """Bytes held by the recurrent state (constant in the sequence length)."""
         return sum(t.numel() * t.element_size() for t in self.state.tensors().values())
 
-
-def bench_stream(model, frames: int = 10_000, *, warmup: int = 100, seed: int = 0) -> dict:
-    """Per-frame latency of ``Stream(model).push`` over ``frames`` random frames (or tokens), batch 1.
-
-    Returns ``{"p50_ms", "p99_ms", "mean_ms", "frames"}``."""
-    import time
-
-    g = torch.Generator().manual_seed(seed)
-    s = Stream(model)
-    c = model.config
-    if c.vocab_size is not None:
-        xs = torch.randint(0, c.vocab_size, (warmup + frames,), generator=g)
-    else:
-        xs = torch.randn(warmup + frames, c.embed_dim, generator=g)
-    lat = []
-    for i, x in enumerate(xs):
-        t0 = time.perf_counter()
-        s.push(x)
-        if i >= warmup:
-            lat.append(time.perf_counter() - t0)
-    ms = torch.tensor(lat, dtype=torch.float64) * 1e3
-    return dict(p50_ms=ms.quantile(0.5).item(), p99_ms=ms.quantile(0.99).item(), mean_ms=ms.mean().item(),
-                frames=frames)

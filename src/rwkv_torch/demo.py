@@ -1,0 +1,261 @@
+"""The main job (``rwkv-torch demo``), the self-checks and benchmarks behind ``check`` and ``stream-bench``, and the
+printing front ends of ``generate``, ``info``, ``convert``, ``export`` and ``train`` that ``cli`` calls.
+
+Every function here prints its report to stdout (progress and timings of ``generate`` to stderr) and returns what it
+printed as data, so the CLI is a table of argument parsers over these calls and tests can check the values.
+"""
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoints import describe, load, save, save_official
+from .export import OnnxStep, export_onnx, state_names
+from .generate import full_state, stream_text
+from .model import build
+from .state import RWKVState
+from .stream import Stream
+from .tokenizer import ByteTokenizer, get_tokenizer
+from .train import train
+
+DEMO_PROMPT = "class Parser:\n    def __init__(self"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def demo(seconds: float = 60.0, out: str | None = None, prompt: str = DEMO_PROMPT, max_tokens: int = 300,
+         seed: int = 0, threads: int | None = None, progress: bool = True, temperature: float = 1.0,
+         top_p: float = 0.85, steps: int | None = None) -> dict:
+    """The main job: train a small RWKV-7 byte-level language model on the embedded corpus (the Python standard
+    library's sources) for ``seconds``, stream a sample from it, and measure the one-token step against the parallel
+    forward (agreement and per-token latency).
+
+    ``steps`` trains exactly that many optimizer steps instead (no time limit), so the run does not depend on the
+    machine's speed. Returns the trainer's summary (``step``, ``loss``, ``val_loss``, ``model_dir``, ...) plus
+    ``rel_error``, ``agree``, ``p50_ms``, ``p99_ms``, ``timed_steps`` (the one-token steps timed) and ``sample``.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    out = out or tempfile.mkdtemp(prefix="rwkv-demo-")
+    budget = f"{seconds:g} s" if steps is None else f"{steps} steps"
+    print(f"training a small RWKV-7 language model on the Python standard library's sources for {budget} "
+          f"(run directory {out})", flush=True)
+    model_cfg = dict(hidden_size=128, num_layers=2, head_size=32, window_size=128, batch_size=16)
+    time_limit = None if steps is not None else seconds * 1.25
+    steps = steps if steps is not None else _demo_steps(seconds, model_cfg, seed)
+    res = train(dict(model_cfg, lr=4e-3, lr_final=1e-4, warmup=min(50, steps // 10 + 1), steps=steps,
+                     time_limit=time_limit, eval_every=max(1, steps // 4), eval_batches=8, save_every=10**9,
+                     log_every=10, max_bytes=4_000_000, seed=seed, out=out, progress=progress))
+    val = f", validation {res['val_loss'] / math.log(2):.2f} bits/byte" if res["val_loss"] is not None else ""
+    print(f"{res['step']} steps: loss {res['loss'] / math.log(2):.2f} bits/byte{val}")
+    model = load(res["model_dir"]).eval()
+    tok = ByteTokenizer()
+    print(f"\n--- sample (temperature {temperature:g}, top-p {top_p:g}) ---\n{prompt}", end="", flush=True)
+    gen = stream_text(model, tok, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    text = ""
+    for piece in gen:
+        text += piece
+        print(piece, end="", flush=True)
+    print("\n--- end of sample ---\n")
+    ids = torch.tensor([tok.encode(prompt + text)[:256]])
+    r = _step_vs_parallel(model, ids, warmup=8)
+    ok = r["rel_error"] < 1e-4
+    print(f"step-by-step vs parallel forward over {ids.shape[1]} tokens: relative error {r['rel_error']:.2e} -> "
+          f"{'agree' if ok else 'DISAGREE'}")
+    print(f"one-token step latency: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms ({torch.get_num_threads()} "
+          f"threads); model saved in {res['model_dir']}")
+    return dict(rel_error=r["rel_error"], agree=ok, p50_ms=r["p50_ms"], p99_ms=r["p99_ms"],
+                timed_steps=r["timed_steps"], sample=text, **res)
+
+
+def _demo_steps(seconds: float, cfg: dict, seed: int) -> int:
+    """How many optimizer steps of the demo's model fit in ``seconds`` on this machine (timed on random bytes), so
+    the cosine schedule ends when the time is up."""
+    model = build(version=7, vocab_size=256, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
+                  head_size=cfg["head_size"], seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 256, (cfg["batch_size"], cfg["window_size"] + 1), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        logits = model(x[:, :-1], return_sequence=True)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    per_step = sorted(times[2:])[1] * 1.1  # median of the warm steps, plus the trainer's own overhead
+    return max(20, int(seconds / per_step))
+
+
+def _step_vs_parallel(model, x, warmup: int = 0) -> dict:
+    """Run ``x`` ([1, T] ids or [1, T, D] frames) through the parallel forward and one position at a time through
+    ``step``: the relative error of the step outputs (``rel_error``), the step latency p50 and p99 in ms over the
+    ``timed_steps`` steps after ``warmup`` (all T when T <= warmup), and the seconds of the parallel forward
+    (``parallel_s``)."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        par = model(x, return_sequence=True)
+        t_par = time.perf_counter() - t0
+        state, outs, lat = model.init_state(1), [], []
+        for t in range(x.shape[1]):
+            t0 = time.perf_counter()
+            y, state = model.step(x[:, t], state)
+            lat.append(time.perf_counter() - t0)
+            outs.append(y)
+    err = ((torch.stack(outs, 1) - par).norm() / par.norm()).item()
+    lat_ms = torch.tensor(lat[warmup:] or lat) * 1e3
+    return dict(rel_error=err, p50_ms=lat_ms.quantile(0.5).item(), p99_ms=lat_ms.quantile(0.99).item(),
+                timed_steps=len(lat_ms), parallel_s=t_par)
+
+
+def check(frames: int = 1000, embed_dim: int = 64, seed: int = 0, threads: int | None = None) -> dict:
+    """Build the default backbone, stream ``frames`` frames through ``step`` and through the parallel forward,
+    report whether they agree and the per-frame step latency. Returns ``rel_error``, ``agree``, ``p50_ms``,
+    ``p99_ms`` and ``frames`` (the frames stepped and timed)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = build(embed_dim=embed_dim, seed=seed).eval()
+    c = model.config
+    print(f"RWKV-{c.version} backbone: hidden_size={c.hidden_size} num_layers={c.num_layers} "
+          f"head_size={c.head_size} embed_dim={embed_dim}, {model.param_count():,} parameters")
+    r = _step_vs_parallel(model, torch.randn(1, frames, embed_dim))
+    err, p50, p99, t_par = r["rel_error"], r["p50_ms"], r["p99_ms"], r["parallel_s"]
+    ok = err < 1e-4
+    print(f"parallel forward over {frames} frames: {t_par * 1e3:.1f} ms ({frames / t_par:,.0f} frames/s)")
+    print(f"step-by-step vs parallel: relative error {err:.2e} -> {'agree' if ok else 'DISAGREE'}")
+    print(f"step latency per frame: p50 {p50:.3f} ms, p99 {p99:.3f} ms (60 FPS budget: 16.7 ms)")
+    return dict(rel_error=err, agree=ok, p50_ms=p50, p99_ms=p99, frames=r["timed_steps"])
+
+
+def bench_stream(model, frames: int = 10_000, *, warmup: int = 100, seed: int = 0) -> dict:
+    """Per-frame latency of ``Stream(model).push`` over ``frames`` random frames (or tokens), batch 1.
+
+    Returns ``{"p50_ms", "p99_ms", "mean_ms", "frames"}``, ``frames`` the count of pushes timed."""
+    g = torch.Generator().manual_seed(seed)
+    s = Stream(model)
+    c = model.config
+    if c.vocab_size is not None:
+        xs = torch.randint(0, c.vocab_size, (warmup + frames,), generator=g)
+    else:
+        xs = torch.randn(warmup + frames, c.embed_dim, generator=g)
+    lat = []
+    for i, x in enumerate(xs):
+        t0 = time.perf_counter()
+        s.push(x)
+        if i >= warmup:
+            lat.append(time.perf_counter() - t0)
+    ms = torch.tensor(lat, dtype=torch.float64) * 1e3
+    return dict(p50_ms=ms.quantile(0.5).item(), p99_ms=ms.quantile(0.99).item(), mean_ms=ms.mean().item(),
+                frames=len(lat))
+
+
+def stream_bench(frames: int = 10_000, embed_dim: int = 288, hidden_size: int = 256, num_layers: int = 6,
+                 version: int = 7, onnx: bool = True, threads: int | None = None) -> list[dict]:
+    """Per-frame latency p50/p99 of the streaming step in PyTorch and onnxruntime against the 60 FPS budget: one
+    row per runtime, ``runtime`` plus the keys of ``bench_stream``."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = build(embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers, version=version,
+                  seed=0).eval()
+    runners = [("pytorch", model)]
+    if onnx:
+        tmp = Path(tempfile.mkdtemp()) / "step.onnx"
+        runners.append(("onnxruntime", OnnxStep(export_onnx(model, tmp), threads=threads)))
+    print(f"RWKV-{version} C={hidden_size} L={num_layers} embed_dim={embed_dim}, batch 1, {frames} frames, "
+          f"{torch.get_num_threads()} threads")
+    print("| runtime | p50 ms | p99 ms | mean ms | within 16.7 ms |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for name, runner in runners:
+        r = bench_stream(runner, frames)
+        rows.append(dict(runtime=name, **r))
+        print(f"| {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | "
+              f"{'yes' if r['p99_ms'] < 16.7 else 'NO'} |")
+    return rows
+
+
+def export(out: str, model: str | None = None, embed_dim: int = 64, batch_size: int | None = None,
+           int8: bool = False) -> str:
+    """Export the one-step function of a saved model (or of the default backbone) to ONNX."""
+    m = load(model) if model else build(embed_dim=embed_dim, seed=0)
+    export_onnx(m.eval(), out, batch_size=batch_size, quantize_int8=int8)
+    c = m.config
+    print(f"wrote {out}: RWKV-{c.version} step, inputs x_t + {len(state_names(c.num_layers))} state tensors "
+          f"({', '.join(state_names(c.num_layers)[:3])}, ...), batch {'dynamic' if batch_size is None else batch_size}"
+          f"{', int8 weights' if int8 else ''}")
+    return out
+
+
+def train_and_report(args) -> dict:
+    """``train(args)`` (a dict, TrainConfig or argparse Namespace), then rank 0 prints the final step, loss,
+    validation loss and checkpoint. Returns the trainer's summary."""
+    res = train(args)
+    if res["rank"] == 0:  # under torchrun, rank 0 reports
+        val = f", val_loss {res['val_loss']:.4f}" if res["val_loss"] is not None else ""
+        print(f"step {res['step']}: loss {res['loss']:.4f}{val}; checkpoint {res['checkpoint']}")
+    return res
+
+
+def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float = 1.0, top_p: float = 0.85,
+             top_k: int = 0, presence_penalty: float = 0.2, frequency_penalty: float = 0.2,
+             penalty_decay: float = 0.996, stop_tokens=(), seed: int | None = None, tokenizer: str | None = None,
+             state_in: str | None = None, state_out: str | None = None, device: str = "cpu"):
+    """Stream a continuation of ``prompt`` to stdout; ``state_in``/``state_out`` continue from / save the state
+    after every token (prompt and generated). Returns the ``generate.Generation``."""
+    m = load(model, device=device)
+    V = m.config.vocab_size
+    if V is None:
+        raise ValueError(f"{model} is a backbone with continuous input (embed_dim={m.config.embed_dim}), not an LM")
+    try:
+        tok = get_tokenizer(tokenizer or V)  # by default the tokenizer of the model's vocab size
+    except ValueError as e:
+        raise ValueError(f"{e} with --tokenizer byte|world") from None
+    if tok.vocab_size < V:
+        raise ValueError(f"the model's vocab_size {V} is larger than the {tok.name} tokenizer's {tok.vocab_size}")
+    state = None
+    if state_in:
+        state = RWKVState.load(state_in, device=device).to(dtype=next(m.parameters()).dtype)
+    t0 = time.perf_counter()
+    it = stream_text(m, tok, prompt, state=state, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                     top_k=top_k, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                     penalty_decay=penalty_decay, stop_tokens=stop_tokens, seed=seed)
+    while True:
+        try:
+            print(next(it), end="", flush=True)
+        except StopIteration as e:
+            res = e.value
+            break
+    print()
+    dt = time.perf_counter() - t0
+    n = len(res.tokens[0])
+    print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tokens/s{', stopped' if res.stopped[0] else ''}]",
+          file=sys.stderr)
+    if state_out:
+        full_state(m, res).save(state_out)
+        print(f"[state saved to {state_out}]", file=sys.stderr)
+    return res
+
+
+def info(path: str) -> dict:
+    """Print and return the version, sizes, parameter count and dtype of a checkpoint."""
+    d = describe(load(path))
+    print(f"{path}: RWKV-{d['version']}")
+    for k, v in d.items():
+        print(f"  {k}: {v:,}" if k == "params" else f"  {k}: {v}")
+    return d
+
+
+def convert(src: str, dst: str, dtype: str | None = None) -> str:
+    """Official ``.pth`` (or native directory) ``src`` -> native directory ``dst``, or official ``.pth`` when
+    ``dst`` ends in ``.pth``; ``dtype`` (a key of ``DTYPES``) casts the weights."""
+    m = load(src, dtype=DTYPES[dtype] if dtype else None)
+    out = save_official(m, dst) if dst.endswith(".pth") else save(m, dst)
+    c = m.config
+    print(f"wrote {out} ({'official .pth' if dst.endswith('.pth') else 'model.safetensors + config.json'}): "
+          f"RWKV-{c.version}, {c.num_layers} layers, hidden {c.hidden_size}, {m.param_count():,} parameters, "
+          f"{str(next(m.parameters()).dtype).replace('torch.', '')}")
+    return str(out)
