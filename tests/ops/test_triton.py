@@ -224,9 +224,11 @@ for dt in sys.argv[1].split(","):
     bwd = dict(hc=acc, do=x, dht=acc, dh0=acc, dv=x, dr=acc, dw=acc, dk=acc, scratch=acc, total="i32", **seqs)
     shape = dict(H=4, N=64, BK=64, BV=32)
     kernels = [
-        (c7.wkv7_fwd_kernel_recurrent, in7 | fwd, shape | dict(CHUNK=32, USE_H0=True, SAVE=True), 4),
+        (c7.wkv7_fwd_kernel_recurrent, in7 | fwd | dict(T="i32"),
+         shape | dict(CHUNK=32, USE_H0=True, SAVE=True, VARLEN=True), 4),
+        (c7.wkv7_fwd_kernel_recurrent, in7 | fwd | dict(T="i32"),  # as the decode path launches it
+         shape | dict(BV=16, CHUNK=1, USE_H0=True, SAVE=False, VARLEN=False), 4),
         (c7.wkv7_bwd_kernel_recurrent, in7 | bwd | dict(da=acc, db=acc), shape | dict(CHUNK=32, USE_DHT=True), 8),
-        (c7.wkv7_fwd_kernel_step, in7 | dict(h0=acc, o=x, ht=acc, T="i32"), shape | dict(BV=16, USE_H0=True), 4),
         (t6.wkv6_fwd_kernel_recurrent, in6 | fwd, shape | dict(CHUNK=32, USE_H0=True, SAVE=True), 4),
         (t6.wkv6_bwd_kernel_recurrent, in6 | bwd | dict(du=acc), shape | dict(CHUNK=32, USE_DHT=True), 8),
     ]

@@ -25,9 +25,9 @@ Key-indexed gradients (dr, dw, dk, da, db) are sums over value rows; each value 
 host adds them (exact, no atomics). All state math is in the accumulation dtype: float32, or float64 for float64
 inputs (the interpreter tests use that to check the backward to ~1e-12).
 
-The decode kernel (``wkv7_decode_triton``) runs at batch 1..few, so it splits the work into small blocks of value rows
-(``STEP_BLOCK_V = 16``: 16 programs per head at N = 64) to spread one token over many SMs; nothing is stored for a
-backward. The new state may be written over the old one (``out_state=state``): every program reads its own tile
+The decode path (``wkv7_decode_triton``: the same forward kernel, no checkpoints, no offsets) runs at batch 1..few,
+so it splits the work into small blocks of value rows (``STEP_BLOCK_V = 16``: 16 programs per head at N = 64) to
+spread one token over many SMs; nothing is stored for a backward. The new state may be written over the old one (``out_state=state``): every program reads its own tile
 before writing it, and tiles are disjoint, so an in-place update is safe; this keeps the addresses fixed for
 CUDA-graph replay.
 
@@ -51,15 +51,21 @@ def wkv7_fwd_kernel_recurrent(
     o,  # [total, H, N] output dtype
     ht,  # [S, H, N, N] accumulation dtype
     hc,  # [n_chunks, H, N, N] checkpoints (written if SAVE)
-    seq_offsets,  # [S + 1] first token of every sequence, then the total
-    chunk_offsets,  # [S + 1] first checkpoint of every sequence
+    seq_offsets,  # [S + 1] first token of every sequence, then the total (read if VARLEN)
+    chunk_offsets,  # [S + 1] first checkpoint of every sequence (read if VARLEN and SAVE)
+    T,  # tokens per row when not VARLEN (rows of [B, T])
     H: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
-    USE_H0: tl.constexpr, SAVE: tl.constexpr,
+    USE_H0: tl.constexpr, SAVE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(seq_offsets + i_n).to(tl.int64)
-    eos = tl.load(seq_offsets + i_n + 1).to(tl.int64)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    if VARLEN:
+        bos = tl.load(seq_offsets + i_n).to(tl.int64)
+        eos = tl.load(seq_offsets + i_n + 1).to(tl.int64)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:  # rows of equal length: no offsets to read (the decode path)
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, CHUNK)
     acc = ht.dtype.element_ty
 
     o_k = tl.arange(0, BK)
@@ -175,41 +181,6 @@ def wkv7_bwd_kernel_recurrent(
     tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * N * N + p_s, dS, mask=m_s)
 
 
-@triton.jit
-def wkv7_fwd_kernel_step(
-    r, w, k, v, a, b,  # [B, T, H, N] contiguous, input dtype
-    h0,  # [B, H, N, N] accumulation dtype (read if USE_H0)
-    o,  # [B, T, H, N] output dtype
-    ht,  # [B, H, N, N] accumulation dtype; may be h0 itself
-    T,
-    H: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
-):
-    i_v, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    acc = ht.dtype.element_ty
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < N
-    m_v = o_v < N
-    m_s = m_v[:, None] & m_k[None, :]
-    p_s = (i_b * H + i_h).to(tl.int64) * N * N + o_v[:, None] * N + o_k[None, :]
-    if USE_H0:  # noqa: SIM108 (the constexpr branch reads clearer as a statement in a kernel)
-        S = tl.load(h0 + p_s, mask=m_s, other=0).to(acc)
-    else:
-        S = tl.zeros([BV, BK], dtype=acc)
-    for t in range(0, T):
-        base = ((i_b.to(tl.int64) * T + t) * H + i_h) * N
-        b_r = tl.load(r + base + o_k, mask=m_k, other=0).to(acc)
-        b_w = tl.load(w + base + o_k, mask=m_k, other=0).to(acc)
-        b_k = tl.load(k + base + o_k, mask=m_k, other=0).to(acc)
-        b_a = tl.load(a + base + o_k, mask=m_k, other=0).to(acc)
-        b_b = tl.load(b + base + o_k, mask=m_k, other=0).to(acc)
-        b_v = tl.load(v + base + o_v, mask=m_v, other=0).to(acc)
-        sa = tl.sum(S * b_a[None, :], 1)
-        S = S * tl.exp(b_w)[None, :] + sa[:, None] * b_b[None, :] + b_v[:, None] * b_k[None, :]
-        tl.store(o + base + o_v, tl.sum(S * b_r[None, :], 1).to(o.dtype.element_ty), mask=m_v)
-    tl.store(ht + p_s, S, mask=m_s)
-
-
 def wkv7_decode_triton(r, w, k, v, a, b, state=None, *, out_state=None):
     """r..b: [B, T, H, N] (T small; usually 1); state: [B, H, N_v, N_k] or None for zeros.
 
@@ -226,9 +197,11 @@ def wkv7_decode_triton(r, w, k, v, a, b, state=None, *, out_state=None):
         raise ValueError(f"out_state must be a contiguous {acc} tensor [{B}, {H}, {N}, {N}]")
     BK, BV, NV = state_blocks(N, STEP_BLOCK_V)
     o = torch.empty_like(r)
-    wkv7_fwd_kernel_step[(NV, H, B)](
-        r, w, k, v, a, b, h0 if h0 is not None else out_state, o, out_state, T,
-        H=H, N=N, BK=BK, BV=BV, USE_H0=h0 is not None,
+    # The training kernel without checkpoints or offsets; each program reads its own state tile before it writes it
+    # and tiles are disjoint, so out_state may be h0 itself.
+    wkv7_fwd_kernel_recurrent[(NV, H, B)](
+        r, w, k, v, a, b, h0 if h0 is not None else out_state, o, out_state, out_state, out_state, out_state, T,
+        H=H, N=N, BK=BK, BV=BV, CHUNK=1, USE_H0=h0 is not None, SAVE=False, VARLEN=False,
     )
     return o, out_state
 
@@ -245,8 +218,9 @@ def wkv7_fwd(r, w, k, v, a, b, h0, cu_seqlens=None, chunk_size=CHECKPOINT_EVERY,
     ht = r.new_empty(S, H, N, N, dtype=acc)
     hc = r.new_empty(n_ck, H, N, N, dtype=acc) if save_checkpoints else ht  # (ht: an unused placeholder)
     wkv7_fwd_kernel_recurrent[(NV, H, S)](
-        r, w, k, v, a, b, h0 if h0 is not None else ht, o, ht, hc, seq, ck,
+        r, w, k, v, a, b, h0 if h0 is not None else ht, o, ht, hc, seq, ck, T,
         H=H, N=N, BK=BK, BV=BV, CHUNK=chunk_size, USE_H0=h0 is not None, SAVE=save_checkpoints,
+        VARLEN=cu_seqlens is not None,
     )
     return o, ht, (hc if save_checkpoints else None), seq, ck
 
