@@ -27,9 +27,9 @@ inputs (the interpreter tests use that to check the backward to ~1e-12).
 
 The decode path (``wkv7_decode_triton``: the same forward kernel, no checkpoints, no offsets) runs at batch 1..few,
 so it splits the work into small blocks of value rows (``STEP_BLOCK_V = 16``: 16 programs per head at N = 64) to
-spread one token over many SMs; nothing is stored for a backward. The new state may be written over the old one (``out_state=state``): every program reads its own tile
-before writing it, and tiles are disjoint, so an in-place update is safe; this keeps the addresses fixed for
-CUDA-graph replay.
+spread one token over many SMs; nothing is stored for a backward. The new state may be written over the old one
+(``out_state=state``): every program reads its own tile before writing it, and tiles are disjoint, so an in-place
+update is safe; this keeps the addresses fixed for CUDA-graph replay.
 
 Triton is imported here only; ``ops.wkv7.wkv7(..., backend="recurrent")`` on CUDA imports this module on first use.
 """
