@@ -204,7 +204,6 @@ def test_state_list_round_trip():
             assert torch.equal(a, b)
 
 
-# ------------------------------------------------------------------------------------------------------------
 # Parity with the official runtime (the rwkv pip package), in a subprocess because it reads RWKV_V7_ON at import.
 
 RUNNER = Path(__file__).with_name("_official_runner.py")

@@ -478,3 +478,24 @@ def test_input_checks_can_be_turned_off():
     assert torch.isnan(model(bad)).all()  # unchecked: the caller's promise, NaN propagates
     with pytest.raises(ValueError, match="embed_dim"):  # shape checks stay on
         model(torch.zeros(1, 3, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", [4, 7])
+def test_no_device_sync_on_cuda(version):
+    """On CUDA, training (forward + backward) and decoding (step) make no device-to-host sync at all, input checks
+    included (they are queued with torch._assert_async): torch's sync debug mode raises on any."""
+    torch.manual_seed(0)
+    model = rt.build(vocab_size=50, hidden_size=64, num_layers=3, head_size=16, version=version).cuda()
+    x = torch.randint(0, 50, (2, 40), device="cuda")
+    model(x, return_sequence=True).float().sum().backward()  # warm-up: kernels compiled, caches filled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(x, return_sequence=True).float().sum().backward()
+        state = model.init_state(2)
+        with torch.no_grad():
+            for t in range(4):
+                _, state = model.step(x[:, t], state)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
