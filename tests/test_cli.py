@@ -138,3 +138,48 @@ def test_readme_cli_examples_run(overrides, tmp_path, monkeypatch, capsys):
         torch.set_num_threads(threads)  # an example's --threads is for that example (oversubscribed, 10x slower)
         out, err = capsys.readouterr()
         assert code == 0, f"rwkv-torch {shlex.join(words)} (run as {shlex.join(args)}) exited {code}:\n{out}\n{err}"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["check", "--frames", "0"], "--frames"),
+    (["check", "--embed-dim", "0"], "--embed-dim"),
+    (["stream-bench", "--frames", "0"], "--frames"),
+    (["demo", "--seconds", "0"], "--seconds"),
+    (["demo", "--steps", "0"], "--steps"),
+])
+def test_bad_sizes_are_one_line_naming_the_flag(argv, flag, capsys):
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"rwkv-torch {argv[0]}: error: {flag} must be > 0, got 0\n"
+
+
+def test_version_and_a_light_import():
+    run = subprocess.run([sys.executable, "-m", "rwkv_torch.cli", "--version"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(SRC)))
+    assert run.returncode == 0 and run.stdout == f"rwkv-torch {rt.__version__}\n", run
+    # `import rwkv_torch` (and so `rwkv-torch --help`) must not import torch._dynamo (~5 s)
+    code = "import sys, rwkv_torch; print('torch._dynamo' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(SRC)))
+    assert run.stdout == "False\n", run
+    from rwkv_torch.ops import cpu_kernel
+
+    # what torch.compiler.assume_constant_result would set, set without importing torch._dynamo
+    assert getattr(torch.compiler.assume_constant_result(lambda: 0), "_dynamo_marked_constant", False)
+    assert cpu_kernel.available._dynamo_marked_constant is True
+
+
+@pytest.mark.parametrize("signum,code", [(2, 130), (15, 143), (None, 130)])
+def test_an_interrupted_train_exits_with_the_signal_code(monkeypatch, signum, code):
+    """`train` stopped by a signal exits 128 + the signal (130 for Ctrl-C), not 0 like a finished run."""
+    from rwkv_torch import cli as cli_module
+
+    seen = {}
+
+    def fake(args):
+        seen["overwrite"] = args.overwrite
+        return dict(interrupted=True, signal=signum, rank=0)
+
+    monkeypatch.setattr(cli_module, "train_and_report", fake)
+    assert cli_module.main(["train", "--steps", "3", "--overwrite"]) == code
+    assert seen["overwrite"] is True

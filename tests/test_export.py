@@ -105,3 +105,16 @@ def test_save_load_and_export_cli(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="expected a directory with config.json"):
         rt.load(tmp_path / "empty")
+
+
+def test_export_cli_mistakes_are_one_line_before_the_export(tmp_path, capsys):
+    from rwkv_torch import cli
+
+    assert cli.main(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "nope: no such file" in capsys.readouterr().err
+    missing = tmp_path / "missing" / "x.onnx"
+    assert cli.main(["export", "--out", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rwkv-torch export: error: --out") and "does not exist" in err and not missing.exists()
+    with pytest.raises(ValueError, match="does not exist"):
+        export_onnx(rt.build(embed_dim=4, **SMALL), missing)

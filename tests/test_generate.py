@@ -276,3 +276,48 @@ def test_cli_info_and_convert(model, saved, tmp_path, capsys):
     assert next(rt.load(tmp_path / "half").parameters()).dtype == torch.bfloat16
     assert cli.main(["info", str(tmp_path / "missing")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_state_file_that_is_not_one_names_the_file(model, tmp_path, saved, capsys):
+    good = tmp_path / "s.safetensors"
+    generate(model, PROMPT, max_tokens=0).state.save(good)
+    data = good.read_bytes()
+    bad = {"empty": b"", "junk": b"not a safetensors file at all", "truncated": data[:len(data) // 2]}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "folder").mkdir()
+    for name in [*bad, "folder"]:
+        with pytest.raises(ValueError, match=name):
+            rt.RWKVState.load(tmp_path / name)
+        assert cli.main(["generate", "--model", str(saved[0]), "--prompt", "x", "--state-in",
+                         str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rwkv-torch generate: error: {tmp_path / name}") and err.count("\n") == 1, err
+
+
+def test_cli_generate_mistakes_are_refused_before_generating(saved, tmp_path, capsys):
+    native, _ = saved
+    base = ["generate", "--model", str(native), "--prompt", "x", "--max-tokens", "5"]
+    cases = {("--state-out", str(tmp_path / "missing" / "s.safetensors")): "does not exist",
+             ("--state-out", str(tmp_path)): "is a directory",
+             ("--device", "tpu"): "--device 'tpu' is not a device",
+             ("--device", "cuda:99"): "--device cuda:99",
+             ("--tokenizer", "world"): "vocab_size 256 is smaller than the world tokenizer's 65536"}
+    for flags, message in cases.items():
+        assert cli.main(base + list(flags)) == 2, flags
+        out, err = capsys.readouterr()
+        assert out == "" and message in err and err.count("\n") == 1, (flags, err)  # nothing generated
+
+
+def test_cli_convert_refuses_to_overwrite_a_model(saved, tmp_path, capsys):
+    native, official = saved
+    dst = tmp_path / "run"
+    assert cli.main(["convert", str(official), str(dst)]) == 0
+    before = (dst / "model.safetensors").read_bytes()
+    assert cli.main(["convert", str(native), str(dst), "--dtype", "bf16"]) == 2
+    assert "already holds a model" in capsys.readouterr().err and (dst / "model.safetensors").read_bytes() == before
+    assert cli.main(["convert", str(native), str(dst), "--dtype", "bf16", "--overwrite"]) == 0
+    assert next(rt.load(dst).parameters()).dtype == torch.bfloat16
+    back = tmp_path / "back.pth"
+    assert cli.main(["convert", str(dst), str(back)]) == 0
+    assert cli.main(["convert", str(native), str(back)]) == 2 and "--overwrite" in capsys.readouterr().err

@@ -499,3 +499,15 @@ def test_no_device_sync_on_cuda(version):
                 _, state = model.step(x[:, t], state)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_huge_frames_that_overflow_the_input_projection_are_refused():
+    model = rt.build(embed_dim=8, hidden_size=32, num_layers=1, head_size=16, seed=0).eval()
+    x = torch.randn(1, 5, 8)
+    with pytest.raises(ValueError, match="frames too large: the input projection overflows"):
+        model(x * 1e30)
+    with pytest.raises(ValueError, match="frames too large: the input projection overflows"):
+        model.step(x[:, 0] * 1e30, model.init_state(1))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(x.masked_fill(x > 1, float("nan")))
+    assert torch.isfinite(model(x * 1e10)).all()  # large but representable: accepted

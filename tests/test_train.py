@@ -377,3 +377,87 @@ def test_carried_state_learns_what_lies_in_the_previous_window(tmp_path):
     train(dict(opts, out=str(tmp_path / "windowed"), stride=W + 1))
     acc = {name: metrics(tmp_path / name)[-1]["val_acc_past"] for name in ("carried", "windowed")}
     assert acc["carried"] > 0.93 and acc["carried"] - acc["windowed"] > 0.05, acc  # measured: 0.98 vs 0.89
+
+
+def test_a_run_folder_belongs_to_one_run(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps", n=3))
+    run = tmp_path / "run"
+    train(dict(TINY, data=eps, out=str(run), steps=6, save_every=2))
+    with pytest.raises(ValueError, match=r"run: holds another run.*--resume .*run.*another --out.*--overwrite"):
+        train(dict(TINY, data=eps, out=str(run), steps=2))
+    res = train(dict(TINY, data=eps, out=str(run), steps=2, overwrite=True))  # the old run's files are gone
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-00000002.pt"] and res["step"] == 2
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    with pytest.raises(ValueError, match="resume or overwrite"):
+        train(dict(resume=str(run), overwrite=True, progress=False))
+    (tmp_path / "empty").mkdir()  # an empty folder (or one without run files) is fine
+    assert train(dict(TINY, data=eps, out=str(tmp_path / "empty"), steps=1))["step"] == 1
+
+
+def test_an_early_stop_logs_its_last_step_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import sys
+
+    eps = str(write_episodes(tmp_path / "eps", n=3))
+    opts = dict(TINY, data=eps, steps=100_000, log_every=10**6, eval_every=10**6, val_fraction=0)
+    res = train(dict(opts, out=str(tmp_path / "timed"), time_limit=0.5))
+    assert metrics(tmp_path / "timed")[-1]["step"] == res["step"] and not res["interrupted"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.warns(UserWarning, match=r"no loss.png.*rwkv-torch\[plot\]") as said:
+            res = train(dict(opts, out=str(tmp_path / "run")))
+    finally:
+        timer.cancel()
+    assert res["interrupted"] and res["signal"] == signal.SIGINT
+    assert metrics(tmp_path / "run")[-1]["step"] == res["step"]
+    assert sum("loss.png" in str(w.message) for w in said) == 1 and not (tmp_path / "run" / "loss.png").exists()
+    out = capsys.readouterr().out
+    assert f"interrupted by SIGINT at step {res['step']}" in out
+    assert f"rwkv-torch train --resume {tmp_path / 'run'}" in out
+
+
+@pytest.mark.parametrize("field, value", [("val_fraction", 1.0), ("val_fraction", -0.1), ("warmup", -1),
+                                          ("lr", 0.0), ("lr", -1e-3)])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}="):
+        TrainConfig(**{field: value})
+
+
+def test_warmup_past_the_run_warns_and_epochs_record_the_steps(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps", n=6, T=80))
+    with pytest.warns(UserWarning, match="warmup=50 >= the 13 planned steps"):
+        train(dict(TINY, data=eps, out=str(tmp_path / "run"), epochs=2, warmup=50, eval_every=100))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 13
+
+
+def test_text_data_skips_hidden_folders_and_binary_files(tmp_path):
+    d = write_text(tmp_path / "txt")
+    (d / ".git").mkdir()
+    (d / ".git" / "HEAD").write_text("ref: refs/heads/main\n" * 50)
+    (d / "x.pyc").write_bytes(b"abc" * 100)
+    (d / "blob.bin").write_bytes(b"ab\0cd" * 100)
+    data = load_data(str(d))
+    assert sorted(os.path.basename(s.name) for s in data.sequences) == ["a.txt", "b.txt", "c.txt"]
+    with pytest.raises(ValueError, match="blob.bin: a binary file"):
+        load_data(str(d / "blob.bin"))
+    with pytest.raises(ValueError, match="larger than --max-bytes 10"):
+        load_data(str(d), max_bytes=10)
+
+
+def test_a_checkpoint_holds_no_more_than_its_tensors(tmp_path):
+    eps = str(write_episodes(tmp_path / "eps", n=3, T=256))
+    res = train(dict(TINY, data=eps, out=str(tmp_path / "run"), hidden_size=128, head_size=32, window_size=128,
+                     batch_size=8, steps=1, warmup=0, val_fraction=0))
+    ckpt = torch.load(res["checkpoint"], weights_only=True)
+
+    def nbytes(x):
+        if isinstance(x, torch.Tensor):
+            return x.nbytes
+        if isinstance(x, dict):
+            return sum(nbytes(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(nbytes(v) for v in x)
+        return 0
+
+    assert os.path.getsize(res["checkpoint"]) <= 1.1 * nbytes(ckpt)

@@ -40,7 +40,7 @@ def _add_demo(sub):
     p.add_argument("--steps", type=int, default=None,
                    help="train exactly this many steps (no time limit) instead of as many as fit in --seconds")
     _command(p, lambda a: demo(a.seconds, a.out, a.prompt, a.max_tokens, a.seed, a.threads, a.progress,
-                               a.temperature, a.top_p, a.steps), ok=lambda r: r["agree"])
+                               a.temperature, a.top_p, a.steps), ok=lambda r: r["agree"], errors=(ValueError,))
 
 
 def _add_check(sub):
@@ -49,7 +49,8 @@ def _add_check(sub):
     p.add_argument("--embed-dim", type=int, default=64, help="features per input frame (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    _command(p, lambda a: check(a.frames, a.embed_dim, a.seed, a.threads), ok=lambda r: r["agree"])
+    _command(p, lambda a: check(a.frames, a.embed_dim, a.seed, a.threads), ok=lambda r: r["agree"],
+             errors=(ValueError,))
 
 
 def _add_stream_bench(sub):
@@ -62,7 +63,7 @@ def _add_stream_bench(sub):
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime row")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both runtimes")
     _command(p, lambda a: stream_bench(a.frames, a.embed_dim, a.hidden_size, a.num_layers, a.version, not a.no_onnx,
-                                       a.threads))
+                                       a.threads), errors=(ValueError, ImportError))
 
 
 def _add_export(sub):
@@ -72,7 +73,8 @@ def _add_export(sub):
     p.add_argument("--embed-dim", type=int, default=64, help="embed_dim of the fresh backbone when --model is absent")
     p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (default: dynamic)")
     p.add_argument("--int8", action="store_true", help="dynamic int8 weight quantization (onnxruntime)")
-    _command(p, lambda a: export(a.out, a.model, a.embed_dim, a.batch_size, a.int8))
+    _command(p, lambda a: export(a.out, a.model, a.embed_dim, a.batch_size, a.int8),
+             errors=(ValueError, FileNotFoundError, ImportError))
 
 
 def _add_train(sub):
@@ -101,6 +103,8 @@ def _add_train(sub):
       help="text as bytes (vocab 256, default) or RWKV World tokens (vocab 65536; needs the rwkv package)")
     a("--val-fraction", type=float, default=None, help="fraction of episodes/documents held out (default 0.05)")
     a("--out", default=None, help="run directory (default runs/<date-time>)")
+    a("--overwrite", action="store_true", default=None,
+      help="--out holds another run: delete its checkpoints, metrics and model first")
     a("--steps", type=int, default=None, help="total optimizer steps (default 1000)")
     a("--epochs", type=float, default=None,
       help="train for N passes over the training windows instead of --steps (steps = ceil(N * windows / batch))")
@@ -163,8 +167,9 @@ def _add_convert(sub):
     p.add_argument("src", help="an official .pth checkpoint or a directory written by rt.save")
     p.add_argument("dst", help="output directory, or a file ending in .pth for the official format")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already at dst (default: refuse)")
 
-    _command(p, lambda a: convert(a.src, a.dst, a.dtype), errors=(ValueError, FileNotFoundError))
+    _command(p, lambda a: convert(a.src, a.dst, a.dtype, a.overwrite), errors=(ValueError, FileNotFoundError))
 
 
 COMMANDS = {"demo": _add_demo, "check": _add_check, "stream-bench": _add_stream_bench, "export": _add_export,
@@ -172,7 +177,10 @@ COMMANDS = {"demo": _add_demo, "check": _add_check, "stream-bench": _add_stream_
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="rwkv-torch", description="RWKV models in PyTorch")
+    parser.add_argument("--version", action="version", version=f"rwkv-torch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS.values():
         add(sub)
@@ -182,6 +190,8 @@ def main(argv=None) -> int:
     except args.errors as e:  # a bad file or option: the message names it
         print(f"rwkv-torch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    if isinstance(result, dict) and result.get("interrupted"):  # the shell's convention: 130 for Ctrl-C, 143 TERM
+        return 128 + int(result.get("signal") or 2)  # (no signal here: another torchrun rank's; SIGINT's code)
     return 0 if args.ok(result) else 1
 
 

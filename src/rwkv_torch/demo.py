@@ -19,11 +19,46 @@ from .generate import full_state, stream_text
 from .model import build
 from .state import RWKVState
 from .stream import Stream
-from .tokenizer import ByteTokenizer, get_tokenizer
+from .tokenizer import _BY_VOCAB, ByteTokenizer, get_tokenizer
 from .train import train
 
 DEMO_PROMPT = "class Parser:\n    def __init__(self"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _positive(**flags) -> None:
+    """ValueError naming the first flag (``embed_dim`` -> ``--embed-dim``) whose value is not > 0."""
+    for name, value in flags.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value:g}")
+
+
+def _check_device(device: str) -> torch.device:
+    """``--device``: a device torch knows and this machine has (before any work)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:1, ... or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS is not available here (use --device cpu)")
+    elif d.type != "cpu":
+        raise ValueError(f"--device {device}: generation runs on cpu, cuda or mps")
+    return d
+
+
+def _check_out_file(flag: str, path: str) -> None:
+    """An output file's folder must exist and the path must not be a folder (checked before the long work)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist")
 
 
 def demo(seconds: float = 60.0, out: str | None = None, prompt: str = DEMO_PROMPT, max_tokens: int = 300,
@@ -37,6 +72,11 @@ def demo(seconds: float = 60.0, out: str | None = None, prompt: str = DEMO_PROMP
     machine's speed. Returns the trainer's summary (``step``, ``loss``, ``val_loss``, ``model_dir``, ...) plus
     ``rel_error``, ``agree``, ``p50_ms``, ``p99_ms``, ``timed_steps`` (the one-token steps timed) and ``sample``.
     """
+    if steps is None:
+        _positive(seconds=seconds)
+    _positive(steps=steps)
+    if max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {max_tokens}")
     if threads:
         torch.set_num_threads(threads)
     out = out or tempfile.mkdtemp(prefix="rwkv-demo-")
@@ -115,6 +155,7 @@ def check(frames: int = 1000, embed_dim: int = 64, seed: int = 0, threads: int |
     """Build the default backbone, stream ``frames`` frames through ``step`` and through the parallel forward,
     report whether they agree and the per-frame step latency. Returns ``rel_error``, ``agree``, ``p50_ms``,
     ``p99_ms`` and ``frames`` (the frames stepped and timed)."""
+    _positive(frames=frames, embed_dim=embed_dim)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -157,6 +198,7 @@ def stream_bench(frames: int = 10_000, embed_dim: int = 288, hidden_size: int = 
                  version: int = 7, onnx: bool = True, threads: int | None = None) -> list[dict]:
     """Per-frame latency p50/p99 of the streaming step in PyTorch and onnxruntime against the 60 FPS budget: one
     row per runtime, ``runtime`` plus the keys of ``bench_stream``."""
+    _positive(frames=frames, embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers)
     if threads:
         torch.set_num_threads(threads)
     model = build(embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers, version=version,
@@ -181,6 +223,8 @@ def stream_bench(frames: int = 10_000, embed_dim: int = 288, hidden_size: int = 
 def export(out: str, model: str | None = None, embed_dim: int = 64, batch_size: int | None = None,
            int8: bool = False) -> str:
     """Export the one-step function of a saved model (or of the default backbone) to ONNX."""
+    _check_out_file("--out", out)
+    _positive(embed_dim=embed_dim, batch_size=batch_size)
     m = load(model) if model else build(embed_dim=embed_dim, seed=0)
     export_onnx(m.eval(), out, batch_size=batch_size, quantize_int8=int8)
     c = m.config
@@ -206,16 +250,22 @@ def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float 
              state_in: str | None = None, state_out: str | None = None, device: str = "cpu"):
     """Stream a continuation of ``prompt`` to stdout; ``state_in``/``state_out`` continue from / save the state
     after every token (prompt and generated). Returns the ``generate.Generation``."""
+    _check_device(device)
+    if state_out:
+        _check_out_file("--state-out", state_out)
     m = load(model, device=device)
     V = m.config.vocab_size
     if V is None:
         raise ValueError(f"{model} is a backbone with continuous input (embed_dim={m.config.embed_dim}), not an LM")
+    known = {name: vocab for vocab, name in _BY_VOCAB.items()}.get(tokenizer)
+    if known is not None and known != V:  # before loading the tokenizer (World: seconds)
+        raise _vocab_mismatch(V, tokenizer, known)
     try:
         tok = get_tokenizer(tokenizer or V)  # by default the tokenizer of the model's vocab size
     except ValueError as e:
         raise ValueError(f"{e} with --tokenizer byte|world") from None
-    if tok.vocab_size < V:
-        raise ValueError(f"the model's vocab_size {V} is larger than the {tok.name} tokenizer's {tok.vocab_size}")
+    if tok.vocab_size != V:
+        raise _vocab_mismatch(V, tok.name, tok.vocab_size)
     state = None
     if state_in:
         state = RWKVState.load(state_in, device=device).to(dtype=next(m.parameters()).dtype)
@@ -240,6 +290,12 @@ def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float 
     return res
 
 
+def _vocab_mismatch(model_vocab: int, name: str, vocab: int) -> ValueError:
+    size = "smaller" if model_vocab < vocab else "larger"
+    return ValueError(f"the model's vocab_size {model_vocab} is {size} than the {name} "
+                      f"tokenizer's {vocab}; they must match (--tokenizer byte|world)")
+
+
 def info(path: str) -> dict:
     """Print and return the version, sizes, parameter count and dtype of a checkpoint."""
     d = describe(load(path))
@@ -249,9 +305,16 @@ def info(path: str) -> dict:
     return d
 
 
-def convert(src: str, dst: str, dtype: str | None = None) -> str:
+def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False) -> str:
     """Official ``.pth`` (or native directory) ``src`` -> native directory ``dst``, or official ``.pth`` when
-    ``dst`` ends in ``.pth``; ``dtype`` (a key of ``DTYPES``) casts the weights."""
+    ``dst`` ends in ``.pth``; ``dtype`` (a key of ``DTYPES``) casts the weights. An existing model at ``dst``
+    (the ``.pth`` file, or a directory's ``config.json``/``model.safetensors``) is replaced only with ``overwrite``."""
+    d = Path(dst)
+    taken = [d] if dst.endswith(".pth") and d.exists() else [d / n for n in ("config.json", "model.safetensors")
+                                                            if (d / n).exists()]
+    if taken and not overwrite:
+        raise ValueError(f"{dst} already holds a model ({', '.join(p.name for p in taken)}); pass --overwrite to "
+                         f"replace it, or choose another destination")
     m = load(src, dtype=DTYPES[dtype] if dtype else None)
     out = save_official(m, dst) if dst.endswith(".pth") else save(m, dst)
     c = m.config

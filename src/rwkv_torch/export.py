@@ -11,6 +11,7 @@ dynamic. The model's config travels in the ONNX metadata (key ``rwkv_torch_confi
 
 import json
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,9 @@ def export_onnx(model: RWKV, path, *, batch_size: int | None = None, opset: int 
         raise ValueError(f"batch_size must be None (dynamic) or a positive int, got {batch_size!r}")
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_OPSET} (the step uses einsum), got {opset!r}")
+    if Path(path).is_dir() or not Path(path).parent.is_dir():  # before the trace (seconds to a minute)
+        raise ValueError(f"{path}: " + ("is a directory; give a .onnx file name" if Path(path).is_dir()
+                                        else f"the folder {Path(path).parent} does not exist"))
     c = model.config
     graph = StepGraph(_float32_copy(model)).eval()
     B = batch_size or 2

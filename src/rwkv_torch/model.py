@@ -161,7 +161,7 @@ class RWKV(nn.Module):
         if state.batch_size != batch_size:
             raise ValueError(f"state is for batch size {state.batch_size}, input has batch size {batch_size}")
 
-    def _check_input(self, x: torch.Tensor, time_axis: bool) -> None:
+    def _check_input(self, x: torch.Tensor, time_axis: bool, values: bool = True) -> None:
         c = self.config
         if self.is_token_model:
             shape = "[B, T]" if time_axis else "[B]"
@@ -177,11 +177,13 @@ class RWKV(nn.Module):
                 raise ValueError(f"frames must be {shape} with embed_dim={c.embed_dim}, got shape {tuple(x.shape)}")
         if time_axis and x.shape[1] == 0:
             raise ValueError("the sequence is empty (T = 0)")
-        if self.check_inputs and x.numel():
+        if values and self.check_inputs and x.numel():
             self._check_values(x)
 
-    def _check_values(self, x: torch.Tensor) -> None:
-        """Token ids in range / frames finite: one read-back on CPU, none on CUDA or inside a compiled graph."""
+    def _check_values(self, x: torch.Tensor, h: torch.Tensor | None = None) -> None:
+        """Token ids in range / frames finite and (``h``, when given) their input projection after ``ln0`` finite
+        (huge frames overflow there, ~1e19 in float32): one read-back on CPU, none on CUDA or inside a compiled
+        graph."""
         queued = torch.compiler.is_compiling() or x.device.type != "cpu"
         if self.is_token_model:
             V = self.config.vocab_size
@@ -191,20 +193,35 @@ class RWKV(nn.Module):
             lo, hi = torch.stack(torch.aminmax(x)).tolist()
             if lo < 0 or hi >= V:
                 raise ValueError(f"token ids must be in [0, {V}), got min {lo} max {hi}")
-        elif queued:
-            torch._assert_async(torch.isfinite(x).all(), "frames contain NaN or inf")
-        elif not torch.isfinite(x).all():
-            raise ValueError("frames contain NaN or inf; they would poison the recurrent state")
+        else:
+            ok = torch.isfinite(x).all()
+            if h is not None:
+                ok = ok & torch.isfinite(h).all()
+            if queued:
+                torch._assert_async(ok, "frames contain NaN or inf, or are so large that the input projection "
+                                        "overflows")
+            elif not ok:  # a second look only to say which
+                if not torch.isfinite(x).all():
+                    raise ValueError("frames contain NaN or inf; they would poison the recurrent state")
+                raise ValueError(f"frames too large: the input projection overflows (input_proj + ln0 in {h.dtype}, "
+                                 f"max |frame| {x.abs().max().item():.3g}); they would poison the recurrent state")
 
     def _embed(self, x: torch.Tensor, time_axis: bool) -> torch.Tensor:
-        self._check_input(x, time_axis)
-        return self._embed_unchecked(x)
+        self._check_input(x, time_axis, values=self.is_token_model)  # ids are checked before the lookup
+        if self.is_token_model:
+            return self._embed_unchecked(x)
+        h = self._ln0(self._project(x))
+        if self.check_inputs and x.numel():
+            self._check_values(x, h)  # the frames and their normalised projection, in one read-back
+        return h
 
     def _embed_unchecked(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_token_model:
-            h = F.embedding(x.long(), self.emb.weight)
-        else:
-            h = F.linear(x.to(self.input_proj.weight.dtype), self.input_proj.weight, self.input_proj.bias)
+        return self._ln0(F.embedding(x.long(), self.emb.weight) if self.is_token_model else self._project(x))
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.input_proj.weight.dtype), self.input_proj.weight, self.input_proj.bias)
+
+    def _ln0(self, h: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(h, (self.config.hidden_size,), self.ln0.weight, self.ln0.bias, self.ln0.eps)
 
     def _blocks(self, h, state, backend):

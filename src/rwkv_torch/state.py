@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -97,16 +98,29 @@ class RWKVState:
         """Read a file written by ``save``; raises ValueError for another format or a newer version."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        if not p.is_file():
+            raise ValueError(f"{path} is a directory, not a state file (written by RWKVState.save)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # empty, truncated or not safetensors (SafetensorError names no file)
+            raise ValueError(f"{path}: not a readable state file (empty, truncated or not safetensors: {e})") from None
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"{path} is not an rwkv-torch state file (format {meta.get('format')!r})")
         version = int(meta.get("format_version", "0"))
         if version > STATE_FORMAT_VERSION:
             raise ValueError(f"{path}: state format version {version} is newer than supported {STATE_FORMAT_VERSION}")
-        tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
-        model_meta = json.loads(meta["model"])
-        L = model_meta["num_layers"]
+        try:
+            tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
+            model_meta = json.loads(meta["model"])
+            L = model_meta["num_layers"]
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: state file without a valid model shape in its metadata ({e})") from None
+        except Exception as e:  # safetensors' errors name no file
+            raise ValueError(f"{path}: cannot read the state tensors (truncated or corrupt?): {e}") from None
         try:
             return cls(
                 [tensors[f"{l}.shift_att"] for l in range(L)],

@@ -147,8 +147,10 @@ def available() -> bool:
         return False
 
 
-if hasattr(torch.compiler, "assume_constant_result"):  # evaluated once while torch.compile traces, not traced
-    available = torch.compiler.assume_constant_result(available)
+# Evaluated once while torch.compile traces, not traced: what ``torch.compiler.assume_constant_result`` does (it
+# sets this flag), without its ``import torch._dynamo`` (~5 s) at ``import rwkv_torch``; ``available`` stays a plain
+# function.
+available._dynamo_marked_constant = True
 
 
 def library() -> ctypes.CDLL:

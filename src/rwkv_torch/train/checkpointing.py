@@ -2,6 +2,7 @@
 the config of a resumed run."""
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,6 +39,28 @@ def find_checkpoint(path) -> Path:
     return path
 
 
+def _run_files(run_dir: Path) -> list:
+    """The files and folders of a training run in ``run_dir`` (checkpoints, metrics, config, plot, model)."""
+    if not run_dir.is_dir():
+        return []
+    names = ("config.json", "metrics.jsonl", "loss.png", "model")
+    return sorted(list(run_dir.glob("ckpt-*.pt*")) + [run_dir / n for n in names if (run_dir / n).exists()])
+
+
+def _claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True) -> None:
+    """A new run in ``run_dir``: refuse a folder holding another run, or (``overwrite``) delete that run's files."""
+    found = _run_files(run_dir)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"{run_dir}: holds another run ({shown}); continue it with --resume {run_dir}, give "
+                         f"another --out, or pass --overwrite to delete that run first")
+    if lead:
+        for p in found:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def _resume_config(cfg: TrainConfig, given: dict) -> tuple:
     ckpt_path = find_checkpoint(cfg.resume)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -47,5 +70,5 @@ def _resume_config(cfg: TrainConfig, given: dict) -> tuple:
     saved.update({k: v for k, v in given.items() if k in RESUME_OVERRIDES and v is not None})
     saved["stop_after"] = given.get("stop_after")  # limits of the earlier invocation, not of the run
     saved["time_limit"] = given.get("time_limit")
-    saved.update(resume=str(ckpt_path), out=str(ckpt_path.parent))
+    saved.update(resume=str(ckpt_path), out=str(ckpt_path.parent), overwrite=False)
     return TrainConfig(**saved), ckpt

@@ -50,6 +50,7 @@ class TrainConfig:
     # torch.compile the model for the training steps (the first steps compile: a minute or two on CPU); a string
     # names the torch.compile backend (default "inductor").
     compile: bool | str = False
+    overwrite: bool = False  # out holds another run: delete its files (checkpoints, metrics, model/) first
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -69,6 +70,12 @@ class TrainConfig:
             raise ValueError(f"epochs={self.epochs!r}: must be None or > 0")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ValueError(f"time_limit={self.time_limit!r}: must be None or > 0 seconds")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
+        if self.warmup < 0:
+            raise ValueError(f"warmup={self.warmup!r}: must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r}: must be > 0")
 
 
 def as_config(args) -> TrainConfig:

@@ -16,6 +16,8 @@ import numpy as np
 from ..tokenizer import TOKENIZERS
 
 BYTE_VOCAB = 256
+# Not text, whatever their first bytes hold: skipped under a --data directory, refused as a --data file.
+BINARY_SUFFIXES = frozenset({".pyc", ".png", ".pt", ".pth", ".safetensors", ".npz", ".onnx", ".so", ".zip", ".gz"})
 DEFAULT_CORPUS_BYTES = 8_000_000
 
 
@@ -202,19 +204,43 @@ def _text_dataset(docs: list, tokenizer: str, source: str) -> Dataset:
     return Dataset(docs, [Target("next", "categorical", vocab)], vocab_size=vocab, source=source)
 
 
+def is_binary(path) -> bool:
+    """A known binary suffix (``BINARY_SUFFIXES``) or a NUL byte in the first 8 KB."""
+    path = Path(path)
+    if path.suffix.lower() in BINARY_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
 def load_text(path, max_bytes: int | None = None, tokenizer: str = "byte") -> Dataset:
-    """A text file, or every file under a directory (sorted), as documents of bytes (``tokenizer="byte"``, vocab
-    256) or of RWKV World tokens (``"world"``, vocab 65536; needs the ``rwkv`` package). Each file is one document;
-    windows never cross a document boundary."""
+    """A text file, or every text file under a directory (sorted; hidden folders such as ``.git`` and binary files
+    are skipped, see ``is_binary``), as documents of bytes (``tokenizer="byte"``, vocab 256) or of RWKV World tokens
+    (``"world"``, vocab 65536; needs the ``rwkv`` package). Each file is one document; windows never cross a
+    document boundary. A binary file given as ``path`` raises ValueError naming it."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts[:-1]))
+        files = [p for p in files if not is_binary(p)]
+        if not files:
+            raise ValueError(f"{path}: no text files (hidden folders and binary files are skipped)")
     elif path.is_file():
+        if is_binary(path):
+            raise ValueError(f"{path}: a binary file, not text; give a text file or a folder of them as --data")
         files = [path]
     else:
         raise ValueError(f"{path}: no such file or directory")
     docs = _documents(files, max_bytes, tokenizer)
     if not docs:
+        sizes = [(p.stat().st_size, str(p)) for p in files]
+        if max_bytes is not None and sizes[0][0] > max_bytes:
+            if all(n > max_bytes for n, _ in sizes):
+                n, name = min(sizes)
+                raise ValueError(f"{path}: every text file is larger than --max-bytes {max_bytes} (the smallest, "
+                                 f"{name}, has {n} bytes); raise --max-bytes")
+            raise ValueError(f"{path}: the first text file, {sizes[0][1]}, has {sizes[0][0]} bytes, more than "
+                             f"--max-bytes {max_bytes}; raise --max-bytes")
         raise ValueError(f"{path}: no non-empty text files")
     return _text_dataset(docs, tokenizer, str(path))
 

@@ -47,7 +47,8 @@ def _any_rank(flag: bool, world: int, device) -> bool:
 def _gather_lanes(tensors: list, world: int) -> list:
     """Each rank's ``[B/world, ...]`` state tensors -> the full ``[B, ...]`` tensors, lanes in rank order."""
     if world == 1:
-        return [t.detach().cpu() for t in tensors]
+        # own, contiguous copies: a carried state is often a view of a big activation (torch.save writes it whole)
+        return [t.detach().cpu().clone(memory_format=torch.contiguous_format) for t in tensors]
     out = []
     for t in tensors:
         parts = [torch.empty_like(t) for _ in range(world)]

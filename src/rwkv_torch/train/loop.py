@@ -22,14 +22,16 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpointing import CHECKPOINT_FORMAT, _resume_config, save_checkpoint
+from .checkpointing import CHECKPOINT_FORMAT, _claim_run_dir, _resume_config, save_checkpoint
 from .config import TrainConfig, as_config
 from .data import check_window, load_data, make_batch, split_by_sequence, window_counts, window_plans
 from .distributed import _all_mean, _any_rank, _gather_lanes, _init_distributed
@@ -45,8 +47,12 @@ def train(args_or_config) -> dict:
     Writes to the run directory ``out``: ``config.json``, ``metrics.jsonl`` (one JSON object per logged step with
     ``step``, ``loss``, ``lr``, ``tokens_per_s`` and, at eval steps, ``val_loss``), ``loss.png`` when matplotlib is
     installed, ``ckpt-<step>.pt`` checkpoints (the newest ``keep_checkpoints``) and, for an RWKV language model,
-    ``model/`` (``rt.save`` format: ``rt.load``, ``rwkv-torch generate --model``). Returns a summary dict with
-    ``step``, ``loss``, ``val_loss``, ``run_dir``, ``checkpoint``, ``model_dir`` and ``interrupted``.
+    ``model/`` (``rt.save`` format: ``rt.load``, ``rwkv-torch generate --model``). A run folder holds one run: a
+    new run into a folder with another run's files raises ValueError (``resume`` continues that run, ``overwrite``
+    deletes its files first). The last step is logged also when a run stops early (``stop_after``, ``time_limit``,
+    SIGINT/SIGTERM); a signal prints how to resume. Returns a summary dict with ``step``, ``loss``, ``val_loss``,
+    ``run_dir``, ``checkpoint``, ``model_dir``, ``interrupted`` and ``signal`` (the signal number that stopped the
+    run on this rank, or None).
     """
     given = dict(args_or_config) if isinstance(args_or_config, dict) else (
         {} if isinstance(args_or_config, TrainConfig) else vars(args_or_config))
@@ -55,6 +61,8 @@ def train(args_or_config) -> dict:
         given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     if given.get("epochs") is not None and given.get("steps") is not None:
         raise ValueError("give steps or epochs, not both")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("give resume or overwrite, not both: --resume continues the run, --overwrite starts anew")
     if cfg.resume:
         cfg, ckpt = _resume_config(cfg, given)
     rank, world, device, created_group = _init_distributed(cfg)
@@ -68,9 +76,12 @@ def train(args_or_config) -> dict:
 def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     lead = rank == 0
     run_dir = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if ckpt is None:  # a new run: the folder must not hold another one (every rank checks before any writes)
+        _claim_run_dir(run_dir, cfg.overwrite, lead)
+        if world > 1:
+            dist.barrier()
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     data = load_data(cfg.data, cfg.max_bytes, cfg.tokenizer)
     check_window(data, cfg.window_size)
@@ -82,6 +93,11 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
         windows = sum(window_counts([len(s) for s in train_data.sequences], cfg.window_size,
                                     cfg.stride or cfg.window_size))
         cfg = dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * windows / cfg.batch_size)))
+    if lead:  # after --epochs set the planned steps
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if ckpt is None and cfg.warmup >= cfg.steps:
+            warnings.warn(f"warmup={cfg.warmup} >= the {cfg.steps} planned steps: the learning rate never reaches "
+                          f"lr={cfg.lr:g}", stacklevel=3)
     model = build_model(cfg, data).to(device)
     if cfg.gradient_checkpoint:
         if not hasattr(model.backbone, "gradient_checkpointing"):
@@ -144,6 +160,14 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and lead), dynamic_ncols=True,
                desc=f"{cfg.backbone} {n_params / 1e6:.2f}M" + (f" x{world} ranks" if world > 1 else ""))
     log_path = metrics_path if lead else os.devnull
+    row, logged, plot_said = None, True, [False]
+
+    def plot():
+        if not _write_plot(run_dir) and not plot_said[0]:
+            plot_said[0] = True
+            warnings.warn("matplotlib is not installed: no loss.png is written (pip install rwkv-torch[plot] adds "
+                          "it)", stacklevel=2)
+
     with _StopSignal() as stop, open(log_path, "a") as log:
         t_last, rate = time.perf_counter(), 0.0
         deadline = math.inf if cfg.time_limit is None else t_last + cfg.time_limit
@@ -165,25 +189,34 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
             if lead and val_data is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 last_eval = evaluate(model, val_data, cfg, device)
                 row.update(last_eval)
-            if step % cfg.log_every == 0 or "val_loss" in row or step == end:
+            logged = step % cfg.log_every == 0 or "val_loss" in row or step == end
+            if logged:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             if lead and "val_loss" in row:
-                _write_plot(run_dir)
+                plot()
             bar.update(1)
             bar.set_postfix({"loss": f"{loss:.4f}", f"{unit}/s": f"{rate:,.0f}",
                              **({"val": f"{last_eval['val_loss']:.4f}"} if last_eval else {})})
             if step % cfg.save_every == 0 and step < end:
                 ckpt_path = save(step)
         bar.close()
+        if not logged:  # stopped early (time_limit, a signal): the last step is logged too
+            log.write(json.dumps(row) + "\n")
+            log.flush()
         ckpt_path = save(step)
     interrupted = _any_rank(stop.signum is not None, world, device)
     model_dir = None
     if lead:
-        _write_plot(run_dir)
+        plot()
         if data.is_text and cfg.backbone.startswith("rwkv"):  # the language model itself, for generate/export
             from ..checkpoints import save as save_model
 
             model_dir = str(save_model(model.backbone, run_dir / "model"))
+    if lead and interrupted:
+        name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
+        print(f"interrupted by {name} at step {step} of {cfg.steps}; checkpoint {ckpt_path}; resume with: "
+              f"rwkv-torch train --resume {run_dir}", flush=True)
     return dict(model_dir=model_dir, step=step, loss=loss, val_loss=last_eval.get("val_loss"), run_dir=str(run_dir),
-                checkpoint=str(ckpt_path), interrupted=interrupted, params=n_params, rank=rank, world_size=world)
+                checkpoint=str(ckpt_path), interrupted=interrupted, signal=stop.signum, params=n_params, rank=rank,
+                world_size=world)

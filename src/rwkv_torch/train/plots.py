@@ -4,14 +4,15 @@ import json
 from pathlib import Path
 
 
-def _write_plot(run_dir: Path) -> None:
+def _write_plot(run_dir: Path) -> bool:
+    """Write ``loss.png``; False when matplotlib is not installed (nothing written)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
@@ -23,3 +24,4 @@ def _write_plot(run_dir: Path) -> None:
     ax.legend()
     fig.savefig(run_dir / "loss.png", dpi=100)
     plt.close(fig)
+    return True
