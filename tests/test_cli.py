@@ -60,6 +60,16 @@ def test_demo_trains_samples_and_checks_step(tmp_path, capsys):
     assert "bits/byte" in out and "latency" in out
 
 
+def test_demo_stopped_by_its_time_limit_says_so(tmp_path, capsys, monkeypatch):
+    from rwkv_torch import demo as demo_module
+
+    monkeypatch.setattr(demo_module, "_demo_steps", lambda *a: 100_000)  # more steps than the time limit allows
+    res = cli.demo(seconds=0.5, out=str(tmp_path / "run"), max_tokens=4, progress=False)
+    out = capsys.readouterr().out
+    assert 0 < res["step"] < res["planned_steps"] == 100_000
+    assert f"the time limit stopped it at {res['step']} of 100000 planned steps" in out
+
+
 def test_demo_flags_reach_demo_and_set_exit_code(monkeypatch):
     calls = []
 

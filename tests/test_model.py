@@ -177,6 +177,9 @@ def test_state_select_detach_clone_to_and_file_round_trip(tmp_path):
     y1, _ = m.step(x[:, 0], st)
     y2, _ = m.step(x[:, 0], back)
     assert torch.equal(y1, y2)
+    # The shift states are views of the last position of [B, T, C] activations: the file holds their bytes only.
+    held = sum(t.numel() * t.element_size() for t in st.flat())
+    assert path.stat().st_size <= 1.1 * held + 4096, (path.stat().st_size, held)
 
 
 def test_state_errors(tmp_path):

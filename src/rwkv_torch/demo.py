@@ -90,7 +90,8 @@ def demo(seconds: float = 60.0, out: str | None = None, prompt: str = DEMO_PROMP
                      time_limit=time_limit, eval_every=max(1, steps // 4), eval_batches=8, save_every=10**9,
                      log_every=10, max_bytes=4_000_000, seed=seed, out=out, progress=progress))
     val = f", validation {res['val_loss'] / math.log(2):.2f} bits/byte" if res["val_loss"] is not None else ""
-    print(f"{res['step']} steps: loss {res['loss'] / math.log(2):.2f} bits/byte{val}")
+    stopped = f" (the time limit stopped it at {res['step']} of {steps} planned steps)" if res["step"] < steps else ""
+    print(f"{res['step']} steps: loss {res['loss'] / math.log(2):.2f} bits/byte{val}{stopped}")
     model = load(res["model_dir"]).eval()
     tok = ByteTokenizer()
     print(f"\n--- sample (temperature {temperature:g}, top-p {top_p:g}) ---\n{prompt}", end="", flush=True)
@@ -108,7 +109,7 @@ def demo(seconds: float = 60.0, out: str | None = None, prompt: str = DEMO_PROMP
     print(f"one-token step latency: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms ({torch.get_num_threads()} "
           f"threads); model saved in {res['model_dir']}")
     return dict(rel_error=r["rel_error"], agree=ok, p50_ms=r["p50_ms"], p99_ms=r["p99_ms"],
-                timed_steps=r["timed_steps"], sample=text, **res)
+                timed_steps=r["timed_steps"], sample=text, planned_steps=steps, **res)
 
 
 def _demo_steps(seconds: float, cfg: dict, seed: int) -> int:
