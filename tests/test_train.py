@@ -461,3 +461,16 @@ def test_a_checkpoint_holds_no_more_than_its_tensors(tmp_path):
         return 0
 
     assert os.path.getsize(res["checkpoint"]) <= 1.1 * nbytes(ckpt)
+
+
+@pytest.mark.parametrize("device,message", [("tpu", "is not a device"), ("meta", "this runs on cpu, cuda")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU is available here")]))
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, device, message, capsys):
+    from rwkv_torch import cli
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(device=device)
+    assert cli.main(["train", "--steps", "2", "--device", device, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rwkv-torch train: error: device") and message in err[0]
+    assert not (tmp_path / "r").exists()  # refused before anything was written

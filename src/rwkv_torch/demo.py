@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import describe, load, save, save_official
+from .devices import check_device
 from .export import OnnxStep, export_onnx, state_names
 from .generate import full_state, stream_text
 from .model import build
@@ -31,25 +32,6 @@ def _positive(**flags) -> None:
     for name, value in flags.items():
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value:g}")
-
-
-def _check_device(device: str) -> torch.device:
-    """``--device``: a device torch knows and this machine has (before any work)."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:1, ... or mps") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif d.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {device}: MPS is not available here (use --device cpu)")
-    elif d.type != "cpu":
-        raise ValueError(f"--device {device}: generation runs on cpu, cuda or mps")
-    return d
 
 
 def _check_out_file(flag: str, path: str) -> None:
@@ -251,7 +233,7 @@ def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float 
              state_in: str | None = None, state_out: str | None = None, device: str = "cpu"):
     """Stream a continuation of ``prompt`` to stdout; ``state_in``/``state_out`` continue from / save the state
     after every token (prompt and generated). Returns the ``generate.Generation``."""
-    _check_device(device)
+    check_device(device)
     if state_out:
         _check_out_file("--state-out", state_out)
     m = load(model, device=device)

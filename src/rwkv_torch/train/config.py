@@ -3,6 +3,7 @@
 import dataclasses
 from dataclasses import dataclass
 
+from ..devices import check_device
 from ..tokenizer import TOKENIZERS
 
 BACKBONES = ("rwkv7", "rwkv6", "rwkv5", "rwkv4", "transformer", "lstm")
@@ -55,6 +56,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone={self.backbone!r}: must be one of {BACKBONES}")
+        if self.device is not None:
+            check_device(self.device, flag="device", allowed=("cpu", "cuda"))
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r}: must be 'fp32' or 'bf16'")
         for f in ("hidden_size", "num_layers", "head_size", "window_size", "steps", "batch_size", "eval_batches",

@@ -1,0 +1,22 @@
+"""Device names from users (``--device``, ``device=``): checked once, with one-line errors, before any work."""
+
+import torch
+
+
+def check_device(device: str, *, flag: str = "--device", allowed=("cpu", "cuda", "mps")) -> torch.device:
+    """The ``torch.device`` for ``device`` when torch knows it and this machine has it; else a ValueError that names
+    the flag and what to use instead."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{flag} {device!r} is not a device: use cpu, cuda, cuda:1, ... or mps") from None
+    if d.type not in allowed:
+        raise ValueError(f"{flag} {device}: this runs on {', '.join(allowed)}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: no CUDA GPU is available here (use {flag} cpu)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: MPS is not available here (use {flag} cpu)")
+    return d
