@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import describe, load, save, save_official
-from .devices import check_device
+from .checks import check_device, check_output_file
 from .export import OnnxStep, export_onnx, state_names
 from .generate import full_state, stream_text
 from .model import build
@@ -32,15 +32,6 @@ def _positive(**flags) -> None:
     for name, value in flags.items():
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value:g}")
-
-
-def _check_out_file(flag: str, path: str) -> None:
-    """An output file's folder must exist and the path must not be a folder (checked before the long work)."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag} {path} is a directory; give a file name")
-    if not p.parent.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist")
 
 
 def demo(seconds: float = 60.0, out: str | None = None, prompt: str = DEMO_PROMPT, max_tokens: int = 300,
@@ -206,7 +197,7 @@ def stream_bench(frames: int = 10_000, embed_dim: int = 288, hidden_size: int = 
 def export(out: str, model: str | None = None, embed_dim: int = 64, batch_size: int | None = None,
            int8: bool = False) -> str:
     """Export the one-step function of a saved model (or of the default backbone) to ONNX."""
-    _check_out_file("--out", out)
+    check_output_file(out, f"--out {out}")
     _positive(embed_dim=embed_dim, batch_size=batch_size)
     m = load(model) if model else build(embed_dim=embed_dim, seed=0)
     export_onnx(m.eval(), out, batch_size=batch_size, quantize_int8=int8)
@@ -235,7 +226,7 @@ def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float 
     after every token (prompt and generated). Returns the ``generate.Generation``."""
     check_device(device)
     if state_out:
-        _check_out_file("--state-out", state_out)
+        check_output_file(state_out, f"--state-out {state_out}")
     m = load(model, device=device)
     V = m.config.vocab_size
     if V is None:

@@ -11,10 +11,10 @@ dynamic. The model's config travels in the ONNX metadata (key ``rwkv_torch_confi
 
 import json
 import warnings
-from pathlib import Path
 
 import torch
 
+from .checks import check_output_file
 from .config import RWKVConfig
 from .decode import StepGraph
 from .model import RWKV
@@ -51,9 +51,7 @@ def export_onnx(model: RWKV, path, *, batch_size: int | None = None, opset: int 
         raise ValueError(f"batch_size must be None (dynamic) or a positive int, got {batch_size!r}")
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_OPSET} (the step uses einsum), got {opset!r}")
-    if Path(path).is_dir() or not Path(path).parent.is_dir():  # before the trace (seconds to a minute)
-        raise ValueError(f"{path}: " + ("is a directory; give a .onnx file name" if Path(path).is_dir()
-                                        else f"the folder {Path(path).parent} does not exist"))
+    check_output_file(path, str(path))  # before the trace (seconds to a minute)
     c = model.config
     graph = StepGraph(_float32_copy(model)).eval()
     B = batch_size or 2

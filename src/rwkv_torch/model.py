@@ -300,8 +300,7 @@ class RWKV(nn.Module):
             if done is not None:
                 h, (shift_att, shift_ffn, wkv) = done
                 return self._head(h), RWKVState(shift_att, shift_ffn, wkv, dict(state.meta))
-        state = state.fork()
-        return self._head(self._blocks(h.unsqueeze(1), state, "auto")[:, 0]), state
+        return self._spec_step(h, state)
 
     def step_(self, x_t, state: RWKVState) -> torch.Tensor:
         """``step`` that overwrites ``state``'s tensors with the new state and returns only ``out [B, out]``.
@@ -317,12 +316,16 @@ class RWKV(nn.Module):
             done = decode.blocks_step(self.decode_weights(), self.config, h, state, inplace=True)
             if done is not None:
                 return self._head(done[0])
-        new = state.fork()
-        out = self._head(self._blocks(h.unsqueeze(1), new, "auto")[:, 0])
+        out, new = self._spec_step(h, state)
         with torch.no_grad():
             for old, t in zip(state.flat(), new.flat()):
                 old.copy_(t)
         return out
+
+    def _spec_step(self, h, state: RWKVState):
+        """h [B, C] (after ln0) through the blocks' forward at T = 1 and the head: (out, a new state)."""
+        new = state.fork()
+        return self._head(self._blocks(h.unsqueeze(1), new, "auto")[:, 0]), new
 
     def _c_step_applies(self, h, state) -> bool:
         if torch.is_grad_enabled() or (self.training and self.config.dropout > 0):

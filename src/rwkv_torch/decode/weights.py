@@ -14,19 +14,16 @@ not seen is ``param.data = other_tensor``; call ``RWKV.clear_decode_weights()`` 
 """
 
 import dataclasses
-import itertools
 
 import torch
 import torch.nn as nn
 
 # Bumped whenever any module registers or replaces a parameter; decode weights remember the value they were built at.
-_registrations = itertools.count()
 _generation = [0]
 
 
 def _on_parameter_registered(module, name, param):
-    _generation[0] = next(_registrations) + 1
-    return None
+    _generation[0] += 1
 
 
 if hasattr(nn.modules.module, "register_module_parameter_registration_hook"):

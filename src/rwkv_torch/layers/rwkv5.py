@@ -9,12 +9,8 @@ from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
 from ..ops.wkv6 import wkv6_unchecked
+from .rwkv4 import _mix  # the v4/v5 token-shift mix: the weight multiplies the current token
 from .rwkv6 import _ratios, add_projections, init_projections
-
-
-def _mix(x, prev, mu):
-    # v4/v5 convention: the weight multiplies the CURRENT token.
-    return x * mu + prev * (1 - mu)
 
 
 class TimeMix(nn.Module):

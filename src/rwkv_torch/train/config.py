@@ -3,7 +3,7 @@
 import dataclasses
 from dataclasses import dataclass
 
-from ..devices import check_device
+from ..checks import check_device
 from ..tokenizer import TOKENIZERS
 
 BACKBONES = ("rwkv7", "rwkv6", "rwkv5", "rwkv4", "transformer", "lstm")

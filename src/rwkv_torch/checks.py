@@ -1,4 +1,7 @@
-"""Device names from users (``--device``, ``device=``): checked once, with one-line errors, before any work."""
+"""What users pass by name: device names (``--device``, ``device=``) and output paths, checked once, with one-line
+errors, before any work."""
+
+from pathlib import Path
 
 import torch
 
@@ -20,3 +23,13 @@ def check_device(device: str, *, flag: str = "--device", allowed=("cpu", "cuda",
     elif d.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{flag} {device}: MPS is not available here (use {flag} cpu)")
     return d
+
+
+def check_output_file(path, name: str) -> None:
+    """An output file's folder must exist and the path must not be a folder; ``name`` starts the message (a flag and
+    the path, or the path)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{name}: is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"{name}: the folder {p.parent} does not exist")
