@@ -10,7 +10,16 @@ import rwkv_torch as rt
 from rwkv_torch.ops import _common, cpu_kernel, wkv4, wkv6, wkv7
 from tests.ops import test_wkv6 as t6
 from tests.ops import test_wkv7 as t7
-from tests.utils import assert_close, assert_varlen_matches, cu_seqlens_of, each_sequence, needs_c_kernel
+from tests.utils import (
+    assert_all_close,
+    assert_close,
+    assert_varlen_matches,
+    cu_seqlens_of,
+    each_sequence,
+    float64_leaves,
+    grads_of,
+    needs_c_kernel,
+)
 
 pytestmark = needs_c_kernel()
 
@@ -94,19 +103,106 @@ def test_varlen_equals_separate_calls(op):
     assert_varlen_matches(packed, each_sequence(fn, cu, n_seq, backend="naive"), xs, h0, cu, 1e-12)
 
 
-def test_auto_uses_it_only_without_autograd_and_for_sequences():
+def test_auto_uses_it_for_sequences_with_and_without_autograd():
     cpu = torch.device("cpu")
     assert _common.resolve_backend("wkv7", "auto", cpu, 10, grad=False) == "c"
-    assert _common.resolve_backend("wkv7", "auto", cpu, 10, grad=True) == "chunk"
+    assert _common.resolve_backend("wkv7", "auto", cpu, 10, grad=True) == "c"
     assert _common.resolve_backend("wkv7", "auto", cpu, 1, grad=False) == "naive"
-    assert _common.resolve_backend("wkv7", "recurrent", cpu, 10, grad=False) == "c"
+    assert _common.resolve_backend("wkv7", "recurrent", cpu, 10, grad=True) == "c"
     assert _common.resolve_backend("wkv4", "auto", cpu, 10, grad=False, c_kernel=False, triton=False) == "chunk"
-    # Through the op: with gradients the chunked form runs (and differentiates); without, the kernel's numbers.
+    # Through the op: with gradients the C kernel runs and differentiates (the same numbers as without).
     xs, h0 = t7.make_inputs(1, 30, 2, 8, requires_grad=True)
     out, _ = wkv7(*xs, h0)
-    assert out.grad_fn is not None
+    assert out.grad_fn is not None and "WKV7" in type(out.grad_fn).__name__
     with torch.no_grad():
-        assert torch.equal(wkv7(*xs, h0)[0], wkv7(*xs, h0, backend="recurrent")[0])
+        assert torch.equal(wkv7(*xs, h0)[0], out.detach())
+
+
+# T below, at and above the checkpoint interval, not a multiple of it; interval 1; N = 64 (its specialised loops).
+BACKWARD_CASES = [(1, 1, 1, 4, 32), (2, 37, 3, 16, 16), (1, 32, 2, 8, 32), (2, 70, 2, 64, 32), (1, 9, 2, 5, 1),
+                  (2, 5, 1, 8, 32)]
+
+
+@pytest.mark.parametrize("B,T,H,N,every", BACKWARD_CASES, ids=str)
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
+@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+def test_backward_matches_naive_fp64(op, B, T, H, N, every, with_state):
+    """Values, final states and the gradients of every input and of the initial state, in float64."""
+    mod, fn = (t7, wkv7) if op == "wkv7" else (t6, wkv6)
+    xs, h0 = mod.make_inputs(B, T, H, N, requires_grad=True, with_state=with_state)
+    ref = grads_of(lambda *a: fn(*a, backend="naive"), xs, h0)
+    got = grads_of(lambda *a: fn(*a, backend="recurrent", chunk_size=every), xs, h0)
+    assert_all_close(ref, got, 1e-12, mod.NAMES)
+
+
+@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+def test_backward_fp32_matches_fp64(op):
+    mod, fn = (t7, wkv7) if op == "wkv7" else (t6, wkv6)
+    xs, h0 = mod.make_inputs(2, 150, 2, 64, dtype=torch.float32, requires_grad=True)
+    got = grads_of(lambda *a: fn(*a, backend="recurrent"), xs, h0)
+    assert all(g.dtype == torch.float32 for g in got[2])
+    ref = grads_of(lambda *a: fn(*a, backend="naive"), *float64_leaves(xs, h0), like=(torch.float32, torch.float32))
+    assert_all_close(ref, got, 2e-5, mod.NAMES)
+
+
+def test_backward_low_precision_returns_input_dtypes():
+    xs, h0 = t7.make_inputs(1, 40, 2, 16, dtype=torch.bfloat16, requires_grad=True)
+    h0 = h0.detach().float().requires_grad_()
+    got = grads_of(lambda *a: wkv7(*a, backend="recurrent"), xs, h0)
+    assert [g.dtype for g in got[2]] == [torch.bfloat16] * 6 + [torch.float32]
+    ref = grads_of(lambda *a: wkv7(*a, backend="naive"), *float64_leaves(xs, h0), like=(torch.bfloat16, torch.float32))
+    assert_all_close(ref, got, 3e-2, t7.NAMES)
+
+
+@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+def test_backward_varlen_equals_separate_calls(op):
+    lens = [5, 1, 0, 40, 17]  # with an empty sequence
+    cu = cu_seqlens_of(lens)
+    mod, fn, n_seq = (t7, wkv7, 6) if op == "wkv7" else (t6, wkv6, 4)
+    xs, h0 = mod.make_inputs(1, sum(lens), 2, 8, requires_grad=True, n_states=len(lens))
+    packed = lambda *a: fn(*a, cu_seqlens=cu, backend="recurrent", chunk_size=16)  # noqa: E731
+    assert_varlen_matches(packed, each_sequence(fn, cu, n_seq, backend="naive"), xs, h0, cu, 1e-12,
+                          grad_names=mod.NAMES)
+
+
+def test_backward_gradcheck_tiny():
+    xs, h0 = t7.make_inputs(1, 6, 1, 3, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: wkv7(*a, backend="recurrent", chunk_size=4), (*xs, h0))
+    xs, h0 = t6.make_inputs(1, 6, 1, 3, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: wkv6(*a, backend="recurrent", chunk_size=4), (*xs, h0))
+
+
+def test_backward_does_not_depend_on_the_thread_count():
+    xs, h0 = t7.make_inputs(3, 40, 5, 16, dtype=torch.float32, requires_grad=True)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 7):
+            torch.set_num_threads(n)
+            results.append(grads_of(lambda *a: wkv7(*a, backend="recurrent"), xs, h0)[2])
+    finally:
+        torch.set_num_threads(threads)
+    for gs in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(gs, results[0]))
+
+
+def test_backward_saves_inputs_and_checkpoints_only():
+    """What autograd keeps for the C backward: the six inputs and one state per 32 tokens (no pair matrices)."""
+    B, T, H, N = 2, 256, 2, 16
+    xs, h0 = t7.make_inputs(B, T, H, N, dtype=torch.float32, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, ht = wkv7(*xs, h0, backend="recurrent")
+    inputs = 6 * B * T * H * N * 4
+    checkpoints = B * H * (T // 32) * N * N * 4
+    assert sum(saved.values()) <= inputs + checkpoints + 64  # (+ a few scalars)
+    (out.sum() + ht.sum()).backward()
+    assert all(x.grad is not None for x in xs) and h0.grad is not None
 
 
 def test_model_prefill_uses_it_and_matches_the_step():
@@ -140,11 +236,6 @@ def test_compiled_model_keeps_one_graph_with_the_kernel():
 
 
 def test_clear_errors():
-    xs, h0 = t7.make_inputs(1, 6, 2, 8, requires_grad=True)
-    with pytest.raises(ValueError, match="forward-only"):
-        wkv7(*xs, h0, backend="recurrent")
-    with pytest.raises(ValueError, match="forward-only"):
-        wkv6(*t6.make_inputs(1, 6, 2, 8, requires_grad=True)[0], backend="recurrent")
     with pytest.raises(ValueError, match="no CPU kernel for wkv4"):
         wkv4(torch.rand(4).neg(), torch.rand(4), torch.rand(1, 3, 4), torch.rand(1, 3, 4), backend="recurrent")
     with pytest.raises(ValueError, match=r"runs on CPU \(C\) or CUDA \(Triton\) tensors, got meta"):

@@ -1,9 +1,11 @@
 /* Fused CPU forward kernels of the WKV recurrences (rwkv_torch.ops.cpu_kernel compiles and loads this file).
  *
  * The naive spec loop of ops/wkv7/naive.py and ops/wkv6/naive.py, one (batch, head) pair per work item, the state
- * held in cache for the whole sequence. Forward only (inference and prefill); training uses the chunked form.
+ * held in cache for the whole sequence; and its exact reverse-time backward (see the BACKWARD section below).
  * Inputs r, w, k, v, a, b: [B, T, H, N] contiguous, all of one type (float or double); u: [H, N]; state: [B, H, N, N],
- * read as the initial state and overwritten with the final one; out: [B, T, H, N].
+ * read as the initial state and overwritten with the final one; out: [B, T, H, N]. For training the forward also
+ * writes the state before every L-th token (ckpt: [B, H, ceil(T / L), N, N], in the kernel's internal layout), which
+ * the backward reloads to recompute the states of one span of L tokens at a time.
  *
  * WKV-7 (official layout S[i][j], i = value index, j = key index):
  *     sa = S a;  S = S * exp(w)[None, :] + sa b^T + v k^T;  y = S r
@@ -22,8 +24,8 @@ typedef double f64;
 
 #define WKV7_HEAD(NAME, REAL, EXP, NFIXED)                                                                  \
     static int NAME(const REAL *r, const REAL *w, const REAL *k, const REAL *v, const REAL *a,             \
-                    const REAL *bb, REAL *out, REAL *S, int64_t T, int64_t H, int64_t n, int64_t b,        \
-                    int64_t h) {                                                                            \
+                    const REAL *bb, REAL *out, REAL *S, REAL *ckpt, int64_t L, int64_t T, int64_t H,       \
+                    int64_t n, int64_t b, int64_t h) {                                                      \
         const int64_t N = NFIXED ? NFIXED : n;                                                              \
         REAL *buf = (REAL *)malloc(sizeof(REAL) * (N * N + 2 * N));                                         \
         if (!buf) return 1;                                                                                 \
@@ -32,6 +34,7 @@ typedef double f64;
             for (int64_t j = 0; j < N; j++) ST[j * N + i] = S[i * N + j];                                   \
         for (int64_t t = 0; t < T; t++) {                                                                   \
             const int64_t o = ((b * T + t) * H + h) * N;                                                    \
+            if (ckpt && t % L == 0) memcpy(ckpt + (t / L) * N * N, ST, sizeof(REAL) * N * N);               \
             const REAL *rt = r + o, *wt = w + o, *kt = k + o, *vt = v + o, *at = a + o, *bt = bb + o;       \
             for (int64_t i = 0; i < N; i++) sa[i] = 0, y[i] = 0;                                            \
             for (int64_t j = 0; j < N; j++) {                                                               \
@@ -58,13 +61,15 @@ typedef double f64;
 
 #define WKV6_HEAD(NAME, REAL, EXP, NFIXED)                                                                  \
     static int NAME(const REAL *r, const REAL *w, const REAL *k, const REAL *v, const REAL *u,             \
-                    REAL *out, REAL *S, int64_t T, int64_t H, int64_t n, int64_t b, int64_t h) {            \
+                    REAL *out, REAL *S, REAL *ckpt, int64_t L, int64_t T, int64_t H, int64_t n, int64_t b,  \
+                    int64_t h) {                                                                            \
         const int64_t N = NFIXED ? NFIXED : n;                                                              \
         REAL *y = (REAL *)malloc(sizeof(REAL) * N);                                                         \
         if (!y) return 1;                                                                                   \
         const REAL *uh = u + h * N;                                                                         \
         for (int64_t t = 0; t < T; t++) {                                                                   \
             const int64_t o = ((b * T + t) * H + h) * N;                                                    \
+            if (ckpt && t % L == 0) memcpy(ckpt + (t / L) * N * N, S, sizeof(REAL) * N * N);                \
             const REAL *rt = r + o, *wt = w + o, *kt = k + o, *vt = v + o;                                  \
             for (int64_t i = 0; i < N; i++) y[i] = 0;                                                       \
             for (int64_t j = 0; j < N; j++) {                                                               \
@@ -82,46 +87,206 @@ typedef double f64;
         return 0;                                                                                           \
     }
 
+/* BACKWARD. One (batch, head) pair, spans of L tokens from the last to the first: reload the span's checkpoint,
+ * recompute its L + 1 states (and WKV-7's sa = S a) forward, then walk back token by token. dS holds the gradient of
+ * the loss with respect to the state after the current token (internal layout); it starts as the final state's
+ * gradient and ends as the initial state's. With D = diag(exp(w)), per token t (WKV-7, internal ST = S^T):
+ *     dS += dy r^T;  dr = S_t^T dy;  dv = dS k;  dk = dS^T v;  db = dS^T sa;  dsa = dS b;
+ *     dw = exp(w) * colsum(dS * S_{t-1});  da = S_{t-1}^T dsa;  dS <- dS D + dsa a^T
+ * WKV-6 (S [K, V], y = r^T (S_{t-1} + diag(u) k v^T), S_t = D S_{t-1} + k v^T):
+ *     dr = S_{t-1} dy + u k (v . dy);  du += r k (v . dy);  dk = r u (v . dy) + dS v;  dv = (r u k) . dy + dS^T k;
+ *     dw = exp(w) * rowsum(dS * S_{t-1});  dS <- D dS + r dy^T
+ * Gradients are written per token (du accumulated per pair into du_part [B, H, N], summed over B by the caller). */
+#define WKV7_BACK(NAME, REAL, EXP, NFIXED)                                                                  \
+    static int NAME(const REAL *r, const REAL *w, const REAL *k, const REAL *v, const REAL *a,             \
+                    const REAL *bb, const REAL *dy, const REAL *ckpt, REAL *dS_io, REAL *dr, REAL *dw,      \
+                    REAL *dk, REAL *dv, REAL *da, REAL *db, int64_t L, int64_t T, int64_t H, int64_t n,     \
+                    int64_t b, int64_t h) {                                                                 \
+        const int64_t N = NFIXED ? NFIXED : n, NN = N * N;                                                  \
+        REAL *buf = (REAL *)malloc(sizeof(REAL) * ((L + 1) * NN + NN + L * N + 2 * N));                     \
+        if (!buf) return 1;                                                                                 \
+        REAL *Ss = buf, *dS = Ss + (L + 1) * NN, *sas = dS + NN, *dsa = sas + L * N, *dvv = dsa + N;        \
+        for (int64_t i = 0; i < N; i++)                                                                     \
+            for (int64_t j = 0; j < N; j++) dS[j * N + i] = dS_io[i * N + j];                               \
+        for (int64_t c = (T + L - 1) / L - 1; c >= 0; c--) {                                                \
+            const int64_t t0 = c * L, t1 = t0 + L < T ? t0 + L : T;                                         \
+            memcpy(Ss, ckpt + c * NN, sizeof(REAL) * NN);                                                   \
+            for (int64_t t = t0; t < t1; t++) {                                                             \
+                const int64_t o = ((b * T + t) * H + h) * N;                                                \
+                const REAL *P = Ss + (t - t0) * NN, *at = a + o, *bt = bb + o, *wt = w + o;                 \
+                const REAL *kt = k + o, *vt = v + o;                                                        \
+                REAL *Sn = Ss + (t - t0 + 1) * NN, *sa = sas + (t - t0) * N;                                \
+                for (int64_t i = 0; i < N; i++) sa[i] = 0;                                                  \
+                for (int64_t j = 0; j < N; j++) {                                                           \
+                    const REAL aj = at[j];                                                                  \
+                    const REAL *row = P + j * N;                                                            \
+                    for (int64_t i = 0; i < N; i++) sa[i] += row[i] * aj;                                   \
+                }                                                                                           \
+                for (int64_t j = 0; j < N; j++) {                                                           \
+                    const REAL dj = EXP(wt[j]), bj = bt[j], kj = kt[j];                                     \
+                    const REAL *row = P + j * N;                                                            \
+                    REAL *nrow = Sn + j * N;                                                                \
+                    for (int64_t i = 0; i < N; i++) nrow[i] = row[i] * dj + sa[i] * bj + vt[i] * kj;        \
+                }                                                                                           \
+            }                                                                                               \
+            for (int64_t t = t1 - 1; t >= t0; t--) {                                                        \
+                const int64_t o = ((b * T + t) * H + h) * N;                                                \
+                const REAL *P = Ss + (t - t0) * NN, *St = P + NN, *sa = sas + (t - t0) * N;                 \
+                const REAL *rt = r + o, *wt = w + o, *kt = k + o, *vt = v + o, *at = a + o, *bt = bb + o;   \
+                const REAL *g = dy + o;                                                                     \
+                for (int64_t i = 0; i < N; i++) dsa[i] = 0, dvv[i] = 0;                                     \
+                for (int64_t j = 0; j < N; j++) {                                                           \
+                    const REAL rj = rt[j], kj = kt[j], bj = bt[j];                                          \
+                    const REAL *srow = St + j * N, *prow = P + j * N;                                       \
+                    REAL *drow = dS + j * N;                                                                \
+                    REAL s_r = 0, s_k = 0, s_b = 0, s_w = 0;                                                \
+                    for (int64_t i = 0; i < N; i++) {                                                       \
+                        const REAL d = drow[i] + rj * g[i];                                                 \
+                        drow[i] = d;                                                                        \
+                        s_r += srow[i] * g[i];                                                              \
+                        s_k += d * vt[i];                                                                   \
+                        s_b += d * sa[i];                                                                   \
+                        s_w += d * prow[i];                                                                 \
+                        dvv[i] += d * kj;                                                                   \
+                        dsa[i] += d * bj;                                                                   \
+                    }                                                                                       \
+                    dr[o + j] = s_r, dk[o + j] = s_k, db[o + j] = s_b, dw[o + j] = s_w * EXP(wt[j]);        \
+                }                                                                                           \
+                for (int64_t j = 0; j < N; j++) {                                                           \
+                    const REAL dj = EXP(wt[j]), aj = at[j];                                                 \
+                    const REAL *prow = P + j * N;                                                           \
+                    REAL *drow = dS + j * N;                                                                \
+                    REAL s_a = 0;                                                                           \
+                    for (int64_t i = 0; i < N; i++) {                                                       \
+                        s_a += dsa[i] * prow[i];                                                            \
+                        drow[i] = drow[i] * dj + dsa[i] * aj;                                               \
+                    }                                                                                       \
+                    da[o + j] = s_a;                                                                        \
+                }                                                                                           \
+                memcpy(dv + o, dvv, sizeof(REAL) * N);                                                      \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int64_t i = 0; i < N; i++)                                                                     \
+            for (int64_t j = 0; j < N; j++) dS_io[i * N + j] = dS[j * N + i];                               \
+        free(buf);                                                                                          \
+        return 0;                                                                                           \
+    }
+
+#define WKV6_BACK(NAME, REAL, EXP, NFIXED)                                                                  \
+    static int NAME(const REAL *r, const REAL *w, const REAL *k, const REAL *v, const REAL *u,             \
+                    const REAL *dy, const REAL *ckpt, REAL *dS, REAL *dr, REAL *dw, REAL *dk, REAL *dv,     \
+                    REAL *du, int64_t L, int64_t T, int64_t H, int64_t n, int64_t b, int64_t h) {           \
+        const int64_t N = NFIXED ? NFIXED : n, NN = N * N;                                                  \
+        REAL *buf = (REAL *)malloc(sizeof(REAL) * ((L + 1) * NN + N));                                      \
+        if (!buf) return 1;                                                                                 \
+        REAL *Ss = buf, *dvv = Ss + (L + 1) * NN;                                                           \
+        const REAL *uh = u + h * N;                                                                         \
+        for (int64_t j = 0; j < N; j++) du[j] = 0;                                                          \
+        for (int64_t c = (T + L - 1) / L - 1; c >= 0; c--) {                                                \
+            const int64_t t0 = c * L, t1 = t0 + L < T ? t0 + L : T;                                         \
+            memcpy(Ss, ckpt + c * NN, sizeof(REAL) * NN);                                                   \
+            for (int64_t t = t0; t < t1 - 1; t++) {                                                         \
+                const int64_t o = ((b * T + t) * H + h) * N;                                                \
+                const REAL *P = Ss + (t - t0) * NN, *wt = w + o, *kt = k + o, *vt = v + o;                  \
+                REAL *Sn = Ss + (t - t0 + 1) * NN;                                                          \
+                for (int64_t j = 0; j < N; j++) {                                                           \
+                    const REAL dj = EXP(wt[j]), kj = kt[j];                                                 \
+                    const REAL *row = P + j * N;                                                            \
+                    REAL *nrow = Sn + j * N;                                                                \
+                    for (int64_t i = 0; i < N; i++) nrow[i] = row[i] * dj + kj * vt[i];                     \
+                }                                                                                           \
+            }                                                                                               \
+            for (int64_t t = t1 - 1; t >= t0; t--) {                                                        \
+                const int64_t o = ((b * T + t) * H + h) * N;                                                \
+                const REAL *P = Ss + (t - t0) * NN;                                                         \
+                const REAL *rt = r + o, *wt = w + o, *kt = k + o, *vt = v + o, *g = dy + o;                 \
+                REAL vg = 0;                                                                                \
+                for (int64_t i = 0; i < N; i++) vg += vt[i] * g[i], dvv[i] = 0;                             \
+                for (int64_t j = 0; j < N; j++) {                                                           \
+                    const REAL rj = rt[j], kj = kt[j], dj = EXP(wt[j]), ruk = rj * uh[j] * kj;              \
+                    const REAL *prow = P + j * N;                                                           \
+                    REAL *drow = dS + j * N;                                                                \
+                    REAL s_r = 0, s_k = 0, s_w = 0;                                                         \
+                    for (int64_t i = 0; i < N; i++) {                                                       \
+                        const REAL d = drow[i];                                                             \
+                        s_r += prow[i] * g[i];                                                              \
+                        s_k += d * vt[i];                                                                   \
+                        s_w += d * prow[i];                                                                 \
+                        dvv[i] += d * kj + ruk * g[i];                                                      \
+                        drow[i] = d * dj + rj * g[i];                                                       \
+                    }                                                                                       \
+                    dr[o + j] = s_r + uh[j] * kj * vg;                                                      \
+                    dk[o + j] = s_k + rj * uh[j] * vg;                                                      \
+                    dw[o + j] = s_w * dj;                                                                   \
+                    du[j] += rj * kj * vg;                                                                  \
+                }                                                                                           \
+                memcpy(dv + o, dvv, sizeof(REAL) * N);                                                      \
+            }                                                                                               \
+        }                                                                                                   \
+        free(buf);                                                                                          \
+        return 0;                                                                                           \
+    }
+
 WKV7_HEAD(wkv7_f32, f32, expf, 0)
 WKV7_HEAD(wkv7_f32_n64, f32, expf, 64)
 WKV7_HEAD(wkv7_f64, f64, exp, 0)
 WKV6_HEAD(wkv6_f32, f32, expf, 0)
 WKV6_HEAD(wkv6_f32_n64, f32, expf, 64)
 WKV6_HEAD(wkv6_f64, f64, exp, 0)
+WKV7_BACK(wkv7_back_f32, f32, expf, 0)
+WKV7_BACK(wkv7_back_f32_n64, f32, expf, 64)
+WKV7_BACK(wkv7_back_f64, f64, exp, 0)
+WKV6_BACK(wkv6_back_f32, f32, expf, 0)
+WKV6_BACK(wkv6_back_f32_n64, f32, expf, 64)
+WKV6_BACK(wkv6_back_f64, f64, exp, 0)
 
+/* One call's arguments. Forward: x = r, w, k, v, a (u for WKV-6), b; y = out; S = state; ckpt may be null.
+ * Backward: also dy, the output gradients g[0..5] = dr, dw, dk, dv, da (du_part for WKV-6), db; S = the final
+ * state's gradient in, the initial state's out. */
 typedef struct {
-    int version, dbl;
-    const void *r, *w, *k, *v, *a, *b;  /* a, b: WKV-7 only; a is u for WKV-6 */
-    void *out, *S;
-    int64_t T, H, N, lo, hi;
-    int err;
+    int version, dbl, backward;
+    const void *x[6];
+    const void *dy;
+    void *y, *S, *ckpt, *g[6];
+    int64_t L, T, H, N;
 } job_t;
 
-static void *run_job(void *arg) {
-    job_t *j = (job_t *)arg;
-    const int64_t NN = j->N * j->N;
-    for (int64_t x = j->lo; x < j->hi && !j->err; x++) {
-        const int64_t b = x / j->H, h = x % j->H;
-        if (j->version == 7) {
-            if (j->dbl)
-                j->err = wkv7_f64(j->r, j->w, j->k, j->v, j->a, j->b, j->out, (f64 *)j->S + x * NN, j->T, j->H,
-                                  j->N, b, h);
-            else if (j->N == 64)
-                j->err = wkv7_f32_n64(j->r, j->w, j->k, j->v, j->a, j->b, j->out, (f32 *)j->S + x * NN, j->T,
-                                      j->H, j->N, b, h);
-            else
-                j->err = wkv7_f32(j->r, j->w, j->k, j->v, j->a, j->b, j->out, (f32 *)j->S + x * NN, j->T, j->H,
-                                  j->N, b, h);
-        } else {
-            if (j->dbl)
-                j->err = wkv6_f64(j->r, j->w, j->k, j->v, j->a, j->out, (f64 *)j->S + x * NN, j->T, j->H, j->N, b, h);
-            else if (j->N == 64)
-                j->err = wkv6_f32_n64(j->r, j->w, j->k, j->v, j->a, j->out, (f32 *)j->S + x * NN, j->T, j->H, j->N,
-                                      b, h);
-            else
-                j->err = wkv6_f32(j->r, j->w, j->k, j->v, j->a, j->out, (f32 *)j->S + x * NN, j->T, j->H, j->N, b, h);
-        }
+/* One (batch, head) pair x of a job, in REAL; N64: the variant specialised for N = 64 (SUFFIX _n64). */
+#define RUN_ONE(NAME, REAL, SUFFIX)                                                                         \
+    static int NAME(const job_t *j, int64_t x) {                                                            \
+        const int64_t b = x / j->H, h = x % j->H, NN = j->N * j->N, nck = (j->T + j->L - 1) / j->L;        \
+        const REAL *r = j->x[0], *w = j->x[1], *k = j->x[2], *v = j->x[3], *a = j->x[4], *bb = j->x[5];    \
+        const REAL *dy = j->dy;                                                                             \
+        REAL *S = (REAL *)j->S + x * NN, *ck = j->ckpt ? (REAL *)j->ckpt + x * nck * NN : 0;                \
+        REAL *const *g = (REAL *const *)j->g;                                                               \
+        if (!j->backward && j->version == 7)                                                                \
+            return wkv7_##REAL##SUFFIX(r, w, k, v, a, bb, j->y, S, ck, j->L, j->T, j->H, j->N, b, h);        \
+        if (!j->backward)                                                                                   \
+            return wkv6_##REAL##SUFFIX(r, w, k, v, a, j->y, S, ck, j->L, j->T, j->H, j->N, b, h);            \
+        if (j->version == 7)                                                                                \
+            return wkv7_back_##REAL##SUFFIX(r, w, k, v, a, bb, dy, ck, S, g[0], g[1], g[2], g[3], g[4], g[5], \
+                                             j->L, j->T, j->H, j->N, b, h);                                 \
+        return wkv6_back_##REAL##SUFFIX(r, w, k, v, a, dy, ck, S, g[0], g[1], g[2], g[3], g[4] + x * j->N,   \
+                                         j->L, j->T, j->H, j->N, b, h);                                     \
     }
+
+RUN_ONE(run_f32, f32, )
+RUN_ONE(run_f32_n64, f32, _n64)
+RUN_ONE(run_f64, f64, )
+
+static int run_one(const job_t *j, int64_t x) {
+    return j->dbl ? run_f64(j, x) : j->N == 64 ? run_f32_n64(j, x) : run_f32(j, x);
+}
+
+typedef struct {
+    const job_t *job;
+    int64_t lo, hi;
+    int err;
+} share_t;
+
+static void *run_share(void *arg) {
+    share_t *s = (share_t *)arg;
+    for (int64_t x = s->lo; x < s->hi && !s->err; x++) s->err = run_one(s->job, x);
     return 0;
 }
 
@@ -130,54 +295,67 @@ static void *run_job(void *arg) {
 /* Splits the B*H (batch, head) pairs over up to `threads` threads. Returns 0 on success.
  * Built with OpenMP (-fopenmp), the loop runs on the OpenMP runtime already loaded by PyTorch (same libgomp), so the
  * kernel shares PyTorch's worker threads instead of competing with them for the cores; otherwise on pthreads. */
-static int run(job_t proto, int64_t B, int threads) {
-    const int64_t work = B * proto.H;
+static int run(const job_t *job, int64_t B, int threads) {
+    const int64_t work = B * job->H;
     if (work <= 0) return 0;
     if (threads > work) threads = (int)work;
-#ifdef _OPENMP
     if (threads < 1) threads = 1;
+#ifdef _OPENMP
     int err = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : err)
-    for (int64_t x = 0; x < work; x++) {
-        job_t j = proto;
-        j.lo = x;
-        j.hi = x + 1;
-        run_job(&j);
-        err |= j.err;
-    }
+    for (int64_t x = 0; x < work; x++) err |= run_one(job, x);
     return err;
 #else
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
-    job_t jobs[MAX_THREADS];
+    share_t shares[MAX_THREADS];
     pthread_t tids[MAX_THREADS];
     int started[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
-        jobs[i] = proto;
-        jobs[i].lo = work * i / threads;
-        jobs[i].hi = work * (i + 1) / threads;
+        shares[i] = (share_t){job, work * i / threads, work * (i + 1) / threads, 0};
         started[i] = 0;
     }
-    for (int i = 1; i < threads; i++) started[i] = pthread_create(&tids[i], 0, run_job, &jobs[i]) == 0;
-    run_job(&jobs[0]);
-    int err = jobs[0].err;
+    for (int i = 1; i < threads; i++) started[i] = pthread_create(&tids[i], 0, run_share, &shares[i]) == 0;
+    run_share(&shares[0]);
+    int err = shares[0].err;
     for (int i = 1; i < threads; i++) {
         if (started[i]) pthread_join(tids[i], 0);
-        else run_job(&jobs[i]);  /* no thread: do its share here */
-        err |= jobs[i].err;
+        else run_share(&shares[i]);  /* no thread: do its share here */
+        err |= shares[i].err;
     }
     return err;
 #endif
 }
 
+/* Forward: state is read as the initial and overwritten with the final state; ckpt (null: none kept) receives the
+ * state before every L-th token. */
 int rwkv_wkv7_forward(const void *r, const void *w, const void *k, const void *v, const void *a, const void *b,
-                      void *out, void *state, int64_t B, int64_t T, int64_t H, int64_t N, int dbl, int threads) {
-    job_t p = {7, dbl, r, w, k, v, a, b, out, state, T, H, N, 0, 0, 0};
-    return run(p, B, threads);
+                      void *out, void *state, void *ckpt, int64_t B, int64_t T, int64_t H, int64_t N, int64_t L,
+                      int dbl, int threads) {
+    job_t j = {7, dbl, 0, {r, w, k, v, a, b}, 0, out, state, ckpt, {0}, L > 0 ? L : 1, T, H, N};
+    return run(&j, B, threads);
 }
 
 int rwkv_wkv6_forward(const void *r, const void *w, const void *k, const void *v, const void *u, void *out,
-                      void *state, int64_t B, int64_t T, int64_t H, int64_t N, int dbl, int threads) {
-    job_t p = {6, dbl, r, w, k, v, u, 0, out, state, T, H, N, 0, 0, 0};
-    return run(p, B, threads);
+                      void *state, void *ckpt, int64_t B, int64_t T, int64_t H, int64_t N, int64_t L, int dbl,
+                      int threads) {
+    job_t j = {6, dbl, 0, {r, w, k, v, u, 0}, 0, out, state, ckpt, {0}, L > 0 ? L : 1, T, H, N};
+    return run(&j, B, threads);
+}
+
+/* Backward from the forward's checkpoints: dstate holds the final state's gradient ([B, H, N, N], official layout)
+ * and is overwritten with the initial state's; dr..db: [B, T, H, N]. */
+int rwkv_wkv7_backward(const void *r, const void *w, const void *k, const void *v, const void *a, const void *b,
+                       const void *dy, const void *ckpt, void *dstate, void *dr, void *dw, void *dk, void *dv,
+                       void *da, void *db, int64_t B, int64_t T, int64_t H, int64_t N, int64_t L, int dbl,
+                       int threads) {
+    job_t j = {7, dbl, 1, {r, w, k, v, a, b}, dy, 0, dstate, (void *)ckpt, {dr, dw, dk, dv, da, db}, L, T, H, N};
+    return run(&j, B, threads);
+}
+
+/* As above for WKV-6; du_part: [B, H, N], the bonus gradient of each (batch, head) pair (the caller sums over B). */
+int rwkv_wkv6_backward(const void *r, const void *w, const void *k, const void *v, const void *u, const void *dy,
+                       const void *ckpt, void *dstate, void *dr, void *dw, void *dk, void *dv, void *du_part,
+                       int64_t B, int64_t T, int64_t H, int64_t N, int64_t L, int dbl, int threads) {
+    job_t j = {6, dbl, 1, {r, w, k, v, u, 0}, dy, 0, dstate, (void *)ckpt, {dr, dw, dk, dv, du_part, 0}, L, T, H, N};
+    return run(&j, B, threads);
 }

@@ -1,7 +1,7 @@
 """The fused WKV-6 recurrence (``backend="recurrent"``): the C kernel on CPU, the Triton kernels on CUDA.
 
-C: forward only for now (``ops/csrc/wkv_cpu.c``); Triton: state checkpoints and a reverse-time backward
-(``triton_recurrent.py``, imported only here and only when asked for).
+Both keep the state every few tokens in the forward and walk back in time in the backward, recomputing each span
+from its checkpoint: C (``ops/csrc/wkv_cpu.c``) and Triton (``triton_recurrent.py``, imported only when asked for).
 """
 
 from .._common import pack_to_batch, unpack_from_batch
@@ -14,10 +14,11 @@ def wkv6_recurrent(kernel: str, r, w, k, v, u, state, *, cu_seqlens=None, cs=Non
         from .triton_recurrent import CHECKPOINT_EVERY, wkv6_triton
 
         return wkv6_triton(r, w, k, v, u, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or CHECKPOINT_EVERY)
-    from ..cpu_kernel import wkv6_c
+    from ..cpu_kernel import CHECKPOINT_EVERY, wkv6_c
 
+    every = chunk_size or CHECKPOINT_EVERY
     if cs is None:
-        return wkv6_c(r, w, k, v, u, state)
+        return wkv6_c(r, w, k, v, u, state, every=every)
     # Zero padding at the end of a sequence (w = 0, k = 0) leaves its state unchanged.
-    out, final = wkv6_c(*pack_to_batch(cs, r, w, k, v), u, state)
+    out, final = wkv6_c(*pack_to_batch(cs, r, w, k, v), u, state, every=every)
     return unpack_from_batch(cs, out), final

@@ -36,12 +36,12 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
         cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
             at every boundary and one final state per sequence is returned.
         backend: ``"naive"`` (the spec loop), ``"chunk"`` (the parallel form, autograd backward), ``"recurrent"``
-            (the fused recurrence: Triton on CUDA, ``pip install rwkv-torch[gpu]``; C on CPU, forward only, built
-            on first use: ``ops/cpu_kernel.py``) or ``"auto"`` (recurrent on CUDA when Triton is installed and on
-            CPU without autograd for T > 1; otherwise chunk for T > 1, naive for one token). ``"step"``, ``"cpu"``
+            (the fused recurrence with its reverse-time backward: Triton on CUDA, ``pip install rwkv-torch[gpu]``;
+            C on CPU, built on first use: ``ops/cpu_kernel.py``) or ``"auto"`` (recurrent on CUDA when Triton is
+            installed and on CPU for T > 1; otherwise chunk for T > 1, naive for one token). ``"step"``, ``"cpu"``
             and ``"triton"`` are deprecated aliases of naive, recurrent and recurrent.
-        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for the Triton recurrence,
-            the interval of the state checkpoints kept for the backward (default 32).
+        chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for the recurrent backend,
+            the interval of the state checkpoints kept for the backward (default 32, C and Triton).
         w_min: optional lower bound on ``w`` (checked like the other input rules; RWKV-7 layers pass
             ``-0.6065306597``): lets the chunk backend choose its numerics without reading ``w`` back, so the op
             traces into one ``torch.compile`` graph.

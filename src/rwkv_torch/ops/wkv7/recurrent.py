@@ -1,8 +1,9 @@
 """The fused WKV-7 recurrence (``backend="recurrent"``): the C kernel on CPU, the Triton kernels on CUDA.
 
-Both run the spec loop of ``naive.py`` with the state held in fast memory: C with OpenMP over (batch, head) pairs
-(forward only for now; ``ops/csrc/wkv_cpu.c``), Triton with state checkpoints and a reverse-time backward
-(``triton_recurrent.py``, imported only here and only when asked for) plus a forward-only decode kernel.
+Both run the spec loop of ``naive.py`` with the state held in fast memory and share one backward algorithm: the
+forward keeps the state every few tokens, the backward walks back in time recomputing each span from its
+checkpoint. C with OpenMP over (batch, head) pairs (``ops/csrc/wkv_cpu.c``, ``ops/cpu_kernel.py``), Triton on CUDA
+(``triton_recurrent.py``, imported only here and only when asked for).
 """
 
 from .._common import pack_to_batch, unpack_from_batch
@@ -20,10 +21,11 @@ def wkv7_recurrent(kernel: str, r, w, k, v, a, b, state, *, cu_seqlens=None, cs=
         from .triton_recurrent import CHECKPOINT_EVERY, wkv7_triton
 
         return wkv7_triton(r, w, k, v, a, b, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or CHECKPOINT_EVERY)
-    from ..cpu_kernel import wkv7_c
+    from ..cpu_kernel import CHECKPOINT_EVERY, wkv7_c
 
+    every = chunk_size or CHECKPOINT_EVERY
     if cs is None:
-        return wkv7_c(r, w, k, v, a, b, state)
+        return wkv7_c(r, w, k, v, a, b, state, every=every)
     # Zero padding at the end of a sequence (w = 0, k = b = 0) leaves its state unchanged.
-    out, final = wkv7_c(*pack_to_batch(cs, r, w, k, v, a, b), state)
+    out, final = wkv7_c(*pack_to_batch(cs, r, w, k, v, a, b), state, every=every)
     return unpack_from_batch(cs, out), final
