@@ -9,6 +9,8 @@ Input values (finite frames, token ids in range) are checked once, here at the m
 default): on CUDA without a device-to-host read (``torch._assert_async``). Layers call the unchecked op cores.
 """
 
+import bisect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from . import decode
 from .config import RWKVConfig, config_for
 from .layers import rwkv4, rwkv5, rwkv6, rwkv7
+from .ops._common import check_cu_seqlens
 from .state import RWKVState, state_meta, zero_state
 
 _LAYERS = {4: rwkv4, 5: rwkv5, 6: rwkv6, 7: rwkv7}
@@ -37,11 +40,13 @@ class Block(nn.Module):
         self.ffn = layers.ChannelMix(config, layer_id)
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def forward(self, x, shift_att, shift_ffn, wkv, v_first, *, backend="auto"):
-        """x: [B, T, C]; the layer's state in, the new one out: (x, shift_att, shift_ffn, wkv, v_first)."""
-        att, shift_att, wkv, v_first = self.att(self.ln1(x), shift_att, wkv, v_first, backend=backend)
+    def forward(self, x, shift_att, shift_ffn, wkv, v_first, *, backend="auto", cu_seqlens=None):
+        """x: [B, T, C]; the layer's state in, the new one out: (x, shift_att, shift_ffn, wkv, v_first).
+        ``cu_seqlens`` (int64 [S+1] on x's device, B = 1): S sequences packed along T, the states one row each."""
+        att, shift_att, wkv, v_first = self.att(self.ln1(x), shift_att, wkv, v_first, backend=backend,
+                                                cu_seqlens=cu_seqlens)
         x = x + self.drop(att)
-        ffn, shift_ffn = self.ffn(self.ln2(x), shift_ffn)
+        ffn, shift_ffn = self.ffn(self.ln2(x), shift_ffn, cu_seqlens=cu_seqlens)
         return x + self.drop(ffn), shift_att, shift_ffn, wkv, v_first
 
 
@@ -153,12 +158,15 @@ class RWKV(nn.Module):
 
     init_cache = init_state
 
-    def _check_state(self, state: RWKVState, batch_size: int) -> None:
+    def _check_state(self, state: RWKVState, batch_size: int, packed: bool = False) -> None:
         if not isinstance(state, RWKVState):
             raise TypeError(f"state must be an RWKVState (from init_state), got {type(state).__name__}")
         if state.meta != self.state_meta():
             raise ValueError(f"state belongs to a model with {state.meta}, this model has {self.state_meta()}")
         if state.batch_size != batch_size:
+            if packed:
+                raise ValueError(f"with cu_seqlens the state needs one row per sequence ({batch_size}), got batch "
+                                 f"size {state.batch_size}")
             raise ValueError(f"state is for batch size {state.batch_size}, input has batch size {batch_size}")
 
     def _check_input(self, x: torch.Tensor, time_axis: bool, values: bool = True) -> None:
@@ -224,7 +232,7 @@ class RWKV(nn.Module):
     def _ln0(self, h: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(h, (self.config.hidden_size,), self.ln0.weight, self.ln0.bias, self.ln0.eps)
 
-    def _blocks(self, h, state, backend):
+    def _blocks(self, h, state, backend, cu_seqlens=None):
         v_first = None
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
         for l, block in enumerate(self.blocks):
@@ -232,16 +240,38 @@ class RWKV(nn.Module):
             if use_checkpoint:
                 # The state goes in as tensors, not as the state object, so that the recomputation in the
                 # backward pass sees this layer's input state, not the one written below.
-                out = checkpoint(block, *args, backend=backend, use_reentrant=False)
+                out = checkpoint(block, *args, backend=backend, cu_seqlens=cu_seqlens, use_reentrant=False)
             else:
-                out = block(*args, backend=backend)
+                out = block(*args, backend=backend, cu_seqlens=cu_seqlens)
             h, state.shift_att[l], state.shift_ffn[l], state.wkv[l], v_first = out
         return h
+
+    def _packed_blocks(self, h, state, cs, cu, backend):
+        """h [1, T, C], the sequences at offsets ``cs`` (``cu``: the same on h's device), through the blocks; ``state``
+        (one row per sequence) is updated. On CPU in pieces of ``CPU_SEGMENT_LEN`` tokens as ``forward``: each piece
+        runs the rows of the sequences it touches, and a sequence cut by a piece edge carries its state across."""
+        T = h.shape[1]
+        if h.device.type != "cpu" or T <= CPU_SEGMENT_LEN:
+            return self._blocks(h, state, backend, cu)
+        outs = []
+        for p0 in range(0, T, CPU_SEGMENT_LEN):
+            p1 = min(p0 + CPU_SEGMENT_LEN, T)
+            a, b = bisect.bisect_right(cs, p0) - 1, bisect.bisect_left(cs, p1)  # sequences a .. b-1 touch [p0, p1)
+            local = torch.tensor([0] + [c - p0 for c in cs[a + 1 : b]] + [p1 - p0], device=h.device)
+            part = state.select(slice(a, b))
+            outs.append(self._blocks(h[:, p0:p1], part, backend, local))
+            for rows, new in ((state.shift_att, part.shift_att), (state.shift_ffn, part.shift_ffn),
+                              (state.wkv, part.wkv)):
+                for l, t in enumerate(new):
+                    rows[l] = torch.cat([rows[l][:a], t, rows[l][b:]])
+        return torch.cat(outs, dim=1)
 
     def _head(self, h):
         h = F.layer_norm(h, (self.config.hidden_size,), self.ln_out.weight, self.ln_out.bias, self.ln_out.eps)
         if self.head is None:
             return h
+        if not isinstance(self.head, nn.Linear):  # a quantized head (rwkv_torch.quantize.QuantLinear)
+            return self.head(h)
         if h.dim() == 2 and h.shape[0] == 1 and not torch.compiler.is_compiling():
             # One row as weight @ hᵀ: MKL's matrix-vector product over contiguous weight rows is 2-7% faster than
             # h @ weightᵀ for the big LM head.
@@ -252,7 +282,7 @@ class RWKV(nn.Module):
         return F.linear(h, self.head.weight, self.head.bias)
 
     def forward(self, x, state: RWKVState | None = None, *, return_sequence: bool | None = None,
-                return_state: bool = False, backend: str = "auto"):
+                return_state: bool = False, backend: str = "auto", cu_seqlens: torch.Tensor | None = None):
         """Parallel form over a sequence (on CPU in pieces of ``CPU_SEGMENT_LEN`` tokens, the state carried).
 
         Args:
@@ -262,18 +292,37 @@ class RWKV(nn.Module):
                 default (token models: all positions; continuous backbones: last position).
             return_state: also return the state after the last position.
             backend: WKV backend (``"auto"``, ``"naive"``, ``"chunk"``, ``"recurrent"``; see ``ops.wkv7``).
+            cu_seqlens: packed training without padding. An int32/int64 tensor ``[S+1]`` of offsets (0 first, T
+                last, strictly increasing: empty sequences are an error) of S sequences stored back to back in
+                ``x`` of batch 1 (``[1, T]`` / ``[1, T, embed_dim]``). Each sequence runs exactly as if alone, from
+                its own state row: token shift and wkv state restart at every offset. ``state`` (given or returned)
+                then has one row per sequence (batch S); ``return_sequence=False`` gives each sequence's last
+                position, ``[S, out]``; all positions stay ``[1, T, out]``. One read-back of ``cu_seqlens`` per call.
 
         Returns:
             ``out`` or ``(out, state)``; ``out`` has ``config.output_size`` features.
+
+        Example (two sequences of 3 and 5 frames):
+            >>> m = build(embed_dim=4, hidden_size=32, num_layers=1, head_size=16)
+            >>> y, s = m(torch.randn(1, 8, 4), cu_seqlens=torch.tensor([0, 3, 8]), return_state=True)
+            >>> y.shape, s.batch_size
+            (torch.Size([2, 32]), 2)
         """
         h = self._embed(x, time_axis=True)
+        cs = None if cu_seqlens is None else _check_packing(cu_seqlens, x.shape[0], x.shape[1])
+        rows = x.shape[0] if cs is None else len(cs) - 1
         if state is None:
-            state = self.init_state(x.shape[0], device=h.device, dtype=h.dtype)
+            state = self.init_state(rows, device=h.device, dtype=h.dtype)
         else:
-            self._check_state(state, x.shape[0])
+            self._check_state(state, rows, packed=cs is not None)
             state = state.fork()
         if return_sequence is None:
             return_sequence = self.is_token_model
+        if cs is not None:
+            cu = cu_seqlens.to(device=h.device, dtype=torch.long)
+            h = self._packed_blocks(h, state, cs, cu, backend)
+            out = self._head(h if return_sequence else h[0].index_select(0, cu[1:] - 1))  # [1, T, C] or [S, C]
+            return (out, state) if return_state else out
         pieces = h.split(CPU_SEGMENT_LEN, dim=1) if h.device.type == "cpu" else (h,)
         outs = []
         for piece in pieces:
@@ -339,6 +388,17 @@ class RWKV(nn.Module):
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _check_packing(cu_seqlens, batch: int, total: int) -> list[int]:
+    """cu_seqlens valid for ``forward`` (the op rules, and no empty sequence: it would have no last position), as a
+    list: the one read-back of a packed forward."""
+    cs = check_cu_seqlens(cu_seqlens, batch, total)
+    for i, (s, e) in enumerate(zip(cs[:-1], cs[1:])):
+        if s == e:
+            raise ValueError(f"cu_seqlens holds an empty sequence (sequence {i}: offsets {i} and {i + 1} are both "
+                             f"{s}); drop empty sequences before packing")
+    return cs
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -8,6 +8,7 @@ import torch.nn as nn
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
+from ..ops.token_shift import last_token
 from ..ops.wkv4 import wkv4_unchecked
 from ._init import orthogonal_scaled as _ortho
 
@@ -15,6 +16,24 @@ from ._init import orthogonal_scaled as _ortho
 def _mix(x, prev, mu):
     # v4 convention: the weight multiplies the CURRENT token.
     return x * mu + prev * (1 - mu)
+
+
+def _wkv4(w, u, k, v, wkv_state, backend, cu_seqlens=None):
+    """wkv4 on the stacked state [B or S, 3, C]; with cu_seqlens (B = 1) one call per sequence: the op has no packed
+    form, and zero padding is not neutral for its state (the decay and the e^k terms act on every step)."""
+    if cu_seqlens is None:
+        y, (aa, bb, pp) = wkv4_unchecked(w, u, k, v, wkv_state.unbind(1), backend=backend)
+        return y, torch.stack([aa, bb, pp], dim=1)
+    cs = cu_seqlens.tolist()  # on CUDA a read-back per layer, as in the wkv6/wkv7 ops
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(cs[:-1], cs[1:])):
+        if s == e:  # an empty sequence keeps its state
+            finals.append(wkv_state[i : i + 1])
+            continue
+        y, (aa, bb, pp) = wkv4_unchecked(w, u, k[:, s:e], v[:, s:e], wkv_state[i : i + 1].unbind(1), backend=backend)
+        outs.append(y)
+        finals.append(torch.stack([aa, bb, pp], dim=1))
+    return torch.cat(outs, dim=1), torch.cat(finals)
 
 
 class TimeMix(nn.Module):
@@ -29,19 +48,18 @@ class TimeMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
 
-    def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto"):
+    def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto", cu_seqlens=None):
         """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, 3, C] fp32 (aa, bb, pp stacked).
 
         Returns (out [B, T, C], new shift, new wkv_state, v_first unchanged)."""
-        prev = token_shift(x, shift)
+        prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
         k = self.key(_mix(x, prev, self.time_mix_k))
         v = self.value(_mix(x, prev, self.time_mix_v))
         r = torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r)))
         cd = compute_dtype(x.dtype)  # the recurrence runs in fp32 (or fp64)
         w = -torch.exp(self.time_decay.to(cd))
-        y, (aa, bb, pp) = wkv4_unchecked(w, self.time_first.to(cd), k.to(cd), v.to(cd), wkv_state.unbind(1),
-                                         backend=backend)
-        return self.output(r * y.to(r.dtype)), x[:, -1], torch.stack([aa, bb, pp], dim=1), v_first
+        y, wkv_state = _wkv4(w, self.time_first.to(cd), k.to(cd), v.to(cd), wkv_state, backend, cu_seqlens)
+        return self.output(r * y.to(r.dtype)), last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
@@ -72,10 +90,11 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(F, C, bias=False)
 
-    def forward(self, x, shift):
-        prev = token_shift(x, shift)
+    def forward(self, x, shift, *, cu_seqlens=None):
+        prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
         k = torch.relu(self.key(_mix(x, prev, self.time_mix_k))).square()  # square: pow is ~6x slower on CPU
-        return torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r))) * self.value(k), x[:, -1]
+        out = torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r))) * self.value(k)
+        return out, last_token(x, shift, cu_seqlens=cu_seqlens)
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):

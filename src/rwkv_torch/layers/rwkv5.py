@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
+from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
 from .rwkv4 import _mix  # the v4/v5 token-shift mix: the weight multiplies the current token
 from .rwkv6 import _ratios, add_projections, init_projections
@@ -26,13 +27,13 @@ class TimeMix(nn.Module):
         self.time_faaaa = nn.Parameter(torch.zeros(H, N))
         add_projections(self, C, H)
 
-    def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto"):
+    def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto", cu_seqlens=None):
         """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N_k, N_v] fp32.
 
         Returns (out [B, T, C], new shift, new wkv_state, v_first unchanged)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        prev = token_shift(x, shift)
+        prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
         xk, xv, xr, xg = (_mix(x, prev, mu) for mu in (self.time_mix_k, self.time_mix_v, self.time_mix_r,
                                                        self.time_mix_g))
         log_decay = (-torch.exp(self.time_decay.to(compute_dtype(x.dtype)))).view(1, 1, C).expand(B, T, C)
@@ -40,9 +41,9 @@ class TimeMix(nn.Module):
         g = F.silu(self.gate(xg))
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv6_unchecked(heads(r), heads(log_decay.to(r.dtype)), heads(k), heads(v),
-                                      self.time_faaaa.to(r.dtype), wkv_state, backend=backend)
+                                      self.time_faaaa.to(r.dtype), wkv_state, backend=backend, cu_seqlens=cu_seqlens)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        return self.output(y * g), x[:, -1], wkv_state, v_first
+        return self.output(y * g), last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
@@ -75,10 +76,11 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(Fd, C, bias=False)
 
-    def forward(self, x, shift):
-        prev = token_shift(x, shift)
+    def forward(self, x, shift, *, cu_seqlens=None):
+        prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
         k = torch.relu(self.key(_mix(x, prev, self.time_mix_k))).square()  # square: pow is ~6x slower on CPU
-        return torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r))) * self.value(k), x[:, -1]
+        out = torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r))) * self.value(k)
+        return out, last_token(x, shift, cu_seqlens=cu_seqlens)
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
+from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
 
 
@@ -67,20 +68,20 @@ class TimeMix(nn.Module):
         d = self.time_decay.to(cd) + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).to(cd)
         return xr, xk, xv, xg, -torch.exp(d)  # log decay [B, T, C], fp32 (fp64 for fp64 models)
 
-    def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto"):
+    def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto", cu_seqlens=None):
         """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N_k, N_v] fp32.
 
         Returns (out [B, T, C], new shift, new wkv_state, v_first unchanged)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xr, xk, xv, xg, log_decay = self._mix(x, token_shift(x, shift) - x)
+        xr, xk, xv, xg, log_decay = self._mix(x, token_shift(x, shift, cu_seqlens=cu_seqlens) - x)
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = F.silu(self.gate(xg))
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv6_unchecked(heads(r), heads(log_decay.to(r.dtype)), heads(k), heads(v),
-                            self.time_faaaa.to(r.dtype), wkv_state, backend=backend)
+                                      self.time_faaaa.to(r.dtype), wkv_state, backend=backend, cu_seqlens=cu_seqlens)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        return self.output(y * g), x[:, -1], wkv_state, v_first
+        return self.output(y * g), last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
@@ -118,11 +119,11 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(Fd, C, bias=False)
 
-    def forward(self, x, shift):
-        xx = token_shift(x, shift) - x
+    def forward(self, x, shift, *, cu_seqlens=None):
+        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
         xk, xr = x + xx * self.time_maa_k, x + xx * self.time_maa_r
         k = torch.relu(self.key(xk)).square()  # square: pow is ~6x slower on CPU
-        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
+        return torch.sigmoid(self.receptance(xr)) * self.value(k), last_token(x, shift, cu_seqlens=cu_seqlens)
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):

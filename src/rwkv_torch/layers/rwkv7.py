@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
+from ..ops.mix import lerps, squared_relu_ffn
+from ..ops.token_shift import last_token
 from ..ops.wkv7 import wkv7_unchecked
 from ._init import orthogonal_scaled as _ortho
 
@@ -44,17 +46,16 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
 
-    def forward(self, x, shift, wkv_state, v_first, *, backend="auto"):
+    def forward(self, x, shift, wkv_state, v_first, *, backend="auto", cu_seqlens=None):
         """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N, N] fp32; v_first: [B, T, C] or None.
 
         Returns (out [B, T, C], new shift [B, C], new wkv_state, v_first).
         """
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, shift) - x
-        # The six lerps x + xx * x_* in one op: [6, B, T, C].
-        mus = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, 1, 1, C)
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, mus).unbind(0)
+        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
+        # The six lerps x + xx * x_* (one hand-written backward for all six).
+        xr, xw, xk, xv, xa, xg = lerps(x, xx, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
 
         r = self.receptance(xr)
         k = self.key(xk)
@@ -77,12 +78,12 @@ class TimeMix(nn.Module):
         # w_min: the soft clamp bounds the log decay, so the op picks its numerics without reading w back.
         y, wkv_state = wkv7_unchecked(
             heads(r), heads(log_decay), heads(k), heads(v), heads(-kk), heads(kk * a), wkv_state, backend=backend,
-            w_min=W_MIN,
+            w_min=W_MIN, cu_seqlens=cu_seqlens,
         )
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, H, N)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True)  # [B, T, H, 1]
         y = torch.addcmul(y, bonus.to(y.dtype), heads(v).to(y.dtype)).view(B, T, C)
-        return self.output(y * g), x[:, -1], wkv_state, v_first
+        return self.output(y * g), last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
@@ -130,10 +131,17 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(C, config.ffn_dim, bias=False)
         self.value = nn.Linear(config.ffn_dim, C, bias=False)
 
-    def forward(self, x, shift):
+    def forward(self, x, shift, *, cu_seqlens=None):
         """x: [B, T, C] (ln2 output); shift: [B, C]. Returns (out [B, T, C], new shift [B, C])."""
-        xk = torch.addcmul(x, token_shift(x, shift) - x, self.x_k)  # x + (x_prev - x) * x_k
-        return self.value(torch.relu(self.key(xk)).square()), x[:, -1]  # square: pow is ~6x slower on CPU
+        xk = torch.addcmul(x, token_shift(x, shift, cu_seqlens=cu_seqlens) - x, self.x_k)  # x + (x_prev - x) * x_k
+        return self._ffn(xk), last_token(x, shift, cu_seqlens=cu_seqlens)
+
+    def _ffn(self, xk):
+        """value(relu(key(xk))²). Training plain linears: the fused form that keeps only xk and key(xk) for the
+        backward; otherwise (inference, quantized or wrapped layers) through the modules."""
+        if torch.is_grad_enabled() and type(self.key) is nn.Linear and type(self.value) is nn.Linear:
+            return squared_relu_ffn(xk, self.key.weight, self.value.weight)
+        return self.value(torch.relu(self.key(xk)).square())  # square: pow is ~6x slower on CPU
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):

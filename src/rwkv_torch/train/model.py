@@ -32,8 +32,10 @@ class TaskModel(nn.Module):
     def init_state(self, batch_size: int, device=None):
         return self.backbone.init_state(batch_size, device=device)
 
-    def forward(self, x, state):
-        h, state = self.backbone(x, state, return_sequence=True, return_state=True)
+    def forward(self, x, state, cu_seqlens=None):
+        # cu_seqlens: episodes packed along T in x [1, T, ...] (RWKV backbones only; see RWKV.forward).
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        h, state = self.backbone(x, state, return_sequence=True, return_state=True, **packed)
         if self.lm:
             return {self.target_names[0]: h}, state
         return {name: head(h) for name, head in self.heads.items()}, state
