@@ -1,6 +1,7 @@
-"""CPU speed of rwkv_torch against the official ``rwkv`` package (RWKV-7, fp32): step, prefill, training.
+"""CPU speed of rwkv_torch against the official ``rwkv`` package (RWKV-7, fp32): step, prefill, training, and our
+int8/bf16 weight formats (``rt.load(path, weights=...)``) with their resident memory.
 
-    python benchmarks/bench_cpu.py [--quick] [--threads 2] [--rounds 5] [--compile-prefill small]
+    python benchmarks/bench_cpu.py [--quick] [--threads 2] [--rounds 5] [--compile-prefill small] [--weights int8]
 
 For each shape (RWKV-7 C=256 L=6 vocab 256; the 0.1B shape C=768 L=12 vocab 65536 unless --quick) it builds one
 random official-format checkpoint, loads it in both runtimes (ours with ``rt.load``; the official package as
@@ -13,7 +14,10 @@ measures in the same process, alternating the runtimes round by round:
 * prefill of 1024 tokens from a fresh state (ours: the parallel chunked forward, fp32 and under bf16 autocast,
   with the bf16 error stated; official: ``forward(tokens, None)``, its per-token loop);
 * training forward+backward of the C=256 model (cross-entropy, batch 1): chunked vs the naive loop at T=512,
-  and the chunked cost from T=512 to T=4096.
+  and the chunked cost from T=512 to T=4096;
+* for each weight format in ``--weights`` (default bf16 and int8): ``step``/``step_`` latency and fp32-activation
+  prefill in the same alternating rounds, and the resident memory of the loaded model in every format (RSS of a
+  fresh process after ``rt.load`` and one step minus that after the imports).
 
 The official package is imported only if installed; otherwise only our columns are printed. Ratios are ours over
 theirs measured in the same run (step: lower is better; prefill: higher is better). Installs nothing.
@@ -24,6 +28,8 @@ import importlib.util
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,27 +87,36 @@ def time_steps(fn, n: int) -> list[float]:
     return out
 
 
-def bench_step(ours, theirs, compiled, rounds: int, n: int) -> dict:
-    """Per-token latency samples, batch 1, alternating the runtimes round by round."""
+def _step_runs(model, suffix: str = "") -> dict:
+    """``step`` (new state per token) and ``step_`` (in place) of one model, batch 1."""
     tok = torch.tensor([7])
-    state = [ours.init_state(1)]
-    inplace_state = ours.init_state(1)
+    state = [model.init_state(1)]
+    inplace_state = model.init_state(1)
+
+    def step():
+        state[0] = model.step(tok, state[0])[1]
+
+    def step_():
+        model.step_(tok, inplace_state)
+
+    return {"step" + suffix: step, "step_" + suffix: step_}
+
+
+def bench_step(ours, theirs, compiled, rounds: int, n: int, formats: dict | None = None) -> dict:
+    """Per-token latency samples, batch 1, alternating the runtimes round by round. ``formats``: name -> model in
+    another weight format, timed as ``step <name>`` / ``step_ <name>``."""
     compiled_state = [ours.init_state(1)]
     their_state = [None]
 
-    def ours_step():
-        state[0] = ours.step(tok, state[0])[1]
-
-    def ours_step_():
-        ours.step_(tok, inplace_state)
-
     def compiled_step():
-        compiled_state[0] = compiled.step(tok, compiled_state[0])[1]
+        compiled_state[0] = compiled.step(torch.tensor([7]), compiled_state[0])[1]
 
     def theirs_step():
         their_state[0] = theirs.forward(7, their_state[0])[1]
 
-    runs = {"step": ours_step, "step_": ours_step_}
+    runs = _step_runs(ours)
+    for name, model in (formats or {}).items():
+        runs |= _step_runs(model, f" {name}")
     if compiled is not None:
         runs["compiled"] = compiled_step
     if theirs is not None:
@@ -116,9 +131,10 @@ def bench_step(ours, theirs, compiled, rounds: int, n: int) -> dict:
     return {k: p50_ms(v) for k, v in samples.items()}
 
 
-def bench_prefill(ours, theirs, rounds: int, compiled=None) -> dict:
+def bench_prefill(ours, theirs, rounds: int, compiled=None, formats: dict | None = None) -> dict:
     """Seconds for PREFILL_T tokens from a fresh state (median over rounds), and the bf16 error vs fp32.
-    ``compiled``: ``torch.compile(ours)``, timed as well (fp32) and checked against the eager forward."""
+    ``compiled``: ``torch.compile(ours)``, timed as well (fp32) and checked against the eager forward. ``formats``:
+    name -> model in another weight format (fp32 activations), timed and checked against fp32 as well."""
     V = ours.config.vocab_size
     tokens = torch.randint(0, V, (1, PREFILL_T), generator=torch.Generator().manual_seed(1))
 
@@ -132,6 +148,8 @@ def bench_prefill(ours, theirs, rounds: int, compiled=None) -> dict:
     runs = {"fp32": fp32, "bf16": bf16}
     if compiled is not None:
         runs["compiled"] = lambda: compiled(tokens, return_sequence=False)
+    for name, model in (formats or {}).items():
+        runs[f"weights {name}"] = lambda model=model: model(tokens, return_sequence=False)
     if theirs is not None:
         ids = tokens[0].tolist()
         runs["official"] = lambda: theirs.forward(ids, None)[0]
@@ -151,7 +169,34 @@ def bench_prefill(ours, theirs, rounds: int, compiled=None) -> dict:
     if compiled is not None:
         with torch.inference_mode():
             out["compiled_err"] = ((runs["compiled"]() - ref).norm() / ref.norm()).item()
+    for name in formats or {}:
+        with torch.inference_mode():
+            out[f"weights {name}_err"] = ((runs[f"weights {name}"]() - ref).norm() / ref.norm()).item()
     return out
+
+
+def resident_mb(path: Path, weights: str | None) -> tuple[float, float]:
+    """(MB of resident memory that loading ``path`` in ``weights`` format and one step add to a fresh process whose
+    imports and C kernels are already loaded, MB of the model's tensors). The pages of a memory-mapped ``.pth`` that
+    were read count as well; what quantizing frees may stay in the allocator's heap."""
+    code = ("import resource, sys, torch, rwkv_torch as rt\n"
+            "from rwkv_torch.ops import cpu_kernel\n"
+            "from rwkv_torch.checkpoints import official, native\n"
+            "cpu_kernel.available()\n"
+            "def rss():\n"
+            "    return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()\n"
+            "base = rss()\n"
+            f"m = rt.load({str(path)!r}, weights={weights!r})\n"
+            "import gc; gc.collect()\n"
+            "with torch.inference_mode():\n"
+            "    m.step(torch.tensor([7]))\n"
+            "size = sum(t.numel() * t.element_size() for t in m.state_dict().values())\n"
+            "print((rss() - base) / 2**20, size / 2**20)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    rss, size = proc.stdout.split()[-2:]
+    return float(rss), float(size)
 
 
 def check_parity(ours, theirs, n: int = 16) -> float:
@@ -203,6 +248,9 @@ def main() -> None:
                    help="also time model.compile_step() (AOTInductor): for no shape, C256 only, or every shape")
     p.add_argument("--compile-prefill", choices=["none", "small", "all"], default="none",
                    help="also time prefill through torch.compile(model) (fp32): no shape, C256 only, or every shape")
+    p.add_argument("--weights", default="bf16,int8",
+                   help="comma-separated weight formats timed besides fp32 (bf16, int8; '' for none)")
+    p.add_argument("--no-memory", action="store_true", help="skip the resident-memory rows")
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -235,7 +283,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 compiled = ours.compile_step(batch_size=1)
                 print(f"# {name}: compile_step took {time.perf_counter() - t0:.0f} s")
-            step = bench_step(ours, theirs, compiled, a.rounds, n)
+            formats = {fmt: rt.load(path, weights=fmt) for fmt in filter(None, a.weights.split(","))}
+            step = bench_step(ours, theirs, compiled, a.rounds, n, formats)
             fwd = None
             if a.compile_prefill == "all" or (a.compile_prefill == "small" and name == "C256-L6"):
                 t0 = time.perf_counter()
@@ -243,18 +292,25 @@ def main() -> None:
                 with torch.inference_mode():
                     fwd(torch.zeros(1, PREFILL_T, dtype=torch.long), return_sequence=False)
                 print(f"# {name}: torch.compile of the forward took {time.perf_counter() - t0:.0f} s")
-            pre = bench_prefill(ours, theirs, max(a.rounds // 2, 2), fwd)
-            rows.append((name, step, pre))
-            del ours, theirs, compiled, fwd
+            pre = bench_prefill(ours, theirs, max(a.rounds // 2, 2), fwd, formats)
+            mem = {}
+            for fmt, model in ({} if a.no_memory else {"fp32": ours, **formats}).items():
+                native = rt.save(model, Path(tmp) / f"native-{fmt}")  # what `convert --weights` writes
+                mem[fmt] = (resident_mb(path, fmt)[0], *resident_mb(native, None))
+            rows.append((name, step, pre, mem))
+            del ours, theirs, compiled, fwd, formats
             path.unlink()
 
     has_official = their_version is not None
     print("\n| shape | measure | ours | official | ours / official |")
     print("|---|---|---|---|---|")
-    for name, step, pre in rows:
+    for name, step, pre, mem in rows:
         off = step.get("official")
+        fmts = [k[len("step "):] for k in step if k.startswith("step ")]
         labels = (("step", "step p50 ms (`step`)"), ("step_", "step p50 ms (`step_`, in place)"),
-                  ("compiled", "step p50 ms (`compile_step()`)"))
+                  ("compiled", "step p50 ms (`compile_step()`)"),
+                  *((f"step {f}", f"step p50 ms (`step`, {f} weights)") for f in fmts),
+                  *((f"step_ {f}", f"step p50 ms (`step_`, {f} weights)") for f in fmts))
         for k, label in labels:
             if k not in step:
                 continue
@@ -262,7 +318,8 @@ def main() -> None:
             print(f"| {name} | {label} | {step[k]:.3f} | {off if off is None else f'{off:.3f}'} | {ratio} |")
         off_tps = PREFILL_T / pre["official"] if has_official else None
         for k, label in (("fp32", "prefill 1024 tok/s fp32"), ("bf16", "prefill 1024 tok/s bf16 autocast"),
-                         ("compiled", "prefill 1024 tok/s fp32, `torch.compile(model)`")):
+                         ("compiled", "prefill 1024 tok/s fp32, `torch.compile(model)`"),
+                         *((f"weights {f}", f"prefill 1024 tok/s, {f} weights") for f in fmts)):
             if k not in pre:
                 continue
             tps = PREFILL_T / pre[k]
@@ -273,6 +330,12 @@ def main() -> None:
               f"max abs {pre['bf16_maxabs']:.1e} | | |")
         if "compiled_err" in pre:
             print(f"| {name} | compiled vs eager last logits | rel. error {pre['compiled_err']:.1e} | | |")
+        for f in fmts:
+            err = pre[f"weights {f}_err"]
+            print(f"| {name} | {f} weights vs fp32, last logits after prefill | rel. error {err:.1e} | | |")
+        for f, (from_pth, from_dir, size) in mem.items():
+            print(f"| {name} | loaded model, {f} weights: resident MB from the .pth / from the native directory "
+                  f"(tensor MB) | {from_pth:,.0f} / {from_dir:,.0f} ({size:,.0f}) | | |")
     if tr is not None:
         c512, n512, c4096 = tr[("chunk", 512)], tr[("naive", 512)], tr[("chunk", 4096)]
         print("\n| training fwd+bwd, C256-L6, batch 1 | tok/s | ratio |")

@@ -10,11 +10,12 @@ from . import ops
 from .checkpoints import load, save
 from .config import RWKVConfig, config_for, count_params, output_size, param_count, recommended_defaults
 from .model import RWKV, build
+from .quantize import quantize, weight_format
 from .state import RWKVState
 from .stream import Stream
 
 __all__ = [
     "RWKV", "RWKVConfig", "RWKVState", "Stream", "build", "config_for", "count_params", "param_count", "output_size",
-    "recommended_defaults", "ops", "load", "save",
+    "recommended_defaults", "ops", "load", "save", "quantize", "weight_format",
 ]
 __version__ = "0.1.0"

@@ -148,10 +148,12 @@ def _add_generate(sub):
     a("--state-in", default=None, help="continue from a state file written by --state-out")
     a("--state-out", default=None, help="save the state after the prompt and the generated text (safetensors)")
     a("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    a("--weights", choices=["fp32", "bf16", "int8"], default=None,
+      help="weight format: int8 (per-row scales) or bf16 quantize as the model loads (default: the file's)")
 
     _command(p, lambda a: generate(a.model, a.prompt, a.max_tokens, a.temperature, a.top_p, a.top_k,
                                    a.presence_penalty, a.frequency_penalty, a.penalty_decay, a.stop_token, a.seed,
-                                   a.tokenizer, a.state_in, a.state_out, a.device),
+                                   a.tokenizer, a.state_in, a.state_out, a.device, a.weights),
              errors=(ValueError, FileNotFoundError, ImportError))
 
 
@@ -168,8 +170,11 @@ def _add_convert(sub):
     p.add_argument("dst", help="output directory, or a file ending in .pth for the official format")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already at dst (default: refuse)")
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8"], default=None,
+                   help="write a quantized native directory: int8 (per-row scales) or bf16 (default: keep)")
 
-    _command(p, lambda a: convert(a.src, a.dst, a.dtype, a.overwrite), errors=(ValueError, FileNotFoundError))
+    _command(p, lambda a: convert(a.src, a.dst, a.dtype, a.overwrite, a.weights),
+             errors=(ValueError, FileNotFoundError))
 
 
 COMMANDS = {"demo": _add_demo, "check": _add_check, "stream-bench": _add_stream_bench, "export": _add_export,

@@ -18,6 +18,7 @@ from .checks import check_device, check_output_file
 from .export import OnnxStep, export_onnx, state_names
 from .generate import full_state, stream_text
 from .model import build
+from .quantize import weight_format
 from .state import RWKVState
 from .stream import Stream
 from .tokenizer import _BY_VOCAB, ByteTokenizer, get_tokenizer
@@ -221,13 +222,15 @@ def train_and_report(args) -> dict:
 def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float = 1.0, top_p: float = 0.85,
              top_k: int = 0, presence_penalty: float = 0.2, frequency_penalty: float = 0.2,
              penalty_decay: float = 0.996, stop_tokens=(), seed: int | None = None, tokenizer: str | None = None,
-             state_in: str | None = None, state_out: str | None = None, device: str = "cpu"):
+             state_in: str | None = None, state_out: str | None = None, device: str = "cpu",
+             weights: str | None = None):
     """Stream a continuation of ``prompt`` to stdout; ``state_in``/``state_out`` continue from / save the state
-    after every token (prompt and generated). Returns the ``generate.Generation``."""
+    after every token (prompt and generated); ``weights`` ("int8", "bf16") quantizes the model as it loads (see
+    ``rt.load``). Returns the ``generate.Generation``."""
     check_device(device)
     if state_out:
         check_output_file(state_out, f"--state-out {state_out}")
-    m = load(model, device=device)
+    m = load(model, device=device, weights=weights)
     V = m.config.vocab_size
     if V is None:
         raise ValueError(f"{model} is a backbone with continuous input (embed_dim={m.config.embed_dim}), not an LM")
@@ -279,9 +282,10 @@ def info(path: str) -> dict:
     return d
 
 
-def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False) -> str:
+def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, weights: str | None = None) -> str:
     """Official ``.pth`` (or native directory) ``src`` -> native directory ``dst``, or official ``.pth`` when
-    ``dst`` ends in ``.pth``; ``dtype`` (a key of ``DTYPES``) casts the weights. An existing model at ``dst``
+    ``dst`` ends in ``.pth``; ``dtype`` (a key of ``DTYPES``) casts the weights; ``weights`` ("int8", "bf16")
+    writes a quantized native directory that loads without re-quantizing. An existing model at ``dst``
     (the ``.pth`` file, or a directory's ``config.json``/``model.safetensors``) is replaced only with ``overwrite``."""
     d = Path(dst)
     taken = [d] if dst.endswith(".pth") and d.exists() else [d / n for n in ("config.json", "model.safetensors")
@@ -289,10 +293,17 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     if taken and not overwrite:
         raise ValueError(f"{dst} already holds a model ({', '.join(p.name for p in taken)}); pass --overwrite to "
                          f"replace it, or choose another destination")
-    m = load(src, dtype=DTYPES[dtype] if dtype else None)
+    if weights not in (None, "fp32") and dst.endswith(".pth"):
+        raise ValueError(f"--weights {weights} writes the native format (a directory); official .pth files hold "
+                         f"float weights, so choose a destination that does not end in .pth")
+    m = load(src, dtype=DTYPES[dtype] if dtype else None, weights=weights)
+    if dst.endswith(".pth") and weight_format(m) != "fp32":
+        raise ValueError(f"{src} holds {weight_format(m)} weights; official .pth files hold float weights (convert "
+                         "the fp32 original instead)")
     out = save_official(m, dst) if dst.endswith(".pth") else save(m, dst)
     c = m.config
+    kind = weight_format(m) + " weights" if weight_format(m) != "fp32" else str(next(m.parameters()).dtype)
     print(f"wrote {out} ({'official .pth' if dst.endswith('.pth') else 'model.safetensors + config.json'}): "
           f"RWKV-{c.version}, {c.num_layers} layers, hidden {c.hidden_size}, {m.param_count():,} parameters, "
-          f"{str(next(m.parameters()).dtype).replace('torch.', '')}")
+          f"{kind.replace('torch.', '')}")
     return str(out)

@@ -18,6 +18,7 @@ from .checks import check_output_file
 from .config import RWKVConfig
 from .decode import StepGraph
 from .model import RWKV
+from .quantize import dequantized_state_dict
 from .state import RWKVState, zero_state
 
 META_KEY = "rwkv_torch_config"
@@ -81,8 +82,10 @@ def export_onnx(model: RWKV, path, *, batch_size: int | None = None, opset: int 
 
 
 def _float32_copy(model: RWKV) -> RWKV:
+    """An fp32 copy (a quantized model's weights dequantized: the ONNX graph holds fp32 weights, ``--int8`` lets
+    onnxruntime quantize them its own way)."""
     copy = RWKV(model.config)
-    copy.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    copy.load_state_dict({k: v.float().cpu() for k, v in dequantized_state_dict(model).items()})
     return copy.eval()
 
 

@@ -30,16 +30,37 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+# The C step's weight formats (wfmt): the dtype of the six large matrices of every layer.
+WEIGHT_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def _table_ok(layers: list[RWKV7LayerWeights]) -> bool:
+    """Every tensor contiguous on the CPU, the matrices of all layers in one weight format (int8 with fp32 scales
+    of one per row), everything else fp32, and one LoRA rank."""
+    wdtype = layers[0].weight_dtype
+    if wdtype not in WEIGHT_FORMATS or len({w.lora_rank for w in layers}) != 1:
+        return False
+    scales = RWKV7LayerWeights.matrix_scales()
+    for w in layers:
+        for name, t in zip(RWKV7LayerWeights.tensor_fields(), w.tensors()):
+            want = wdtype if name in scales else torch.float32
+            if t.dtype != want or t.device.type != "cpu" or not t.is_contiguous():
+                return False
+        if wdtype == torch.int8 and any(getattr(w, s).numel() != getattr(w, m).shape[0] for m, s in scales.items()):
+            return False
+    return True
+
+
 class _Table:
-    """The C call's constant arguments: the pointer table, LoRA counts, epsilons and sizes (None fields when a tensor
-    is not a contiguous fp32 CPU tensor or the layers' LoRA ranks differ)."""
+    """The C call's constant arguments: the pointer table, LoRA counts, epsilons, weight format and sizes (``ok``
+    False when ``_table_ok`` fails)."""
 
     def __init__(self, layers: list[RWKV7LayerWeights], config):
         tensors = [t for w in layers for t in w.tensors()]
-        self.ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) and (
-            len({w.lora_rank for w in layers}) == 1)
+        self.ok = _table_ok(layers)
         if not self.ok:
             return
+        self.wfmt = WEIGHT_FORMATS[layers[0].weight_dtype]
         self.keep = tensors  # the pointers stay valid while these live
         self.params = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
         self.n_lora = (ctypes.c_int64 * len(layers))(*(w.n_lora for w in layers))
@@ -75,7 +96,7 @@ def blocks_step(weights: DecodeWeights, config, h: torch.Tensor, state, *, inpla
     outs = ins if inplace else tuple([torch.empty_like(t) for t in ts] for ts in ins)
     L, C, H, F, D = table.dims
     err = _library().rwkv7_blocks_step(
-        L, x.shape[0], C, H, F, D, table.params, table.n_lora, table.eps, ctypes.c_void_p(x.data_ptr()),
+        L, x.shape[0], C, H, F, D, table.params, table.n_lora, table.eps, table.wfmt, ctypes.c_void_p(x.data_ptr()),
         *map(_ptrs, ins), *map(_ptrs, outs), torch.get_num_threads())
     if err:
         raise MemoryError("the CPU RWKV-7 step could not allocate its scratch buffer")

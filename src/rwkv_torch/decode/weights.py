@@ -1,5 +1,8 @@
 """The RWKV-7 decode weights: what the C step reads per layer, as one typed object with one invalidation rule.
 
+The six large matrices (r, k, v, o, ffn key and value) are read in the model's weight format: fp32, or, after
+``rwkv_torch.quantize``, bf16 or int8 with a per-row fp32 scale (the ``s_*`` fields); everything else is fp32.
+
 Most fields are the parameters themselves (views, no copy); a few are derived once: the six token-shift mixes stacked
 ``[6, C]`` (order r, k, v, a, w, g), the LoRAs zero-padded to one rank and stacked (order (v,) a, w, g: layer 0 has
 no value-residual LoRA), their biases, and ``1 - k_a``. The gate's ``sigmoid(u) @ g2`` is rewritten as
@@ -57,6 +60,13 @@ class RWKV7LayerWeights:
     ffn_x_k: torch.Tensor  # [C]
     ffn_key: torch.Tensor  # [F, C]
     ffn_value: torch.Tensor  # [C, F]
+    # The six matrices' per-row scales ([out] fp32) when they are int8 (rwkv_torch.quantize), else empty tensors.
+    s_r: torch.Tensor
+    s_k: torch.Tensor
+    s_v: torch.Tensor
+    s_o: torch.Tensor
+    s_ffn_key: torch.Tensor
+    s_ffn_value: torch.Tensor
     n_lora: int
     eps_ln1: float
     eps_ln2: float
@@ -73,6 +83,18 @@ class RWKV7LayerWeights:
     def lora_rank(self) -> int:
         return self.lora_first.shape[2]
 
+    @classmethod
+    def matrix_scales(cls) -> dict[str, str]:
+        """The fields stored in the weight format (fp32, bf16 or int8), each with its scale field; every other tensor
+        field is fp32."""
+        return {"w_r": "s_r", "w_k": "s_k", "w_v": "s_v", "w_o": "s_o", "ffn_key": "s_ffn_key",
+                "ffn_value": "s_ffn_value"}
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the six matrices (torch.float32, torch.bfloat16 or torch.int8)."""
+        return self.w_r.dtype
+
 
 def _stack_padded(mats: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Stack matrices whose size along ``dim`` (0 or 1) differs, zero-padded to the largest: zero rows/columns add
@@ -82,6 +104,12 @@ def _stack_padded(mats: list[torch.Tensor], dim: int) -> torch.Tensor:
     for i, m in enumerate(mats):
         out[i].narrow(dim, 0, m.shape[dim]).copy_(m)
     return out
+
+
+def _scale(linear) -> torch.Tensor:
+    """An int8 ``QuantLinear``'s per-row scale (read live), else an empty fp32 tensor (the C step ignores it)."""
+    scale = getattr(linear, "scale", None)
+    return scale.detach() if scale is not None else linear.weight.new_empty(0, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -106,9 +134,17 @@ def rwkv7_layer_weights(block) -> tuple[RWKV7LayerWeights, list[torch.nn.Paramet
         w_r=att.receptance.weight.detach(), w_k=att.key.weight.detach(), w_v=att.value.weight.detach(),
         w_o=att.output.weight.detach(), ln_x_w=att.ln_x.weight.detach(), ln_x_b=att.ln_x.bias.detach(),
         ffn_x_k=ffn.x_k.detach(), ffn_key=ffn.key.weight.detach(), ffn_value=ffn.value.weight.detach(),
+        s_r=_scale(att.receptance), s_k=_scale(att.key), s_v=_scale(att.value), s_o=_scale(att.output),
+        s_ffn_key=_scale(ffn.key), s_ffn_value=_scale(ffn.value),
         n_lora=len(loras), eps_ln1=block.ln1.eps, eps_ln2=block.ln2.eps, eps_ln_x=att.ln_x.eps,
     )
     return weights, derived_from
+
+
+def _version(p: torch.Tensor) -> int:
+    """The version counter; inference tensors (made under ``torch.inference_mode``, e.g. a model loaded there) have
+    none, and their in-place changes go unseen (call ``RWKV.clear_decode_weights()`` after one)."""
+    return -1 if p.is_inference() else p._version
 
 
 class DecodeWeights:
@@ -121,11 +157,11 @@ class DecodeWeights:
         built = [rwkv7_layer_weights(block) for block in model.blocks]
         self.layers = [w for w, _ in built]
         self._watched = [p for _, ps in built for p in ps]
-        self._versions = [p._version for p in self._watched]
+        self._versions = [_version(p) for p in self._watched]
         self._generation = _generation[0]
         self.table = None
 
     def is_current(self) -> bool:
         if self._generation != _generation[0]:
             return False
-        return all(p._version == v for p, v in zip(self._watched, self._versions))
+        return all(_version(p) == v for p, v in zip(self._watched, self._versions))

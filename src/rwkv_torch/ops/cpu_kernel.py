@@ -127,7 +127,9 @@ def _load() -> ctypes.CDLL:
         lib.rwkv_wkv7_backward.argtypes = [ptr] * 15 + [i64] * 5 + [ctypes.c_int] * 2
         lib.rwkv_wkv6_backward.argtypes = [ptr] * 13 + [i64] * 5 + [ctypes.c_int] * 2
         lib.rwkv_wkv7_backward.restype = lib.rwkv_wkv6_backward.restype = ctypes.c_int
-        lib.rwkv7_blocks_step.argtypes = [i64] * 6 + [ptr] * 10 + [ctypes.c_int]
+        lib.rwkv7_blocks_step.argtypes = [i64] * 6 + [ptr] * 3 + [ctypes.c_int] + [ptr] * 7 + [ctypes.c_int]
+        lib.rwkv_qgemv.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 3 + [ctypes.c_int]
+        lib.rwkv_qgemv.restype = ctypes.c_int
         lib.rwkv_wkv7_forward.restype = lib.rwkv_wkv6_forward.restype = lib.rwkv7_blocks_step.restype = ctypes.c_int
         lib.rwkv7_step_fields.argtypes = []
         lib.rwkv7_step_fields.restype = ctypes.c_char_p

@@ -6,10 +6,15 @@
  * output rows, the LoRAs one per thread, the WKV state update one (batch, head) pair per work item, and the small
  * elementwise passes on one thread; every weight is read once per token for the whole batch.
  *
- * Per layer, params[l * NP + P_*] (all float32, contiguous, layouts of RWKV7LayerWeights):
+ * Per layer, params[l * NP + P_*] (contiguous, layouts of RWKV7LayerWeights):
  *   ln1/ln2 weight and bias [C]; mus [6, C] (order r, k, v, a, w, g); lora first [n, C, D], second [n, D, C],
  *   bias [n, C] (order (v,) a, w, g: n = 4, or 3 in layer 0); 1 - k_a, k_a, k_k, r_k [C]; W_r, W_k, W_v, W_o [C, C]
- *   (out x in); ln_x weight and bias [C]; ffn x_k [C], key [F, C], value [C, F].
+ *   (out x in); ln_x weight and bias [C]; ffn x_k [C], key [F, C], value [C, F]; then the per-row scales of the six
+ *   matrices ([out] each, read only for int8). Everything is float32 except the six matrices, which are in the
+ *   weight format wfmt: 0 float32, 1 bfloat16 (raw uint16), 2 int8 (row o of the matrix is q[o, :] * scale[o]).
+ * Activations, sums and the state are float32 in every format. The library is compiled on first use with
+ * -march=native on the CPU that runs it (ops/cpu_kernel.py), so the ISA is the running CPU's: AVX2+FMA gets
+ * hand-written widening dot products for int8/bf16, anything else the portable loops.
  * State per layer: shift_att [B, C], shift_ffn [B, C], wkv [B, H, N, N] (official layout S[i][j], i = value index);
  * read from *_in, written to *_out (the same pointers for an in-place step).
  */
@@ -21,11 +26,13 @@
 /* The pointer table's order: the tensor fields of rwkv_torch.decode.weights.RWKV7LayerWeights, which checks this list
  * (rwkv7_step_fields) against its own when the library is first used. */
 enum { P_LN1W, P_LN1B, P_LN2W, P_LN2B, P_MUS, P_FIRST, P_SECOND, P_BIAS, P_OMKA, P_KA, P_KK, P_RK,
-       P_WR, P_WK, P_WV, P_WO, P_LNXW, P_LNXB, P_FXK, P_FKEY, P_FVAL, NP };
+       P_WR, P_WK, P_WV, P_WO, P_LNXW, P_LNXB, P_FXK, P_FKEY, P_FVAL,
+       P_SR, P_SK, P_SV, P_SO, P_SFKEY, P_SFVAL, NP };
 
 const char *rwkv7_step_fields(void) {
     return "ln1_w,ln1_b,ln2_w,ln2_b,mus,lora_first,lora_second,lora_bias,one_minus_k_a,k_a,k_k,r_k,"
-           "w_r,w_k,w_v,w_o,ln_x_w,ln_x_b,ffn_x_k,ffn_key,ffn_value";
+           "w_r,w_k,w_v,w_o,ln_x_w,ln_x_b,ffn_x_k,ffn_key,ffn_value,"
+           "s_r,s_k,s_v,s_o,s_ffn_key,s_ffn_value";
 }
 
 #define DECAY_SCALE 0.60653065971263342f /* exp(-0.5) */
@@ -49,38 +56,141 @@ static void norm_affine(const float *x, float *y, const float *w, const float *b
     for (int64_t i = 0; i < n; i++) y[i] = (x[i] - mf) * inv * w[i] + b[i];
 }
 
-/* Y[b, o] = (acc ? Y[b, o] : 0) + sum_i W[o, i] X[b, i] for the rows o of this thread's share. Four rows at a time
- * (four independent sums), the batch inside, so each weight row is read once for all rows of X. */
-static void gemv_rows(const float *restrict W, const float *restrict X, float *restrict Y, int64_t B, int64_t out,
+static inline float load_f32(float w) { return w; }
+static inline float load_bf16(uint16_t w) {
+    const uint32_t u = (uint32_t)w << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline float load_i8(int8_t w) { return (float)w; }
+
+/* DOT4(W, in, x, n, s): s[j] = sum_i widen(W[j * in + i]) x[i] for four consecutive rows j = 0..3; portable loops
+ * (four independent sums the compiler vectorises), replaced below by AVX2 code for the narrow formats. */
+#define PORTABLE_DOT4(NAME, T, LOAD)                                                                               \
+    static void NAME(const T *restrict W, int64_t in, const float *restrict x, int64_t n, float *restrict s) {     \
+        const T *w0 = W, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;                                             \
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                                      \
+        for (int64_t i = 0; i < n; i++) {                                                                          \
+            const float xi = x[i];                                                                                 \
+            s0 += LOAD(w0[i]) * xi;                                                                                \
+            s1 += LOAD(w1[i]) * xi;                                                                                \
+            s2 += LOAD(w2[i]) * xi;                                                                                \
+            s3 += LOAD(w3[i]) * xi;                                                                                \
+        }                                                                                                          \
+        s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;                                                                \
+    }
+
+PORTABLE_DOT4(dot4_f32, float, load_f32)
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline float hsum8(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+/* 8 int8 weights -> 8 floats: one sign-extending load, one conversion */
+static inline __m256 widen8_i8(const int8_t *w) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+}
+
+/* 8 bf16 weights -> 8 floats: zero-extend to 32 bits and shift into the high half */
+static inline __m256 widen8_bf16(const uint16_t *w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
+
+/* Two sums per row, 16 weights per row per iteration: eight independent FMA chains hide the FMA latency. */
+#define AVX2_DOT4(NAME, T, WIDEN, LOAD)                                                                            \
+    static void NAME(const T *restrict W, int64_t in, const float *restrict x, int64_t n, float *restrict s) {     \
+        __m256 a[8];                                                                                               \
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();                                                    \
+        int64_t i = 0;                                                                                             \
+        for (; i + 16 <= n; i += 16) {                                                                             \
+            const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);                             \
+            for (int j = 0; j < 4; j++) {                                                                          \
+                const T *w = W + j * in + i;                                                                       \
+                a[2 * j] = _mm256_fmadd_ps(WIDEN(w), x0, a[2 * j]);                                                \
+                a[2 * j + 1] = _mm256_fmadd_ps(WIDEN(w + 8), x1, a[2 * j + 1]);                                    \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int j = 0; j < 4; j++) {                                                                              \
+            float t = hsum8(_mm256_add_ps(a[2 * j], a[2 * j + 1]));                                                \
+            for (int64_t k = i; k < n; k++) t += LOAD(W[j * in + k]) * x[k];                                       \
+            s[j] = t;                                                                                              \
+        }                                                                                                          \
+    }
+
+AVX2_DOT4(dot4_i8, int8_t, widen8_i8, load_i8)
+AVX2_DOT4(dot4_bf16, uint16_t, widen8_bf16, load_bf16)
+#else
+PORTABLE_DOT4(dot4_i8, int8_t, load_i8)
+PORTABLE_DOT4(dot4_bf16, uint16_t, load_bf16)
+#endif
+
+/* Y[b, o] = (acc ? Y[b, o] : 0) + scale[o] * sum_i W[o, i] X[b, i] for the rows o of this thread's share (scale
+ * NULL: 1). Four rows at a time (DOT4), the batch inside, so each weight row is read once for all rows of X (the
+ * four rows stay in L1 across the batch). One copy per weight format. */
+#define GEMV_ROWS(NAME, T, LOAD, DOT4)                                                                             \
+    static void NAME(const T *restrict W, const float *restrict scale, const float *restrict X, float *restrict Y, \
+                     int64_t B, int64_t out, int64_t in, int acc) {                                                \
+        _Pragma("omp for schedule(static)")                                                                        \
+        for (int64_t o4 = 0; o4 < (out + 3) / 4; o4++) {                                                           \
+            const int64_t o = o4 * 4, m = out - o < 4 ? out - o : 4;                                               \
+            for (int64_t b = 0; b < B; b++) {                                                                      \
+                const float *xb = X + b * in;                                                                      \
+                float *yb = Y + b * out + o;                                                                       \
+                float sums[4] = {0, 0, 0, 0};                                                                      \
+                if (m == 4) {                                                                                      \
+                    DOT4(W + o * in, in, xb, in, sums);                                                            \
+                } else {                                                                                           \
+                    for (int64_t j = 0; j < m; j++) {                                                              \
+                        const T *wj = W + (o + j) * in;                                                            \
+                        float sj = 0;                                                                              \
+                        for (int64_t i = 0; i < in; i++) sj += LOAD(wj[i]) * xb[i];                                \
+                        sums[j] = sj;                                                                              \
+                    }                                                                                              \
+                }                                                                                                  \
+                for (int64_t j = 0; j < m; j++) {                                                                  \
+                    const float v = scale ? sums[j] * scale[o + j] : sums[j];                                      \
+                    yb[j] = acc ? yb[j] + v : v;                                                                   \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+    }
+
+GEMV_ROWS(gemv_f32, float, load_f32, dot4_f32)
+GEMV_ROWS(gemv_bf16, uint16_t, load_bf16, dot4_bf16)
+GEMV_ROWS(gemv_i8, int8_t, load_i8, dot4_i8)
+
+enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2 };
+
+/* gemv_* for the weight format wfmt; call inside a parallel region (the rows are shared out by an omp for). */
+static void gemv_rows(int wfmt, const void *W, const float *scale, const float *X, float *Y, int64_t B, int64_t out,
                       int64_t in, int acc) {
+    if (wfmt == WF_I8) gemv_i8((const int8_t *)W, scale, X, Y, B, out, in, acc);
+    else if (wfmt == WF_BF16) gemv_bf16((const uint16_t *)W, 0, X, Y, B, out, in, acc);
+    else gemv_f32((const float *)W, 0, X, Y, B, out, in, acc);
+}
+
+/* Y [B, out] = X [B, in] @ W^T (W in the weight format wfmt, [out, in]; int8 rows times scale) + bias (or NULL):
+ * the one-token (few-row) linear layer of rwkv_torch.quantize.QuantLinear, e.g. the LM head. Returns 0. */
+int rwkv_qgemv(int wfmt, const void *W, const float *scale, const float *bias, const float *X, float *Y, int64_t B,
+               int64_t out, int64_t in, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        gemv_rows(wfmt, W, scale, X, Y, B, out, in, 0);
+        if (bias) {
 #pragma omp for schedule(static)
-    for (int64_t o4 = 0; o4 < (out + 3) / 4; o4++) {
-        const int64_t o = o4 * 4, m = out - o < 4 ? out - o : 4;
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = X + b * in;
-            float *yb = Y + b * out + o;
-            if (m == 4) {
-                const float *w0 = W + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-                float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-                for (int64_t i = 0; i < in; i++) {
-                    const float xi = xb[i];
-                    s0 += w0[i] * xi;
-                    s1 += w1[i] * xi;
-                    s2 += w2[i] * xi;
-                    s3 += w3[i] * xi;
-                }
-                if (acc) yb[0] += s0, yb[1] += s1, yb[2] += s2, yb[3] += s3;
-                else yb[0] = s0, yb[1] = s1, yb[2] = s2, yb[3] = s3;
-            } else {
-                for (int64_t j = 0; j < m; j++) {
-                    const float *wj = W + (o + j) * in;
-                    float s = 0;
-                    for (int64_t i = 0; i < in; i++) s += wj[i] * xb[i];
-                    yb[j] = acc ? yb[j] + s : s;
-                }
-            }
+            for (int64_t o = 0; o < out; o++)
+                for (int64_t b = 0; b < B; b++) Y[b * out + o] += bias[o];
         }
     }
+    return 0;
 }
 
 /* Z[b, :D] = X[b] @ A ([C, D], rows axpy'd) */
@@ -135,7 +245,7 @@ typedef struct {
 } scratch_t;
 
 int rwkv7_blocks_step(int64_t L, int64_t B, int64_t C, int64_t H, int64_t F, int64_t D, const void *const *params,
-                      const int64_t *n_lora, const double *eps, float *x, float *const *sa_in, float *const *sf_in,
+                      const int64_t *n_lora, const double *eps, int wfmt, float *x, float *const *sa_in, float *const *sf_in,
                       float *const *wkv_in, float *const *sa_out, float *const *sf_out, float *const *wkv_out,
                       int threads) {
     const int64_t N = C / H, BC = B * C;
@@ -161,6 +271,7 @@ int rwkv7_blocks_step(int64_t L, int64_t B, int64_t C, int64_t H, int64_t F, int
 #pragma omp parallel num_threads(threads)
     for (int64_t l = 0; l < L; l++) {
         const float *const *P = (const float *const *)params + l * NP;
+        const void *const *Q = params + l * NP; /* the matrices, in format wfmt */
         const int64_t n = n_lora[l];
         const double eps1 = eps[3 * l], eps2 = eps[3 * l + 1], epsx = eps[3 * l + 2];
 
@@ -177,9 +288,9 @@ int rwkv7_blocks_step(int64_t L, int64_t B, int64_t C, int64_t H, int64_t F, int
             }
         }
         /* r, k, v: one share of the rows of all three per thread */
-        gemv_rows(P[P_WR], s.xs, s.r, B, C, C, 0);
-        gemv_rows(P[P_WK], s.xs + BC, s.k, B, C, C, 0);
-        gemv_rows(P[P_WV], s.xs + 2 * BC, s.v, B, C, C, 0);
+        gemv_rows(wfmt, Q[P_WR], P[P_SR], s.xs, s.r, B, C, C, 0);
+        gemv_rows(wfmt, Q[P_WK], P[P_SK], s.xs + BC, s.k, B, C, C, 0);
+        gemv_rows(wfmt, Q[P_WV], P[P_SV], s.xs + 2 * BC, s.v, B, C, C, 0);
         /* the LoRAs, one per thread: mix 6 - n + i feeds LoRA i */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n; i++) {
@@ -235,7 +346,7 @@ int rwkv7_blocks_step(int64_t L, int64_t B, int64_t C, int64_t H, int64_t F, int
                 for (int64_t j = 0; j < N; j++) y[j] = (y[j] + bonus * s.v[o + j]) * g[o + j];
             }
         }
-        gemv_rows(P[P_WO], s.y, x, B, C, C, 1);
+        gemv_rows(wfmt, Q[P_WO], P[P_SO], s.y, x, B, C, C, 1);
         /* ln2 and the ffn's token-shift mix (kept in s.xs), and the new shifts */
 #pragma omp single
         for (int64_t b = 0; b < B; b++) {
@@ -246,13 +357,13 @@ int rwkv7_blocks_step(int64_t L, int64_t B, int64_t C, int64_t H, int64_t F, int
             memcpy(sf_out[l] + b * C, xf, sizeof(float) * C);
             memcpy(sa_out[l] + b * C, s.xa + b * C, sizeof(float) * C);
         }
-        gemv_rows(P[P_FKEY], s.xs, s.kf, B, F, C, 0);
+        gemv_rows(wfmt, Q[P_FKEY], P[P_SFKEY], s.xs, s.kf, B, F, C, 0);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < B * F; j++) {
             const float t = s.kf[j] > 0 ? s.kf[j] : 0;
             s.kf[j] = t * t;
         }
-        gemv_rows(P[P_FVAL], s.kf, x, B, C, F, 1);
+        gemv_rows(wfmt, Q[P_FVAL], P[P_SFVAL], s.kf, x, B, C, F, 1);
     }
     free(buf);
     return 0;
