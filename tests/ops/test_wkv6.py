@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rwkv_torch.ops import _common, wkv6
+from rwkv_torch.ops import wkv6
 from rwkv_torch.ops.wkv6 import chunk as wkv6_chunk_module
 from tests.utils import (
     assert_all_close,
