@@ -25,6 +25,7 @@ class TrainConfig:
     data: str | None = None  # None: the Python standard library sources as byte-level text
     max_bytes: int | None = None
     tokenizer: str = "byte"  # text data as "byte" (vocab 256) or "world" (RWKV World tokens, vocab 65536)
+    action_delay: int = 1  # .slp data: predict the input this many frames after the observed state (slippi.replays)
     val_fraction: float = 0.05
     out: str | None = None  # None: runs/<time>
     steps: int = 1000
@@ -75,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"time_limit={self.time_limit!r}: must be None or > 0 seconds")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
+        if self.action_delay < 0:
+            raise ValueError(f"action_delay={self.action_delay!r}: must be >= 0 frames")
         if self.warmup < 0:
             raise ValueError(f"warmup={self.warmup!r}: must be >= 0")
         if not self.lr > 0:

@@ -1,5 +1,6 @@
-"""Training data: episode files (``.npz`` replays), byte-level text, the built-in default corpus, and the window
-plans that walk each sequence in order so the recurrent state can be carried from one window to the next.
+"""Training data: episode files (``.npz`` replays, or Slippi ``.slp`` replays through ``rwkv_torch.slippi``),
+byte-level text, the built-in default corpus, and the window plans that walk each sequence in order so the
+recurrent state can be carried from one window to the next.
 
 Numpy only; ``step.py`` turns batches into tensors.
 """
@@ -8,7 +9,7 @@ import random
 import sysconfig
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ BYTE_VOCAB = 256
 # Not text, whatever their first bytes hold: skipped under a --data directory, refused as a --data file.
 BINARY_SUFFIXES = frozenset({".pyc", ".png", ".pt", ".pth", ".safetensors", ".npz", ".onnx", ".so", ".zip", ".gz"})
 DEFAULT_CORPUS_BYTES = 8_000_000
+# Id columns ride in the float32 frame rows (see load_episodes); float32 holds every integer below 2**24 exactly.
+MAX_ID = 2 ** 24
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,16 @@ class Target:
     size: int
 
 
+@dataclass(frozen=True)
+class IdSpec:
+    """One ``ids_<name>`` input: ``columns`` ids per frame (``[T]`` -> 1, ``[T, K]`` -> K), each in
+    ``[0, classes)``, embedded by one learned table of ``classes`` rows."""
+
+    name: str
+    columns: int
+    classes: int
+
+
 @dataclass
 class Sequence:
     """One episode or document: inputs ``x`` (frames ``[T, D]`` float32, or tokens ``[T]``: uint8 bytes or uint16
@@ -39,6 +52,7 @@ class Sequence:
     name: str
     x: np.ndarray
     y: dict
+    group: str | None = None  # sequences of one group (both sides of one game) are held out together
 
     def __len__(self) -> int:
         return len(self.x)
@@ -50,9 +64,10 @@ class Dataset:
 
     sequences: list
     targets: list
-    embed_dim: int | None = None
+    embed_dim: int | None = None  # width of the float frame columns (the id columns of ``ids`` follow them in x)
     vocab_size: int | None = None
     source: str = ""
+    ids: list = field(default_factory=list)  # IdSpec per ids_<name>, sorted by name
 
     @property
     def is_text(self) -> bool:
@@ -60,7 +75,7 @@ class Dataset:
 
     def subset(self, indices) -> "Dataset":
         return Dataset([self.sequences[i] for i in indices], self.targets, self.embed_dim, self.vocab_size,
-                       self.source)
+                       self.source, self.ids)
 
 
 def _read_npz(path: Path) -> dict:
@@ -78,8 +93,8 @@ def _episode_targets(path: Path, arrays: dict, T: int) -> tuple[dict, dict]:
     """The target arrays of one episode (``[T]`` int64 or ``[T, K]`` float32) and their kinds/sizes."""
     ys, kinds = {}, {}
     for key in sorted(k for k in arrays if k.startswith("classes_")):
-        if "target_" + key[len("classes_"):] not in arrays:
-            raise ValueError(f"{path}: {key} has no matching target_{key[len('classes_'):]}")
+        if "target_" + key[len("classes_"):] not in arrays and "ids_" + key[len("classes_"):] not in arrays:
+            raise ValueError(f"{path}: {key} has no matching target_ or ids_{key[len('classes_'):]}")
     for key in sorted(k for k in arrays if k.startswith("target_")):
         name, a = key[len("target_"):], arrays[key]
         if not name.isidentifier():
@@ -114,6 +129,31 @@ def _episode_targets(path: Path, arrays: dict, T: int) -> tuple[dict, dict]:
     return ys, kinds
 
 
+def _episode_ids(path, arrays: dict, T: int) -> tuple[np.ndarray, dict]:
+    """The ``ids_<name>`` arrays of one episode as ``([T, sum K] int64, {name: (K, classes, given)})``."""
+    cols, kinds = [], {}
+    for key in sorted(k for k in arrays if k.startswith("ids_")):
+        name, a = key[len("ids_"):], arrays[key]
+        if not np.issubdtype(a.dtype, np.integer) or a.ndim not in (1, 2) or len(a) != T:
+            raise ValueError(f"{path}: {key} must be int [T] or [T, K] with T={T} (the frames' rows), got "
+                             f"{a.dtype} {a.shape}")
+        a = a.reshape(T, -1).astype(np.int64)
+        if a.shape[1] == 0:
+            raise ValueError(f"{path}: {key} has no columns")
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0:
+            raise ValueError(f"{path}: {key} has a negative id {lo}")
+        given = f"classes_{name}" in arrays
+        classes = int(arrays[f"classes_{name}"]) if given else hi + 1
+        if hi >= classes:
+            raise ValueError(f"{path}: {key} has id {hi} but classes_{name}={classes}")
+        if classes > MAX_ID:
+            raise ValueError(f"{path}: {key} needs {classes} classes; at most {MAX_ID} are supported")
+        cols.append(a)
+        kinds[name] = (a.shape[1], classes, given)
+    return (np.concatenate(cols, axis=1) if cols else np.zeros((T, 0), np.int64)), kinds
+
+
 def load_episodes(path) -> Dataset:
     """A directory of ``.npz`` episodes (searched recursively) or one ``.npz`` file.
 
@@ -121,6 +161,12 @@ def load_episodes(path) -> Dataset:
     categorical head (classes = max id + 1 over all episodes, or a ``classes_<name>`` scalar), bool ``[T]`` or
     ``[T, K]`` -> K Bernoulli outputs, float ``[T]`` or ``[T, K]`` -> K regression outputs. Every episode must have
     the same D and the same targets. Raises ValueError naming the offending file.
+
+    Optional ``ids_<name>`` int arrays ``[T]`` or ``[T, K]`` are categorical *inputs* (an action state, a
+    character, a stage): the model embeds each with a learned table (``classes_<name>`` rows when that scalar is
+    given, else max id + 1 over all episodes; the K columns share the table) and joins the embeddings to
+    ``frames`` before the backbone. Every episode must have the same ids names and K. In a ``Sequence`` the ids
+    ride as float32 columns after the D frame columns (exact below 2**24), so batches stay one array.
     """
     path = Path(path)
     if path.is_dir():
@@ -131,9 +177,14 @@ def load_episodes(path) -> Dataset:
         files = [path]
     else:
         raise ValueError(f"{path}: no such file or directory")
+    return episodes_dataset(((f, _read_npz(f), None) for f in files), str(path))
+
+
+def episodes_dataset(episodes, source: str) -> Dataset:
+    """A Dataset from ``(name, arrays, group)`` triples (the arrays of one episode file each; see
+    ``load_episodes``); ``group`` None makes each episode its own group for the held-out split."""
     sequences, spec, first = [], None, None
-    for f in files:
-        arrays = _read_npz(f)
+    for f, arrays, group in episodes:
         if "frames" not in arrays:
             raise ValueError(f"{f}: no 'frames' array (keys: {sorted(arrays)})")
         frames = arrays["frames"]
@@ -145,26 +196,41 @@ def load_episodes(path) -> Dataset:
         if bad.any():
             raise ValueError(f"{f}: frames contain NaN or inf (first at row {int(np.argwhere(bad)[0, 0])})")
         ys, kinds = _episode_targets(f, arrays, len(frames))
-        this = (frames.shape[1], {n: k[:2] if k[0] != "categorical" else ("categorical",) for n, k in kinds.items()})
+        ids, id_kinds = _episode_ids(f, arrays, len(frames))
+        this = (frames.shape[1], {n: k[:2] if k[0] != "categorical" else ("categorical",) for n, k in kinds.items()},
+                {n: k[0] for n, k in id_kinds.items()})
         if spec is None:
             spec, first = this, f
         elif this != spec:
-            raise ValueError(f"{f}: frames width / targets {this} differ from {first}: {spec}")
-        sequences.append((Sequence(str(f), frames, ys), kinds))
+            raise ValueError(f"{f}: frames width / targets / ids {this} differ from {first}: {spec}")
+        x = np.concatenate([frames, ids.astype(np.float32)], axis=1) if ids.shape[1] else frames
+        sequences.append((Sequence(str(f), x, ys, None if group is None else str(group)), kinds, id_kinds))
+    if spec is None:
+        raise ValueError(f"{source}: no episodes")
     targets = []
     for name in sorted(spec[1]):
         kind = sequences[0][1][name]
         if kind[0] == "categorical":
-            given = {k[name][1] for _, k in sequences if k[name][2]}
-            if len(given) > 1:
-                raise ValueError(f"{path}: episodes disagree on classes_{name}: {sorted(given)}")
-            size = max(k[name][1] for _, k in sequences)
-            if given and size > min(given):
-                raise ValueError(f"{path}: target_{name} has ids up to {size - 1} but classes_{name}={min(given)}")
+            size = _classes([k[name] for _, k, _ in sequences], source, f"target_{name}", f"classes_{name}")
         else:
             size = kind[1]
         targets.append(Target(name, kind[0], size))
-    return Dataset([s for s, _ in sequences], targets, embed_dim=spec[0], source=str(path))
+    ids = [IdSpec(name, k, _classes([i[name][1:] for _, _, i in sequences], source, f"ids_{name}",
+                                    f"classes_{name}"))
+           for name, k in sorted(spec[2].items())]
+    return Dataset([s for s, _, _ in sequences], targets, embed_dim=spec[0], source=source, ids=ids)
+
+
+def _classes(kinds: list, source: str, key: str, given_key: str) -> int:
+    """The class count over all episodes from per-episode ``(kind, classes, given)`` (or ``(classes, given)``)."""
+    kinds = [k[-2:] for k in kinds]
+    given = {c for c, g in kinds if g}
+    if len(given) > 1:
+        raise ValueError(f"{source}: episodes disagree on {given_key}: {sorted(given)}")
+    size = max(c for c, _ in kinds)
+    if given and size > min(given):
+        raise ValueError(f"{source}: {key} has ids up to {size - 1} but {given_key}={min(given)}")
+    return size
 
 
 def _documents(files: list, max_bytes: int | None, tokenizer: str = "byte") -> list:
@@ -260,12 +326,24 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES, tokenizer: str = "byte
     return _text_dataset(docs, tokenizer, f"python-stdlib:{root}")
 
 
-def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte") -> Dataset:
-    """``None`` -> the default corpus; ``.npz`` files or a directory holding any -> episodes; else text, as
-    bytes or World tokens (``tokenizer``)."""
+def load_slippi(path, action_delay: int = 1, progress: bool = True) -> Dataset:
+    """A ``.slp`` replay or a folder of them: one episode per human player (``rwkv_torch.slippi.load_replays``:
+    parsed once and cached, bad files skipped with a warning), held out by game (file)."""
+    from ..slippi.replays import load_replays  # needs peppi-py (the melee extra); only .slp data imports it
+
+    return episodes_dataset(load_replays(path, action_delay, progress=progress), str(path))
+
+
+def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte", action_delay: int = 1) -> Dataset:
+    """``None`` -> the default corpus; ``.npz`` files or a directory holding any -> episodes; a ``.slp`` replay or
+    a directory holding any -> Slippi episodes (``action_delay``: see ``load_slippi``); else text, as bytes or
+    World tokens (``tokenizer``)."""
     if path is None:
         return default_corpus(DEFAULT_CORPUS_BYTES if max_bytes is None else max_bytes, tokenizer)
     p = Path(path)
+    if p.suffix == ".slp" or (p.is_dir() and next(p.rglob("*.npz"), None) is None
+                              and next(p.rglob("*.slp"), None) is not None):
+        return load_slippi(p, action_delay)
     if p.suffix == ".npz" or (p.is_dir() and next(p.rglob("*.npz"), None) is not None):
         return load_episodes(p)
     if p.is_dir() and next((q for q in p.rglob("*") if q.is_file()), None) is None:
@@ -274,13 +352,19 @@ def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte") 
 
 
 def split_by_sequence(data: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Hold out whole episodes/documents for validation (at least one when val_fraction > 0 and there are two)."""
-    n = len(data.sequences)
+    """Hold out whole episodes/documents for validation (at least one when val_fraction > 0 and there are two);
+    sequences that share a ``group`` (the two sides of one replay) go to the same side."""
+    groups: dict = {}
+    for i, s in enumerate(data.sequences):
+        groups.setdefault(s.group if s.group is not None else ("seq", i), []).append(i)
+    members = list(groups.values())
+    n = len(members)
     n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 else 0
     if n_val <= 0:
         return data, None
     order = np.random.default_rng(seed).permutation(n)
-    return data.subset(sorted(order[n_val:].tolist())), data.subset(sorted(order[:n_val].tolist()))
+    pick = lambda gs: sorted(i for g in gs for i in members[g])  # noqa: E731
+    return data.subset(pick(order[n_val:].tolist())), data.subset(pick(order[:n_val].tolist()))
 
 
 def check_window(data: Dataset, window: int) -> None:

@@ -1,0 +1,149 @@
+"""Replays to training episodes: ``load_replay`` (one file) and ``load_replays`` (a folder, cached, with a
+progress bar and one warning line per unusable file).
+
+An episode is the dict of arrays an episode ``.npz`` holds (``np.savez(f, **episode)`` writes a file that
+``rwkv-torch train`` reads): ``frames`` ``[T, 113]`` float32 and the ``ids_*`` arrays of ``features``, the
+``target_*`` / ``classes_*`` arrays of ``targets``. Row t holds the game state after frame t (what a live bot sees,
+as libmelee's ``GameState``) and the player's own input on frame t; its targets are the player's input on frame
+``t + action_delay``. The default delay 1 is the least a bot can play with: the state after frame t already shows
+the effect of the input on frame t, so with 0 the model would read its answer from the features (allowed, for
+analysis only); online play adds frames of delay, which a larger ``--action-delay`` trains for.
+"""
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .features import FEATURE_VERSION, ID_CLASSES, game_features
+from .parse import read_replay
+from .targets import controller_targets
+
+DEFAULT_ACTION_DELAY = 1
+
+
+def _episode(replay, me, opp, action_delay: int) -> dict:
+    frames, ids = game_features(me, opp, replay.stage, replay.items)
+    n = len(frames)
+    if n <= action_delay:
+        raise ValueError(f"{replay.path}: {n} frames, too short for action_delay={action_delay}")
+    T = n - action_delay
+    ep = {"frames": frames[:T]}
+    for name, a in ids.items():
+        ep[f"ids_{name}"] = a[:T]
+        ep[f"classes_{name}"] = np.int64(ID_CLASSES[name])
+    later = {k: np.asarray(v)[action_delay:] for k, v in me.leader.items()}
+    ep.update(controller_targets(later))
+    return ep
+
+
+def _check_delay(action_delay) -> int:
+    if not isinstance(action_delay, (int, np.integer)) or isinstance(action_delay, bool) or action_delay < 0:
+        raise ValueError(f"action_delay={action_delay!r}: must be an int >= 0 (frames between state and input)")
+    return int(action_delay)
+
+
+def load_replay(path, port: int | None = None, action_delay: int = DEFAULT_ACTION_DELAY) -> list[dict]:
+    """One ``.slp`` replay -> a list with one episode per player perspective.
+
+    Args:
+        path: the replay file.
+        port: 1-4, the player whose controller is the target (any player type, CPUs too); None: every human
+            player, in port order. Ports are those of the file (a game on ports 2 and 3 has no port 1).
+        action_delay: frames from the observed state to the predicted input (default 1, see the module doc).
+
+    Returns episodes (dicts of arrays, see the module doc). Raises ValueError naming the file and the reason for a
+    truncated, unsupported (peppi's message), non-1v1 or CPU-only replay, or a port not in the game.
+    """
+    delay = _check_delay(action_delay)
+    replay = read_replay(path)
+    ports = [p.port for p in replay.players]
+    if port is not None:
+        chosen = [p for p in replay.players if p.port == port]
+        if not chosen:
+            raise ValueError(f"{path}: no player on port {port}; the game has ports {ports}")
+    else:
+        chosen = [p for p in replay.players if not p.cpu]
+        if not chosen:
+            raise ValueError(f"{path}: no human player (ports {ports} are CPUs); pass port= to learn a CPU's "
+                             f"inputs")
+    return [_episode(replay, me, next(p for p in replay.players if p is not me), delay) for me in chosen]
+
+
+def cache_dir() -> Path:
+    """``$RWKV_TORCH_CACHE/slippi``, else ``$XDG_CACHE_HOME/rwkv-torch/slippi`` (``~/.cache`` by default)."""
+    root = os.environ.get("RWKV_TORCH_CACHE")
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkv-torch"
+    return Path(root) / "slippi"
+
+
+def _cached(path: Path, delay: int, cache: Path | None) -> list[tuple[int, dict]]:
+    """``[(port, episode)]`` of one file, from the cache when its content was parsed before."""
+    key = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    file = None if cache is None else cache / f"{key}-f{FEATURE_VERSION}-d{delay}.npz"
+    if file is not None and file.exists():
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                by_port: dict = {}
+                for k in z.files:
+                    p, name = k.split("__", 1)
+                    by_port.setdefault(int(p[1:]), {})[name] = z[k]
+            return sorted(by_port.items())
+        except (OSError, ValueError):  # a damaged cache file: parse again
+            pass
+    replay = read_replay(path)
+    humans = [p for p in replay.players if not p.cpu]
+    if not humans:
+        raise ValueError(f"{path}: no human player (ports {[p.port for p in replay.players]} are CPUs)")
+    out = [(me.port, _episode(replay, me, next(p for p in replay.players if p is not me), delay)) for me in humans]
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **{f"P{p}__{k}": v for p, e in out for k, v in e.items()})
+        os.replace(tmp, file)
+    return out
+
+
+def load_replays(path, action_delay: int = DEFAULT_ACTION_DELAY, *, cache: bool | str = True,
+                 progress: bool = True) -> list[tuple[str, dict, str]]:
+    """A ``.slp`` file or a folder of them (recursive) -> ``[(name, episode, game)]``, one per human player.
+
+    ``name`` is ``<file>:P<port>``; ``game`` is the file, so a split by game keeps both sides of a game together.
+    Each file is parsed once: its episodes are cached (``cache_dir()``, or the folder ``cache``) under the hash of
+    its content, the feature version and the delay; ``cache=False`` turns that off. In a folder an unusable file
+    is skipped with one warning line naming it and the reason, and a count at the end; a folder with no usable
+    replay, or a single bad file, raises ValueError.
+    """
+    delay = _check_delay(action_delay)
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.slp"))
+        if not files:
+            raise ValueError(f"{path}: directory has no .slp replay files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ValueError(f"{path}: no such file or directory")
+    where = None if cache is False else (cache_dir() if cache is True else Path(cache))
+    from tqdm.auto import tqdm
+
+    out, skipped = [], []
+    for f in tqdm(files, desc="replays", leave=False, disable=not progress or len(files) < 2):
+        try:
+            eps = _cached(f, delay, where)
+        except ValueError as e:
+            if len(files) == 1:
+                raise
+            skipped.append(str(e))
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            continue
+        out.extend((f"{f}:P{port}", ep, str(f)) for port, ep in eps)
+    if not out:
+        raise ValueError(f"{path}: no usable replay among {len(files)} .slp files ({len(skipped)} refused: "
+                         + "; ".join(skipped[:3]) + ")")
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} of {len(files)} replay files", stacklevel=2)
+    return out
