@@ -83,7 +83,7 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    data = load_data(cfg.data, cfg.max_bytes, cfg.tokenizer)
+    data = load_data(cfg.data, cfg.max_bytes, cfg.tokenizer, cfg.action_delay)
     check_window(data, cfg.window_size)
     train_data, val_data = split_by_sequence(data, cfg.val_fraction, cfg.seed)
     check_window(train_data, cfg.window_size)
@@ -145,6 +145,7 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
             return None
         payload = dict(format=CHECKPOINT_FORMAT, format_version=1, step=step, config=dataclasses.asdict(cfg),
                        targets=[dataclasses.asdict(t) for t in data.targets], embed_dim=data.embed_dim,
+                       ids=[dataclasses.asdict(i) for i in data.ids],
                        vocab_size=data.vocab_size, model=model.state_dict(), optimizer=opt.state_dict(),
                        scheduler=sched.state_dict(), rng_cpu=torch.get_rng_state(),
                        rng_cpu_ranks=rngs if world > 1 else None,

@@ -14,7 +14,7 @@ from ..config import param_count
 from ..model import build
 from .baselines import build_baseline, matched_width
 from .config import TrainConfig
-from .data import Dataset
+from .data import Dataset, IdSpec, Target
 
 LR_SCALE = {"att.w0": 2.0, "att.time_decay": 2.0, "att.time_first": 3.0}
 
@@ -23,16 +23,33 @@ class TaskModel(nn.Module):
     """A backbone (``[B, T, in] -> [B, T, width]``) with one linear head per episode target; a text model uses the
     backbone's own LM head. ``forward(x, state) -> ({target: out [B, T, size]}, state)``."""
 
-    def __init__(self, backbone: nn.Module, targets: list, width: int, lm: bool):
+    def __init__(self, backbone: nn.Module, targets: list, width: int, lm: bool, ids: list = (),
+                 frame_dim: int | None = None):
         super().__init__()
         self.backbone, self.lm = backbone, lm
+        # ids_<name> inputs (data.IdSpec): their columns follow the frame_dim float columns of x; each is looked up
+        # in its own learned table and the embeddings are joined to the frames before the backbone.
+        self.frame_dim = frame_dim
+        self.id_specs = list(ids)
+        self.id_embed = nn.ModuleDict({i.name: nn.Embedding(i.classes, id_embed_dim(i.classes)) for i in ids})
         self.heads = nn.ModuleDict() if lm else nn.ModuleDict({t.name: nn.Linear(width, t.size) for t in targets})
         self.target_names = [t.name for t in targets]
 
     def init_state(self, batch_size: int, device=None):
         return self.backbone.init_state(batch_size, device=device)
 
+    def _join_ids(self, x):
+        if not self.id_specs:
+            return x
+        parts, at = [x[..., :self.frame_dim]], self.frame_dim
+        for spec in self.id_specs:
+            ids = x[..., at:at + spec.columns].long()  # [B, T, K]
+            parts.append(self.id_embed[spec.name](ids).flatten(-2))  # [B, T, K * dim]
+            at += spec.columns
+        return torch.cat(parts, dim=-1)
+
     def forward(self, x, state, cu_seqlens=None):
+        x = self._join_ids(x)
         # cu_seqlens: episodes packed along T in x [1, T, ...] (RWKV backbones only; see RWKV.forward).
         packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         h, state = self.backbone(x, state, return_sequence=True, return_state=True, **packed)
@@ -41,10 +58,17 @@ class TaskModel(nn.Module):
         return {name: head(h) for name, head in self.heads.items()}, state
 
 
+def id_embed_dim(classes: int) -> int:
+    """Width of the learned table of an ``ids_<name>`` input with ``classes`` ids: min(32, classes)."""
+    return min(32, classes)
+
+
 def build_model(cfg: TrainConfig, data: Dataset) -> TaskModel:
     """The backbone named by ``cfg.backbone`` for ``data``; baselines get about the RWKV model's parameter count."""
     torch.manual_seed(cfg.seed)
-    io = dict(vocab_size=data.vocab_size) if data.is_text else dict(embed_dim=data.embed_dim)
+    ids = list(getattr(data, "ids", []))
+    joined = (data.embed_dim or 0) + sum(i.columns * id_embed_dim(i.classes) for i in ids)
+    io = dict(vocab_size=data.vocab_size) if data.is_text else dict(embed_dim=joined)
     rwkv = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, head_size=cfg.head_size, dropout=cfg.dropout,
                 **io)
     if cfg.backbone.startswith("rwkv"):
@@ -55,7 +79,24 @@ def build_model(cfg: TrainConfig, data: Dataset) -> TaskModel:
                     dropout=cfg.dropout, **io)
         width = matched_width(cfg.backbone, param_count(**rwkv), **opts)
         backbone = build_baseline(cfg.backbone, width=width, **opts)
-    return TaskModel(backbone, data.targets, width, data.is_text)
+    return TaskModel(backbone, data.targets, width, data.is_text, ids, data.embed_dim)
+
+
+def load_task_model(run) -> tuple[TaskModel, dict]:
+    """The model of a training run's newest checkpoint (a run folder or a ``ckpt-*.pt`` file), in eval mode on CPU,
+    and the checkpoint itself (its ``config``, ``targets``, ``step``, ...)."""
+    from .checkpointing import CHECKPOINT_FORMAT, find_checkpoint
+
+    path = find_checkpoint(run)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an rwkv-torch training checkpoint")
+    cfg = TrainConfig(**{**ckpt["config"], "resume": None, "out": None})
+    data = Dataset([], [Target(**t) for t in ckpt["targets"]], ckpt["embed_dim"], ckpt["vocab_size"],
+                   ids=[IdSpec(**i) for i in ckpt.get("ids", [])])
+    model = build_model(cfg, data)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:

@@ -1,0 +1,165 @@
+"""A streaming Melee policy: a model trained on replays (``rwkv-torch train --data DIR`` of ``.slp`` files) played
+one frame at a time.
+
+``Policy.from_run(run_dir)`` loads the newest checkpoint of a run. Each frame, ``act(frame, ids)`` takes the frame's
+features (a row of ``frames``, ``[FRAME_WIDTH]`` float) and its ids (``{name: int or [K] ints}``, the row of each
+``ids_<name>``), advances the carried recurrent state by one step (O(1): the C step for fp32 RWKV-7 on CPU) and
+returns a ``Controller`` decoded from the heads: greedy (arg-max classes, buttons above one half) or sampled
+(``sample=True``, reproducible with ``seed``). ``snapshot()`` / ``restore()`` rewind state, position and the
+sampler (netplay rollback: restore then replay gives the same controllers). ``export_onnx`` writes the whole step,
+id embeddings, backbone and heads, as one ONNX graph.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..train.model import TaskModel
+from .targets import BUTTONS, SHOULDER_VALUES, STICK_VALUES, STICKS
+
+
+@dataclass
+class Controller:
+    """One frame's controller: buttons pressed, sticks in [-1, 1] (0 = neutral), analog shoulder in [0, 1]."""
+
+    buttons: dict = field(default_factory=lambda: dict.fromkeys(BUTTONS, False))
+    main_x: float = 0.0
+    main_y: float = 0.0
+    c_x: float = 0.0
+    c_y: float = 0.0
+    shoulder: float = 0.0
+
+    def as_libmelee(self) -> dict:
+        """Sticks in libmelee's 0..1 convention (0.5 = neutral), for ``melee.Controller.tilt_analog`` and friends."""
+        return dict(buttons=dict(self.buttons), main=((self.main_x + 1) / 2, (self.main_y + 1) / 2),
+                    c=((self.c_x + 1) / 2, (self.c_y + 1) / 2), shoulder=self.shoulder)
+
+
+@dataclass
+class PolicySnapshot:
+    state: object
+    position: int
+    rng: torch.Tensor
+
+
+class Policy:
+    """A ``TaskModel`` with the controller heads of ``slippi.targets`` and an RWKV backbone, one frame at a time."""
+
+    def __init__(self, model: TaskModel, *, sample: bool = False, seed: int = 0, temperature: float = 1.0):
+        if not hasattr(model.backbone, "step_"):
+            raise ValueError(f"a streaming policy needs an RWKV backbone (one step per frame), got "
+                             f"{type(model.backbone).__name__}")
+        need = {"buttons", *STICKS, "shoulder"}
+        if not need <= set(model.heads):
+            raise ValueError(f"the model has heads {sorted(model.heads)}; a Melee policy needs {sorted(need)} "
+                             f"(a run trained on .slp replays)")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r}: must be > 0")
+        self.model = model.eval()
+        self.sample, self.temperature = sample, temperature
+        self.generator = torch.Generator().manual_seed(seed)
+        self.frame_dim = model.frame_dim
+        self.id_columns = {s.name: s.columns for s in model.id_specs}
+        self.reset()
+
+    @classmethod
+    def from_run(cls, run, **kw) -> "Policy":
+        """The newest checkpoint of a training run (a run folder or a ``ckpt-*.pt`` file); ``kw`` as ``Policy``."""
+        from ..train.model import load_task_model
+
+        model, _ = load_task_model(run)
+        return cls(model, **kw)
+
+    def reset(self) -> None:
+        """A new game: a fresh state."""
+        self.state = self.model.init_state(1, device="cpu")
+        self.position = 0
+
+    def snapshot(self) -> PolicySnapshot:
+        return PolicySnapshot(self.state.clone(), self.position, self.generator.get_state())
+
+    def restore(self, snap: PolicySnapshot) -> None:
+        self.state, self.position = snap.state.clone(), snap.position
+        self.generator.set_state(snap.rng)
+
+    def row(self, frame, ids: dict) -> torch.Tensor:
+        """The model's input row ``[1, frame_dim + id columns]`` from one frame's features and ids."""
+        frame = np.asarray(frame, dtype=np.float32).reshape(-1)
+        if frame.shape[0] != self.frame_dim:
+            raise ValueError(f"frame has {frame.shape[0]} features, the model was trained on {self.frame_dim}")
+        if set(ids) != set(self.id_columns):
+            raise ValueError(f"ids {sorted(ids)} do not match the model's {sorted(self.id_columns)}")
+        cols = [frame]
+        for spec in self.model.id_specs:
+            v = np.asarray(ids[spec.name]).reshape(-1)
+            if v.shape[0] != spec.columns or (v < 0).any() or (v >= spec.classes).any():
+                raise ValueError(f"ids[{spec.name!r}] must be {spec.columns} ints in [0, {spec.classes}), got {v}")
+            cols.append(v.astype(np.float32))
+        return torch.from_numpy(np.concatenate(cols))[None]
+
+    @torch.inference_mode()
+    def logits(self, frame, ids: dict) -> dict:
+        """Advance one frame; the heads' raw outputs ``{head: [size]}``."""
+        x = self.model._join_ids(self.row(frame, ids))
+        h = self.model.backbone.step_(x, self.state)
+        self.position += 1
+        return {name: head(h)[0] for name, head in self.model.heads.items()}
+
+    def act(self, frame, ids: dict) -> Controller:
+        """Advance one frame; the controller to press (see the module doc)."""
+        return self.decode(self.logits(frame, ids))
+
+    def decode(self, out: dict) -> Controller:
+        t = self.temperature
+
+        def pick(logits):
+            if not self.sample:
+                return int(logits.argmax())
+            return int(torch.multinomial(torch.softmax(logits / t, -1), 1, generator=self.generator))
+
+        p = torch.sigmoid(out["buttons"] / t)
+        pressed = torch.rand(p.shape, generator=self.generator) < p if self.sample else p > 0.5
+        return Controller(buttons={b: bool(v) for b, v in zip(BUTTONS, pressed.tolist())},
+                          **{s: float(STICK_VALUES[pick(out[s])]) for s in STICKS},
+                          shoulder=float(SHOULDER_VALUES[pick(out["shoulder"])]))
+
+    def export_onnx(self, path, opset: int = 17):
+        """The whole step as one ONNX graph: inputs ``frame [B, frame_dim]`` float32, ``ids [B, id columns]``
+        int64 (the ``ids_*`` columns in name order), then the state as in ``export.export_onnx``; outputs
+        ``heads [B, sum of head sizes]`` (heads in name order) then the new state."""
+        from ..checks import check_output_file
+        from ..export import state_names
+
+        check_output_file(path, str(path))
+        graph = _PolicyGraph(self.model).eval()
+        L = self.model.backbone.config.num_layers
+        state = self.model.init_state(1, device="cpu")
+        frame = torch.zeros(1, self.frame_dim)
+        ids = torch.zeros(1, sum(self.id_columns.values()), dtype=torch.long)
+        ins, outs = ["frame", "ids", *state_names(L)], ["heads", *state_names(L, "_out")]
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (frame, ids, *state.flat()), str(path), input_names=ins, output_names=outs,
+                              dynamic_axes={n: {0: "batch"} for n in ins + outs}, opset_version=opset, dynamo=False)
+        return path
+
+    def head_sizes(self) -> dict:
+        """``{head: size}`` in the order of the ONNX graph's ``heads`` output."""
+        return {name: head.out_features for name, head in self.model.heads.items()}
+
+
+class _PolicyGraph(nn.Module):
+    def __init__(self, model: TaskModel):
+        super().__init__()
+        from ..decode import StepGraph
+
+        self.model, self.step = model, StepGraph(model.backbone)
+
+    def forward(self, frame, ids, *flat):
+        x = self.model._join_ids(torch.cat([frame, ids.to(frame.dtype)], dim=-1))
+        h, *new = self.step(x, *flat)
+        return (torch.cat([head(h) for head in self.model.heads.values()], dim=-1), *new)

@@ -1,0 +1,206 @@
+"""Slippi replays -> episodes -> training, on the real replays of ../shared/data/slippi (skipped only when
+peppi-py, the `melee` extra, is not installed)."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("peppi_py", reason="peppi-py (the melee extra) is not installed: pip install -e '.[melee]'")
+
+from rwkv_torch.slippi import FRAME_WIDTH, load_replay, load_replays  # noqa: E402
+from rwkv_torch.slippi.targets import NEUTRAL, STICK_VALUES, stick_class  # noqa: E402
+from rwkv_torch.train import train  # noqa: E402
+from rwkv_torch.train.data import load_episodes, split_by_sequence  # noqa: E402
+
+SLP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "slippi"
+if not SLP.is_dir():
+    SLP = Path("/work/shared/data/slippi")
+SMALL = ["unranked_game1.slp", "unranked_game2.slp", "KirbyVMario-nB.slp"]
+
+
+@pytest.fixture
+def small_dir(tmp_path):
+    d = tmp_path / "replays"
+    d.mkdir()
+    for name in SMALL + ["incomplete.slp"]:
+        (d / name).symlink_to((SLP / name).resolve())
+    return d
+
+
+def test_load_replay_two_humans_and_ports():
+    eps = load_replay(SLP / "unranked_game2.slp")
+    assert len(eps) == 2
+    for ep in eps:
+        T = len(ep["frames"])
+        assert ep["frames"].shape == (T, FRAME_WIDTH) and ep["frames"].dtype == np.float32
+        assert np.isfinite(ep["frames"]).all()
+        assert ep["target_buttons"].shape == (T, 8) and ep["target_buttons"].dtype == bool
+        assert ep["ids_action"].shape == (T, 4) and ep["ids_action"].max() < ep["classes_action"]
+    real = load_replay(SLP / "realtimeTest.slp", port=3)  # ports 2 and 3, an old (2.0.1) replay
+    assert len(real) == 1
+    with pytest.raises(ValueError, match="no player on port 1.*ports \\[2, 3\\]"):
+        load_replay(SLP / "realtimeTest.slp", port=1)
+
+
+def test_cpu_opponent_and_action_delay():
+    eps = load_replay(SLP / "KirbyVMario-nB.slp")  # human vs CPU: the human's perspective only
+    assert len(eps) == 1
+    d1, d5 = eps[0], load_replay(SLP / "KirbyVMario-nB.slp", action_delay=5)[0]
+    assert len(d1["frames"]) - len(d5["frames"]) == 4
+    np.testing.assert_array_equal(d1["target_main_x"][4:], d5["target_main_x"])
+    np.testing.assert_array_equal(d1["frames"][:len(d5["frames"])], d5["frames"])
+
+
+def test_stick_buckets():
+    assert stick_class(np.array([0.0]))[0] == NEUTRAL
+    v = np.array([-1.0, -0.5, 0.3, 0.7, 1.0])
+    c = stick_class(v)
+    assert (np.diff(c) > 0).all() and c[0] == 0 and c[-1] == 16
+    assert (stick_class(STICK_VALUES) == np.arange(17)).all()
+
+
+def test_bad_files_named():
+    with pytest.raises(ValueError, match="incomplete.slp.*failed to fill whole buffer"):
+        load_replay(SLP / "incomplete.slp")
+    with pytest.raises(ValueError, match="BTTDK.slp.*invalid game end method"):
+        load_replay(SLP / "BTTDK.slp")
+
+
+def test_folder_skips_bad_caches_and_savez(small_dir, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning) as rec:
+        eps = load_replays(small_dir, cache=cache, progress=False)
+    msgs = [str(w.message) for w in rec]
+    assert any("incomplete.slp" in m for m in msgs) and any("skipped 1 of 4" in m for m in msgs)
+    assert len(eps) == 5 and len(list(cache.glob("*.npz"))) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = load_replays(small_dir, cache=cache, progress=False)
+    for (n1, e1, _), (n2, e2, _) in zip(eps, again):
+        assert n1 == n2 and all(np.array_equal(e1[k], e2[k]) for k in e1)
+    # an episode is an .npz episode file
+    np.savez(tmp_path / "ep.npz", **eps[0][1])
+    data = load_episodes(tmp_path / "ep.npz")
+    assert data.embed_dim == FRAME_WIDTH and [i.name for i in data.ids] == ["action", "character", "item", "stage"]
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "incomplete.slp").symlink_to((SLP / "incomplete.slp").resolve())
+    with pytest.raises(ValueError, match="incomplete.slp"):
+        load_replays(tmp_path, cache=False, progress=False)
+
+
+def test_train_on_slp_folder_held_out_by_game(small_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RWKV_TORCH_CACHE", str(tmp_path / "cache"))
+    from rwkv_torch.train.data import load_data
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_data(small_dir)
+        tr, va = split_by_sequence(data, 0.3, 0)
+        assert not {s.group for s in tr.sequences} & {s.group for s in va.sequences}
+        out = train(dict(data=str(small_dir), hidden_size=32, num_layers=1, head_size=16, window_size=16,
+                         batch_size=2, steps=2, eval_every=2, eval_batches=1, out=str(tmp_path / "run"),
+                         progress=False, action_delay=2, val_fraction=0.3))
+    assert out["step"] == 2 and out["val_loss"] is not None
+    row = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]
+    assert "val_acc_main_x" in row and "val_loss_buttons" in row
+
+
+@pytest.fixture(scope="module")
+def slp_run(tmp_path_factory):
+    """One tiny RWKV-7 run on three real replays (shared by the policy tests)."""
+    root = tmp_path_factory.mktemp("slp")
+    d = root / "replays"
+    d.mkdir()
+    for name in SMALL:
+        (d / name).symlink_to((SLP / name).resolve())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(dict(data=str(d), hidden_size=32, num_layers=2, head_size=16, window_size=16, batch_size=2, steps=3,
+                   eval_every=3, eval_batches=1, out=str(root / "run"), progress=False, val_fraction=0.0, lr=1e-2))
+    return root / "run"
+
+
+def _rows(ep, t):
+    return ep["frames"][t], {k[4:]: ep[k][t] for k in ep if k.startswith("ids_")}
+
+
+def test_policy_streams_what_the_parallel_model_computes(slp_run):
+    import torch
+
+    from rwkv_torch.slippi import Controller, Policy
+    from rwkv_torch.slippi.targets import SHOULDER_VALUES
+
+    pol = Policy.from_run(slp_run)
+    ep = load_replay(SLP / "unranked_game1.slp")[0]
+    T = 40
+    x = torch.from_numpy(np.concatenate([ep["frames"][:T]] + [
+        ep[f"ids_{s.name}"][:T].reshape(T, -1).astype(np.float32) for s in pol.model.id_specs], axis=1))[None]
+    with torch.no_grad():
+        par, _ = pol.model(x, pol.model.init_state(1))
+    for t in range(T):
+        out = pol.logits(*_rows(ep, t))
+        for name, o in out.items():
+            torch.testing.assert_close(o, par[name][0, t], rtol=1e-4, atol=1e-4)
+    c = pol.act(*_rows(ep, T))
+    assert isinstance(c, Controller) and set(c.buttons) == {"A", "B", "X", "Y", "Z", "L", "R", "D_UP"}
+    assert c.main_x in STICK_VALUES and c.c_y in STICK_VALUES and c.shoulder in SHOULDER_VALUES
+    assert pol.position == T + 1
+    with pytest.raises(ValueError, match="frame has 3 features"):
+        pol.act(np.zeros(3), _rows(ep, 0)[1])
+    with pytest.raises(ValueError, match="ids\\['stage'\\]"):
+        pol.act(ep["frames"][0], {**_rows(ep, 0)[1], "stage": 10_000})
+
+
+def test_policy_rollback_replays_sampled_controllers(slp_run):
+    from rwkv_torch.slippi import Policy
+
+    ep = load_replay(SLP / "unranked_game2.slp")[0]
+    pol = Policy.from_run(slp_run, sample=True, seed=3, temperature=2.0)
+    for t in range(10):
+        pol.act(*_rows(ep, t))
+    snap = pol.snapshot()
+    first = [pol.act(*_rows(ep, t)) for t in range(10, 30)]
+    pol.restore(snap)
+    again = [pol.act(*_rows(ep, t)) for t in range(10, 30)]
+    assert first == again
+    assert len({(c.main_x, c.main_y, tuple(c.buttons.values())) for c in first}) > 1  # it does sample
+
+
+def test_policy_onnx_covers_ids_backbone_and_heads(slp_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from rwkv_torch.export import state_names
+    from rwkv_torch.slippi import Policy
+
+    pol = Policy.from_run(slp_run)
+    path = pol.export_onnx(tmp_path / "policy.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ep = load_replay(SLP / "unranked_game1.slp")[1]
+    L = pol.model.backbone.config.num_layers
+    flat = [t.numpy() for t in pol.model.init_state(1).flat()]
+    for t in range(5):
+        frame, ids = _rows(ep, t)
+        id_row = np.concatenate([np.asarray(ids[s.name]).reshape(-1) for s in pol.model.id_specs])[None]
+        outs = sess.run(None, {"frame": frame[None], "ids": id_row.astype(np.int64),
+                               **dict(zip(state_names(L), flat))})
+        heads, flat = outs[0][0], outs[1:]
+        want = torch.cat(list(pol.logits(frame, ids).values())).numpy()
+        np.testing.assert_allclose(heads, want, rtol=1e-4, atol=1e-4)
+    assert heads.shape[0] == sum(pol.head_sizes().values())
+
+
+def test_policy_needs_controller_heads_and_rwkv(tmp_path):
+    from rwkv_torch.slippi import Policy
+    from rwkv_torch.train import Dataset, TrainConfig, build_model
+    from rwkv_torch.train.data import Target
+
+    data = Dataset([], [Target("y", "categorical", 3)], embed_dim=4)
+    with pytest.raises(ValueError, match="needs \\['buttons'"):
+        Policy(build_model(TrainConfig(hidden_size=32, num_layers=1, head_size=16), data))
+    with pytest.raises(ValueError, match="RWKV backbone"):
+        Policy(build_model(TrainConfig(backbone="lstm", hidden_size=32, num_layers=1, head_size=16), data))
