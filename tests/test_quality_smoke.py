@@ -24,7 +24,7 @@ def script(monkeypatch):
 
     yield load
     torch.set_num_threads(n_threads)
-    for name in ("common", "recall", "lm", "control"):  # generic names: leave no trace in sys.modules
+    for name in ("common", "recall", "lm", "control", "melee"):  # generic names: leave no trace in sys.modules
         sys.modules.pop(name, None)
 
 
@@ -88,3 +88,16 @@ def test_control_task_targets(script):
     assert flags[fired, 1].all()  # in flight from the event frame
     data = control.Dataset([ep], control.TARGETS, embed_dim=control.D)
     assert 0.6 < world.mode_ceiling(data) <= 1.0
+
+
+def test_melee_quick(script, tmp_path):
+    pytest.importorskip("peppi_py", reason="peppi-py (the melee extra) is not installed")
+    results = run(script("melee"), tmp_path)
+    assert [r["variant"] for r in results] == ["copy", "rwkv7", "rwkv7-windowed", "lstm", "transformer"]
+    copy = results[0]["acc"]
+    assert copy["acc_main_x"] > 0.8 and copy["chg_main_x"] == 0.0  # players hold the stick; changes are misses
+    for r in results[1:]:
+        assert r["steps"] == 3 and r["params"] > 0
+        accs = [v for k, v in r["acc"].items() if k.startswith("acc_")]
+        assert len(accs) == 6 and all(in_unit_range(a) for a in accs), r
+        assert all(math.isfinite(v) and v > 0 for k, v in r["acc"].items() if k.startswith("loss_"))
