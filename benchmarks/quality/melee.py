@@ -90,6 +90,28 @@ def play(model, x: torch.Tensor, window: int) -> dict:
     return {name: head(out) for name, head in model.heads.items()}
 
 
+def policy_latency(model, seq, frames: int) -> dict:
+    """Per-frame latency of ``slippi.Policy.act`` (features in, controller out, greedy) over the first ``frames``
+    frames of one held-out episode: p50 / p99 / max in ms."""
+    from rwkv_torch.slippi import Policy
+
+    pol = Policy(model)
+    D = pol.frame_dim
+    rows, at = [], D
+    for spec in model.id_specs:
+        rows.append((spec.name, at, spec.columns))
+        at += spec.columns
+    times = []
+    for t in range(min(frames, len(seq))):
+        x = seq.x[t]
+        ids = {name: x[a:a + k].astype(np.int64) for name, a, k in rows}
+        t0 = time.perf_counter()
+        pol.act(x[:D], ids)
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times[10:] or times) * 1e3
+    return dict(p50=float(np.median(ms)), p99=float(np.percentile(ms, 99)), max=float(ms.max()), frames=len(times))
+
+
 def held(seqs: list) -> dict:
     """``{head: the input held on the observed frame}`` (bool ``[N, 8]`` buttons, else classes ``[N]``)."""
     x = np.concatenate([s.x[:, CTRL:CTRL + len(CONTROLLER_FEATURES)] for s in seqs])
@@ -150,10 +172,12 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--action-delay", type=int, default=1)
+    p.add_argument("--latency-frames", type=int, default=2000, help="frames of Policy.act to time (RWKV-7)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of games held out (default 0.2)")
     args = p.parse_args(argv)
     if args.quick:
-        for k, v in dict(seconds=3.0, max_steps=3, hidden=32, head_size=16, batch=4, window=30).items():
+        quick = dict(seconds=3.0, max_steps=3, latency_frames=30, hidden=32, head_size=16, batch=4, window=30)
+        for k, v in quick.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
     for m in args.models.split(","):
@@ -184,6 +208,10 @@ def main(argv=None) -> list:
         acc = score(outs, test.sequences)
         r = dict(label=NAMES[variant], variant=variant, params=n_params(model), width=width_of(model),
                  train_s=train_s, steps=steps, loss=loss, acc=acc)
+        if variant == "rwkv7":
+            r["latency"] = policy_latency(model, max(test.sequences, key=len), args.latency_frames)
+            print("policy latency (features -> controller), ms: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["latency"].items() if k != "frames"), flush=True)
         results.append(r)
         print(f"{NAMES[variant]:28s} {r['params']:,} params, {steps} steps in {train_s:.0f} s, loss {loss:.3f}: "
               + " ".join(f"{k}={v:.3f}" for k, v in acc.items()), flush=True)
@@ -199,6 +227,7 @@ def main(argv=None) -> list:
                      f"{r['train_s']:.0f}" if "train_s" in r else "-"])
     table = markdown_table(header, rows)
     print(table)
+    lat = next((r["latency"] for r in results if "latency" in r), None)
     test_games = sorted({Path(s.group).name for s in test.sequences})
     body = (f"Replays: `{args.replays}`; {len(data.sequences)} episodes (one per human player) from {games(data)} "
             f"usable games. Held out by game: {', '.join(test_games)} ({sum(map(len, test.sequences)):,} frames); "
@@ -210,7 +239,11 @@ def main(argv=None) -> list:
             f"shoulder (5 classes): the class; *on changes*: the same accuracy on only the frames where the target "
             "differs from the input held on the observed frame (0 for the copy rule by definition: the part of "
             "the task that needs prediction); losses per frame on the held-out games.\n\n{table}\n\n"
-            "![melee](melee.png)")
+            + (f"Per-frame latency of the RWKV-7 policy (`rwkv_torch.slippi.Policy.act`: features and ids in, "
+               f"controller out, greedy, one frame at a time, {lat['frames']} frames of a held-out game): p50 "
+               f"{lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms, max {lat['max']:.3f} ms, against the 16.7 ms of a "
+               f"60 FPS frame.\n\n" if lat else "")
+            + "![melee](melee.png)")
     seconds = time.perf_counter() - t_start
     report(out, "melee", "Melee behavioural cloning from Slippi replays", command_line("melee", argv), body, seconds)
     plot(results, out / "melee.png")
