@@ -204,3 +204,82 @@ def test_policy_needs_controller_heads_and_rwkv(tmp_path):
         Policy(build_model(TrainConfig(hidden_size=32, num_layers=1, head_size=16), data))
     with pytest.raises(ValueError, match="RWKV backbone"):
         Policy(build_model(TrainConfig(backbone="lstm", hidden_size=32, num_layers=1, head_size=16), data))
+
+
+def _libmelee_state(replay, t):
+    """A libmelee GameState for frame t of a parsed replay, filled the way libmelee's console fills it from the
+    Slippi stream (int() of the float frame counters, sticks 0..1, 1-based projectile owners)."""
+    melee = pytest.importorskip("melee", reason="libmelee (the live extra) is not installed")
+
+    def enum(cls, v, unknown):
+        try:
+            return cls(int(v))
+        except ValueError:
+            return unknown(int(v))
+
+    def player(c):
+        p = melee.PlayerState()
+        p.character = melee.Character(int(c["character"][t]))
+        p.position = melee.Position(float(c["x"][t]), float(c["y"][t]))
+        p.percent, p.shield_strength, p.stock = float(c["percent"][t]), float(c["shield"][t]), int(c["stocks"][t])
+        p.facing = bool(c["facing"][t] > 0)
+        p.action = enum(melee.Action, c["action"][t], melee.gamestate.UnknownAnimation)
+        p.action_frame = int(c["state_age"][t])
+        p.invulnerable = int(c["hurtbox"][t]) != 0
+        p.hitlag_left, p.hitstun_frames_left = int(c["hitlag"][t]), int(c["misc_as"][t])
+        p.jumps_left, p.on_ground = int(c["jumps"][t]), not bool(c["airborne"][t])
+        p.speed_air_x_self, p.speed_y_self = float(c["vx_air"][t]), float(c["vy"][t])
+        p.speed_ground_x_self = float(c["vx_ground"][t])
+        p.speed_x_attack, p.speed_y_attack = float(c["kb_x"][t]), float(c["kb_y"][t])
+        cs = p.controller_state
+        bits = int(c["buttons"][t])
+        for b in melee.Button:
+            cs.button[b] = False
+        for name, bit in (("A", 0x100), ("B", 0x200), ("X", 0x400), ("Y", 0x800), ("Z", 0x10), ("L", 0x40),
+                          ("R", 0x20), ("D_UP", 0x8)):
+            cs.button[getattr(melee.Button, f"BUTTON_{name}")] = bool(bits & bit)
+        cs.main_stick = (c["stick_x"][t] / 2 + 0.5, c["stick_y"][t] / 2 + 0.5)
+        cs.c_stick = (c["cstick_x"][t] / 2 + 0.5, c["cstick_y"][t] / 2 + 0.5)
+        cs.l_shoulder = cs.r_shoulder = float(c["trigger"][t])
+        return p
+
+    gs = melee.GameState()
+    gs.stage = melee.enums.to_internal_stage(replay.stage)
+    for pl in replay.players:
+        gs.players[pl.port] = player(pl.leader)
+        if pl.follower is not None and pl.follower["x"][t] != 0:
+            gs.players[pl.port].nana = player(pl.follower)
+    it = replay.items[t] if replay.items else {"type": []}
+    gs.projectiles = []
+    for k in range(len(it["type"])):
+        q = melee.Projectile()
+        q.position = melee.Position(float(it["x"][k]), float(it["y"][k]))
+        q.speed = melee.gamestate.Speed(float(it["vx"][k]), float(it["vy"][k]))
+        q.owner = int(it["owner"][k]) + 1
+        q.type = enum(melee.ProjectileType, it["type"][k], melee.gamestate.UnknownProjectileType)
+        gs.projectiles.append(q)
+    return gs
+
+
+@pytest.mark.parametrize("name, port", [("facingDirection.slp", 1), ("PichuVSelf-All-22.slp", 2),
+                                        ("PichuVSelf-All-22.slp", 1)])
+def test_live_gamestate_features_equal_the_replay_rows(name, port):
+    """Items (facingDirection), Nana as self (port 2 of PichuVSelf plays the Ice Climbers) and as the opponent."""
+    from rwkv_torch.slippi.live import gamestate_features
+    from rwkv_torch.slippi.parse import read_replay
+
+    replay = read_replay(SLP / name)
+    ep = load_replay(SLP / name, port=port)[0]
+    T = len(ep["frames"])
+    checked = 0
+    for t in np.linspace(0, T - 1, 60).astype(int):
+        frame, ids = gamestate_features(_libmelee_state(replay, t), port)
+        np.testing.assert_allclose(frame, ep["frames"][t], rtol=1e-6, atol=1e-6, err_msg=f"frame {t}")
+        for k, v in ids.items():
+            np.testing.assert_array_equal(v, ep[f"ids_{k}"][t], err_msg=f"ids_{k} frame {t}")
+        checked += 1
+    assert checked == 60
+    if name.startswith("Pichu"):
+        assert ep["frames"][:, 19 * (1 if port == 2 else 3) + 18].any()  # the Nana block is present on some frames
+    with pytest.raises(ValueError, match="no player on port 4"):
+        gamestate_features(_libmelee_state(replay, 0), 4)

@@ -2,15 +2,17 @@
 controller targets, and a streaming policy.
 
 ``parse`` (one ``.slp`` -> numpy columns), ``features`` (the feature table), ``targets`` (controller heads),
-``replays`` (episodes, the folder loader and its cache), ``policy`` (a trained run -> one frame at a time).
+``replays`` (episodes, the folder loader and its cache), ``policy`` (a trained run -> one frame at a time),
+``live`` (the same features from a libmelee ``GameState``).
 """
 
 from .features import FRAME_WIDTH, ID_CLASSES
+from .live import gamestate_features
 from .replays import DEFAULT_ACTION_DELAY, cache_dir, load_replay, load_replays
 from .targets import BUTTONS, STICKS
 
 __all__ = ["BUTTONS", "DEFAULT_ACTION_DELAY", "FRAME_WIDTH", "ID_CLASSES", "STICKS", "Controller", "Policy",
-           "cache_dir", "load_replay", "load_replays"]
+           "cache_dir", "gamestate_features", "load_replay", "load_replays"]
 
 
 def __getattr__(name):  # the policy needs the training package (torch); parsing and features do not
