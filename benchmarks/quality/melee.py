@@ -143,16 +143,20 @@ def score(outs: list | None, seqs: list) -> dict:
 
 def plot(results: list, path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5))
     width = 0.8 / len(results)
-    for i, r in enumerate(results):
-        ax.bar(np.arange(len(HEADS)) + i * width, [r["acc"][f"acc_{h}"] for h in HEADS], width, label=r["label"])
-    ax.set_xticks(np.arange(len(HEADS)) + 0.4 - width / 2, HEADS)
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title("Melee behavioural cloning, held-out games (equal CPU time)")
+    panels = (("acc", "all frames"), ("chg", "frames where the input changes"))
+    for ax, (key, title) in zip(axes, panels):
+        for i, r in enumerate(results):
+            ax.bar(np.arange(len(HEADS)) + i * width, [r["acc"][f"{key}_{h}"] for h in HEADS], width,
+                   label=r["label"])
+        ax.set_xticks(np.arange(len(HEADS)) + 0.4 - width / 2, HEADS)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_title(f"held-out accuracy, {title}")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("Melee behavioural cloning from Slippi replays, held-out games, equal CPU time per model")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -238,7 +242,7 @@ def main(argv=None) -> list:
             f"seed {args.seed}.\n\n*acc buttons*: agreement per button over the 8 buttons; sticks (17 classes) and "
             f"shoulder (5 classes): the class; *on changes*: the same accuracy on only the frames where the target "
             "differs from the input held on the observed frame (0 for the copy rule by definition: the part of "
-            "the task that needs prediction); losses per frame on the held-out games.\n\n{table}\n\n"
+            f"the task that needs prediction); losses per frame on the held-out games.\n\n{table}\n\n"
             + (f"Per-frame latency of the RWKV-7 policy (`rwkv_torch.slippi.Policy.act`: features and ids in, "
                f"controller out, greedy, one frame at a time, {lat['frames']} frames of a held-out game): p50 "
                f"{lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms, max {lat['max']:.3f} ms, against the 16.7 ms of a "
