@@ -15,6 +15,7 @@ from .demo import (  # noqa: F401  (bench_stream, DEMO_PROMPT: re-exported for s
     export,
     generate,
     info,
+    merge,
     stream_bench,
     train_and_report,
 )
@@ -86,12 +87,16 @@ def _add_train(sub):
     a("--hidden-size", type=int, default=None, help="model width (default 256)")
     a("--num-layers", type=int, default=None, help="layers (default 6)")
     a("--head-size", type=int, default=None, help="head size (default 64)")
-    a("--window-size", type=int, default=None, help="positions per training window (default 256)")
+    a("--window-size", "--ctx-len", dest="window_size", type=int, default=None,
+      help="positions per training window (default 256)")
     a("--stride", type=int, default=None,
       help="window start spacing (default: window size, which carries the state across consecutive windows)")
     a("--dropout", type=float, default=None, help="dropout (default 0)")
     a("--precision", choices=["fp32", "bf16"], default=None, help="fp32 (default) or bf16 autocast")
-    a("--truncate-bptt", type=int, default=None, help="back-propagate through at most N positions (default: window)")
+    a("--truncate-bptt", "--chunk-len", dest="truncate_bptt", type=int, default=None,
+      help="run each window in chunks of N positions (default: the window in one piece)")
+    a("--bptt", choices=["chunk", "full"], default=None,
+      help="across chunks: chunk cuts the gradient (default), full carries it (activation memory of one chunk)")
     a("--gradient-checkpoint", action="store_true", default=None,
       help="recompute each block in the backward pass: less memory, ~1.3x the compute (RWKV backbones)")
     a("--compile", action="store_true", default=None,
@@ -127,6 +132,18 @@ def _add_train(sub):
     a("--log-every", type=int, default=None, help="write metrics.jsonl every N steps (default 10)")
     a("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    f = p.add_argument_group("fine-tuning").add_argument
+    f("--init-from", default=None,
+      help="start from these weights: a model directory (rt.save), an official .pth or a training run; the "
+           "architecture comes from them")
+    f("--lora-rank", type=int, default=None, help="train LoRA factors of this rank; the weights stay frozen")
+    f("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
+    f("--lora-targets", default=None,
+      help="comma-separated linear layers for LoRA (default: att.receptance,att.key,att.value,att.gate,att.output,"
+           "ffn.key,ffn.value,ffn.receptance: every large projection)")
+    f("--train-also", default=None, help="comma-separated name parts also trained in a LoRA/state run (e.g. ln,head)")
+    f("--train-state", action="store_true", default=None,
+      help="learn the initial wkv state of every layer (weights frozen); saved as RUN/state.safetensors")
 
     _command(p, train_and_report, errors=(ValueError,))  # bad data or options: the message names the file or flag
 
@@ -179,8 +196,18 @@ def _add_convert(sub):
              errors=(ValueError, FileNotFoundError))
 
 
+def _add_merge(sub):
+    p = sub.add_parser("merge", help="a training run's language model with its LoRA merged -> a plain model")
+    p.add_argument("run", help="a training run directory (or one of its ckpt-*.pt)")
+    p.add_argument("dst", help="output directory, or a file ending in .pth for the official format")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already at dst (default: refuse)")
+
+    _command(p, lambda a: merge(a.run, a.dst, a.overwrite), errors=(ValueError, FileNotFoundError))
+
+
 COMMANDS = {"demo": _add_demo, "check": _add_check, "stream-bench": _add_stream_bench, "export": _add_export,
-            "train": _add_train, "generate": _add_generate, "info": _add_info, "convert": _add_convert}
+            "train": _add_train, "generate": _add_generate, "info": _add_info, "convert": _add_convert,
+            "merge": _add_merge}
 
 
 def main(argv=None) -> int:

@@ -282,14 +282,45 @@ def info(path: str) -> dict:
     return d
 
 
+def _taken(dst: str) -> list:
+    """The model files at ``dst``: a ``.pth`` file, or a directory's config.json and model.safetensors."""
+    d = Path(dst)
+    return [d] if dst.endswith(".pth") and d.exists() else [d / n for n in ("config.json", "model.safetensors")
+                                                           if (d / n).exists()]
+
+
+def merge(run: str, dst: str, overwrite: bool = False) -> str:
+    """The language model of training run ``run`` (a fine-tune's LoRA merged into plain weights) -> native directory
+    ``dst``, or official ``.pth`` when ``dst`` ends in ``.pth``."""
+    from .train import load_task_model
+
+    taken = _taken(dst)
+    if taken and not overwrite:
+        raise ValueError(f"{dst} already holds a model ({', '.join(p.name for p in taken)}); pass --overwrite to "
+                         f"replace it, or choose another destination")
+    model, ckpt = load_task_model(run)
+    if not model.lm or not ckpt["config"]["backbone"].startswith("rwkv"):
+        raise ValueError(f"{run}: a {ckpt['config']['backbone']} model with task heads "
+                         f"({', '.join(model.target_names)}); merge writes RWKV language models (load a task model "
+                         f"with rwkv_torch.train.load_task_model, which merges LoRA as it loads)")
+    if model.state0 is not None:
+        raise ValueError(f"{run}: a state-tuning run: its weights are its base's ({ckpt['config']['init_from']}); "
+                         f"the learned state is {Path(run) / 'state.safetensors'} (generate --state-in)")
+    m = model.backbone
+    out = save_official(m, dst) if dst.endswith(".pth") else save(m, dst)
+    c = m.config
+    print(f"wrote {out} ({'official .pth' if dst.endswith('.pth') else 'model.safetensors + config.json'}): "
+          f"RWKV-{c.version}, {c.num_layers} layers, hidden {c.hidden_size}, {m.param_count():,} parameters, from "
+          f"step {ckpt['step']} of {run}")
+    return str(out)
+
+
 def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, weights: str | None = None) -> str:
     """Official ``.pth`` (or native directory) ``src`` -> native directory ``dst``, or official ``.pth`` when
     ``dst`` ends in ``.pth``; ``dtype`` (a key of ``DTYPES``) casts the weights; ``weights`` ("int8", "bf16")
     writes a quantized native directory that loads without re-quantizing. An existing model at ``dst``
     (the ``.pth`` file, or a directory's ``config.json``/``model.safetensors``) is replaced only with ``overwrite``."""
-    d = Path(dst)
-    taken = [d] if dst.endswith(".pth") and d.exists() else [d / n for n in ("config.json", "model.safetensors")
-                                                            if (d / n).exists()]
+    taken = _taken(dst)
     if taken and not overwrite:
         raise ValueError(f"{dst} already holds a model ({', '.join(p.name for p in taken)}); pass --overwrite to "
                          f"replace it, or choose another destination")

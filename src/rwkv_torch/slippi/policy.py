@@ -74,7 +74,7 @@ class Policy:
 
     def reset(self) -> None:
         """A new game: a fresh state."""
-        self.state = self.model.init_state(1, device="cpu")
+        self.state = self.model.init_state(1, device="cpu").clone()  # its own tensors: step_ writes into them
         self.position = 0
 
     def snapshot(self) -> PolicySnapshot:

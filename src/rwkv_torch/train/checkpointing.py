@@ -43,7 +43,7 @@ def _run_files(run_dir: Path) -> list:
     """The files and folders of a training run in ``run_dir`` (checkpoints, metrics, config, plot, model)."""
     if not run_dir.is_dir():
         return []
-    names = ("config.json", "metrics.jsonl", "loss.png", "model")
+    names = ("config.json", "metrics.jsonl", "loss.png", "model", "state.safetensors")
     return sorted(list(run_dir.glob("ckpt-*.pt*")) + [run_dir / n for n in names if (run_dir / n).exists()])
 
 

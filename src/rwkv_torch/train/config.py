@@ -21,7 +21,8 @@ class TrainConfig:
     stride: int | None = None  # None: window_size (stateful)
     dropout: float = 0.0
     precision: str = "fp32"
-    truncate_bptt: int | None = None
+    truncate_bptt: int | None = None  # chunk length (--chunk-len): the window runs in chunks of this many steps
+    bptt: str = "chunk"  # across chunks: "chunk" (state carried, gradient cut) or "full" (gradient carried)
     data: str | None = None  # None: the Python standard library sources as byte-level text
     max_bytes: int | None = None
     tokenizer: str = "byte"  # text data as "byte" (vocab 256) or "world" (RWKV World tokens, vocab 65536)
@@ -53,6 +54,14 @@ class TrainConfig:
     # names the torch.compile backend (default "inductor").
     compile: bool | str = False
     overwrite: bool = False  # out holds another run: delete its files (checkpoints, metrics, model/) first
+    # Fine-tuning (train/finetune.py): start from these weights (a native model dir, an official .pth or a run);
+    # the architecture comes from them.
+    init_from: str | None = None
+    lora_rank: int | None = None  # LoRA of this rank on the large projections; everything else frozen
+    lora_alpha: float | None = None  # LoRA scale alpha / rank (default alpha = rank: scale 1)
+    lora_targets: str | None = None  # comma-separated linear names (default finetune.DEFAULT_LORA_TARGETS)
+    train_also: str | None = None  # comma-separated name parts trained besides LoRA / the state (e.g. "ln,head")
+    train_state: bool = False  # learn the initial wkv state of every layer (the only trainable tensor by default)
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -68,6 +77,8 @@ class TrainConfig:
         for f in ("stride", "truncate_bptt", "stop_after"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)!r}: must be None or >= 1")
+        if self.bptt not in ("chunk", "full"):
+            raise ValueError(f"bptt={self.bptt!r}: must be 'chunk' or 'full'")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer={self.tokenizer!r}: must be one of {sorted(TOKENIZERS)}")
         if self.epochs is not None and not self.epochs > 0:
@@ -76,12 +87,28 @@ class TrainConfig:
             raise ValueError(f"time_limit={self.time_limit!r}: must be None or > 0 seconds")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank={self.lora_rank!r}: must be None or >= 1")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be None or > 0")
+        if (self.lora_alpha is not None or self.lora_targets is not None) and self.lora_rank is None:
+            raise ValueError("lora_alpha / lora_targets need lora_rank (--lora-rank R)")
+        if self.finetune_mode and not self.backbone.startswith("rwkv"):
+            raise ValueError(f"LoRA and state tuning are for the RWKV backbones, not {self.backbone} (the baselines "
+                             "train from scratch)")
+        if self.finetune_mode and self.init_from is None:
+            raise ValueError("LoRA, state tuning and --train-also fine-tune trained weights: give --init-from PATH")
         if self.action_delay < 0:
             raise ValueError(f"action_delay={self.action_delay!r}: must be >= 0 frames")
         if self.warmup < 0:
             raise ValueError(f"warmup={self.warmup!r}: must be >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r}: must be > 0")
+
+    @property
+    def finetune_mode(self) -> bool:
+        """LoRA, state tuning or --train-also: most weights frozen, checkpoints hold only the trainable tensors."""
+        return self.lora_rank is not None or self.train_state or self.train_also is not None
 
 
 def as_config(args) -> TrainConfig:

@@ -18,6 +18,7 @@ Rank 0 alone evaluates, logs, plots and writes checkpoints; a checkpoint holds t
 (gathered from all ranks), so a run can be resumed with another number of processes.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -35,6 +36,7 @@ from .checkpointing import CHECKPOINT_FORMAT, _claim_run_dir, _resume_config, sa
 from .config import TrainConfig, as_config
 from .data import check_window, load_data, make_batch, split_by_sequence, window_counts, window_plans
 from .distributed import _all_mean, _any_rank, _gather_lanes, _init_distributed
+from .finetune import has_lora, init_config, merge_lora, trainable_state_dict
 from .model import build_model, lr_factor, param_groups
 from .plots import _write_plot
 from .signals import _StopSignal
@@ -65,6 +67,8 @@ def train(args_or_config) -> dict:
         raise ValueError("give resume or overwrite, not both: --resume continues the run, --overwrite starts anew")
     if cfg.resume:
         cfg, ckpt = _resume_config(cfg, given)
+    elif cfg.init_from is not None:
+        cfg = init_config(cfg, given)
     rank, world, device, created_group = _init_distributed(cfg)
     try:
         return _train(cfg, ckpt, rank, world, device)
@@ -117,7 +121,7 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     step = 0
     metrics_path = run_dir / "metrics.jsonl"
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"], strict=not ckpt.get("partial", False))
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         ranks_rng = ckpt.get("rng_cpu_ranks")
@@ -146,7 +150,9 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
         payload = dict(format=CHECKPOINT_FORMAT, format_version=1, step=step, config=dataclasses.asdict(cfg),
                        targets=[dataclasses.asdict(t) for t in data.targets], embed_dim=data.embed_dim,
                        ids=[dataclasses.asdict(i) for i in data.ids],
-                       vocab_size=data.vocab_size, model=model.state_dict(), optimizer=opt.state_dict(),
+                       vocab_size=data.vocab_size, partial=cfg.finetune_mode,
+                       model=trainable_state_dict(model) if cfg.finetune_mode else model.state_dict(),
+                       optimizer=opt.state_dict(),
                        scheduler=sched.state_dict(), rng_cpu=torch.get_rng_state(),
                        rng_cpu_ranks=rngs if world > 1 else None,
                        rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None, carry=carry)
@@ -210,10 +216,14 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     model_dir = None
     if lead:
         plot()
-        if data.is_text and cfg.backbone.startswith("rwkv"):  # the language model itself, for generate/export
+        if data.is_text and cfg.backbone.startswith("rwkv") and not cfg.train_state:
+            # the language model itself, for generate/export (LoRA merged into plain weights)
             from ..checkpoints import save as save_model
 
-            model_dir = str(save_model(model.backbone, run_dir / "model"))
+            backbone = merge_lora(copy.deepcopy(model.backbone)) if has_lora(model.backbone) else model.backbone
+            model_dir = str(save_model(backbone, run_dir / "model"))
+        if model.state0 is not None:  # the learned initial state: generate --state-in, Stream, the replay policy
+            model.state0.as_state(model.backbone.init_state(1)).save(run_dir / "state.safetensors")
     if lead and interrupted:
         name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
         print(f"interrupted by {name} at step {step} of {cfg.steps}; checkpoint {ckpt_path}; resume with: "

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..config import param_count
 from ..model import build
+from . import finetune
 from .baselines import build_baseline, matched_width
 from .config import TrainConfig
 from .data import Dataset, IdSpec, Target
@@ -34,9 +35,12 @@ class TaskModel(nn.Module):
         self.id_embed = nn.ModuleDict({i.name: nn.Embedding(i.classes, id_embed_dim(i.classes)) for i in ids})
         self.heads = nn.ModuleDict() if lm else nn.ModuleDict({t.name: nn.Linear(width, t.size) for t in targets})
         self.target_names = [t.name for t in targets]
+        self.state0 = None  # finetune.InitialState when the initial wkv state is learned (--train-state)
 
     def init_state(self, batch_size: int, device=None):
-        return self.backbone.init_state(batch_size, device=device)
+        """The state every sequence starts from: zeros, or the learned initial state (``state0``)."""
+        state = self.backbone.init_state(batch_size, device=device)
+        return state if self.state0 is None else self.state0.apply(state)
 
     def _join_ids(self, x):
         if not self.id_specs:
@@ -64,8 +68,26 @@ def id_embed_dim(classes: int) -> int:
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> TaskModel:
-    """The backbone named by ``cfg.backbone`` for ``data``; baselines get about the RWKV model's parameter count."""
+    """The backbone named by ``cfg.backbone`` for ``data``; baselines get about the RWKV model's parameter count.
+
+    With ``cfg.init_from`` the weights come from there (``finetune.load_init_weights``); then LoRA
+    (``lora_rank``), the learned initial state (``train_state``) and the frozen/trainable split of the fine-tuning
+    mode are applied (``train/finetune.py``)."""
     torch.manual_seed(cfg.seed)
+    model = _from_init(cfg, data) if cfg.init_from is not None else _fresh(cfg, data)
+    if cfg.train_state:
+        model.state0 = finetune.InitialState(model.backbone.init_state(1))
+    if cfg.lora_rank is not None:
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",")) if cfg.lora_targets else None
+        finetune.apply_lora(model.backbone, cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank),
+                            targets or finetune.DEFAULT_LORA_TARGETS)
+    if cfg.finetune_mode:
+        also = tuple(t.strip() for t in cfg.train_also.split(",")) if cfg.train_also else ()
+        finetune.freeze_for_finetune(model, also)
+    return model
+
+
+def _fresh(cfg: TrainConfig, data: Dataset) -> TaskModel:
     ids = list(getattr(data, "ids", []))
     joined = (data.embed_dim or 0) + sum(i.columns * id_embed_dim(i.classes) for i in ids)
     io = dict(vocab_size=data.vocab_size) if data.is_text else dict(embed_dim=joined)
@@ -82,9 +104,47 @@ def build_model(cfg: TrainConfig, data: Dataset) -> TaskModel:
     return TaskModel(backbone, data.targets, width, data.is_text, ids, data.embed_dim)
 
 
+def _from_init(cfg: TrainConfig, data: Dataset) -> TaskModel:
+    """A TaskModel for ``data`` holding the weights ``cfg.init_from`` names (architecture checks: ``init_config``)."""
+    kind, loaded = finetune.load_init_weights(cfg.init_from)
+    if kind == "run":
+        run_cfg = TrainConfig(**{**loaded["config"], "resume": None, "out": None, "init_from": None,
+                                 "lora_rank": None, "lora_alpha": None, "lora_targets": None, "train_also": None,
+                                 "train_state": False})
+        model = _fresh(run_cfg, data)
+        weights = loaded["model"]
+        if loaded.get("partial"):  # the run was itself a fine-tune: its base first, then its trained tensors
+            base = build_model(TrainConfig(**{**loaded["config"], "resume": None, "out": None}), data)
+            base.load_state_dict(weights, strict=False)
+            if base.state0 is not None:
+                raise ValueError(f"--init-from {cfg.init_from}: a state-tuning run; fine-tune its base model")
+            weights = finetune.merge_lora(base).state_dict()
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ValueError(f"--init-from {cfg.init_from}: its model does not fit this data (targets, ids or input "
+                             f"width differ): {str(e).splitlines()[0]}") from None
+        return model
+    backbone = loaded
+    c = backbone.config
+    if data.is_text:
+        if c.vocab_size != data.vocab_size:
+            tok = "world" if c.vocab_size == 65536 else "?"
+            raise ValueError(f"--init-from {cfg.init_from}: a model of vocab {c.vocab_size}, the data has vocab "
+                             f"{data.vocab_size} (--tokenizer {cfg.tokenizer}; this model needs --tokenizer {tok})")
+        return TaskModel(backbone, data.targets, c.hidden_size, True)
+    ids = list(data.ids)
+    joined = (data.embed_dim or 0) + sum(i.columns * id_embed_dim(i.classes) for i in ids)
+    if c.embed_dim != joined:
+        raise ValueError(f"--init-from {cfg.init_from}: a backbone of embed_dim {c.embed_dim}, the episodes give "
+                         f"{joined} input features")
+    return TaskModel(backbone, data.targets, c.output_size, False, ids, data.embed_dim)
+
+
 def load_task_model(run) -> tuple[TaskModel, dict]:
     """The model of a training run's newest checkpoint (a run folder or a ``ckpt-*.pt`` file), in eval mode on CPU,
-    and the checkpoint itself (its ``config``, ``targets``, ``step``, ...)."""
+    and the checkpoint itself (its ``config``, ``targets``, ``step``, ...). A fine-tuning run's checkpoint holds its
+    trainable tensors only: the weights come from its ``init_from`` first; LoRA comes back merged."""
     from .checkpointing import CHECKPOINT_FORMAT, find_checkpoint
 
     path = find_checkpoint(run)
@@ -95,8 +155,8 @@ def load_task_model(run) -> tuple[TaskModel, dict]:
     data = Dataset([], [Target(**t) for t in ckpt["targets"]], ckpt["embed_dim"], ckpt["vocab_size"],
                    ids=[IdSpec(**i) for i in ckpt.get("ids", [])])
     model = build_model(cfg, data)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    model.load_state_dict(ckpt["model"], strict=not ckpt.get("partial", False))
+    return finetune.merge_lora(model).eval(), ckpt
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:

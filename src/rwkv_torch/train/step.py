@@ -89,6 +89,9 @@ def train_step(model, opt, data: Dataset, batch: tuple, state, cfg: TrainConfig,
     opt.zero_grad(set_to_none=True)
     T = x.shape[1]
     span = cfg.truncate_bptt or T
+    if cfg.bptt == "full" and span < T:
+        total, parts, state = _full_bptt(model, data, x, ys, state, cfg, device, span)
+        return _finish(model, opt, cfg, total, parts, state)
     total, parts = 0.0, {}
     for a in range(0, T, span):
         b = min(T, a + span)
@@ -100,10 +103,41 @@ def train_step(model, opt, data: Dataset, batch: tuple, state, cfg: TrainConfig,
         total += loss.item() * (b - a) / T
         for k, v in p.items():
             parts[k] = parts.get(k, 0.0) + v.item() * (b - a) / T
+    return _finish(model, opt, cfg, total, parts, state)
+
+
+def _finish(model, opt, cfg: TrainConfig, total: float, parts: dict, state) -> tuple:
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     return total, parts, state
+
+
+def _full_bptt(model, data: Dataset, x, ys: dict, state, cfg: TrainConfig, device, span: int) -> tuple:
+    """The window in chunks of ``span`` with the gradient carried through the state across chunks (``--bptt full``):
+    each chunk runs under activation checkpointing, so memory holds one chunk's activations and the states at the
+    chunk boundaries, and the backward recomputes one chunk at a time. Gradients equal one forward over the
+    window."""
+    from torch.utils.checkpoint import checkpoint
+
+    T, names = x.shape[1], [t.name for t in data.targets]
+    meta = state
+
+    def chunk(xs, ys_chunk, *flat):
+        with _autocast(cfg, device):
+            outs, st = model(xs, _state_like(meta, list(flat)))
+        loss, p = task_loss(outs, dict(zip(names, ys_chunk)), data.targets, data.is_text)
+        return (loss, torch.stack([p[n].detach() for n in names]), *_state_tensors(st))
+
+    total, parts_sum, flat = 0.0, torch.zeros(len(names)), _state_tensors(state)
+    for a in range(0, T, span):
+        b = min(T, a + span)
+        loss, p, *flat = checkpoint(chunk, x[:, a:b], [ys[n][:, a:b] for n in names], *flat, use_reentrant=False)
+        total = total + loss * ((b - a) / T)
+        parts_sum += p.float().cpu() * ((b - a) / T)
+    total.backward()
+    state = _state_like(meta, [t.detach() for t in flat])
+    return total.item(), dict(zip(names, parts_sum.tolist())), state
 
 
 @torch.no_grad()
