@@ -34,6 +34,14 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def quick_defaults(p: argparse.ArgumentParser, args, **values) -> None:
+    """With ``--quick``: each option the user left at its default takes the smoke-test value in ``values``."""
+    if args.quick:
+        for k, v in values.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+
+
 def out_dir(args) -> Path:
     if args.out is not None:
         d = Path(args.out)

@@ -44,6 +44,7 @@ from common import (
     optimizer,
     out_dir,
     pyplot,
+    quick_defaults,
     width_of,
     write_report,
 )
@@ -227,12 +228,8 @@ def parse(argv):
     p.add_argument("--mode-shift", type=float, default=0.25)
     p.add_argument("--dwell", type=float, default=200.0, help="mean frames between mode switches")
     args = p.parse_args(argv)
-    if args.quick:
-        defaults = dict(steps=6, windows="30,60", frames_per_step=120, train_episodes=8, episode_len=240,
-                        test_episodes=2, test_len=400, hidden=32)
-        for k, v in defaults.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    quick_defaults(p, args, steps=6, windows="30,60", frames_per_step=120, train_episodes=8, episode_len=240,
+                   test_episodes=2, test_len=400, hidden=32)
     longest = max(int(w) for w in args.windows.split(","))
     if min(args.episode_len, args.test_len - 1) < longest:
         p.error(f"--episode-len {args.episode_len} and --test-len {args.test_len} must exceed the longest window "

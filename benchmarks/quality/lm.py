@@ -31,6 +31,7 @@ from common import (
     optimizer,
     out_dir,
     pyplot,
+    quick_defaults,
     width_of,
     write_report,
 )
@@ -112,12 +113,8 @@ def parse(argv):
     p.add_argument("--eval-lanes", type=int, default=16, help="held-out documents read side by side")
     p.add_argument("--eval-batches", type=int, default=16, help="consecutive windows per evaluation lane")
     args = p.parse_args(argv)
-    if args.quick:
-        defaults = dict(bytes=300_000, steps=8, batch=4, window=32, hidden=32, head_size=16, eval_every=4,
-                        eval_lanes=4, eval_batches=2)
-        for k, v in defaults.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    quick_defaults(p, args, bytes=300_000, steps=8, batch=4, window=32, hidden=32, head_size=16, eval_every=4,
+                   eval_lanes=4, eval_batches=2)
     return args
 
 

@@ -33,7 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import base_parser, command_line, markdown_table, n_params, optimizer, out_dir, pyplot, width_of
+from common import (
+    base_parser,
+    command_line,
+    markdown_table,
+    n_params,
+    optimizer,
+    out_dir,
+    pyplot,
+    quick_defaults,
+    width_of,
+)
 from common import write_report as report
 
 import rwkv_torch as rt
@@ -179,11 +189,7 @@ def parse(argv):
     p.add_argument("--latency-frames", type=int, default=2000, help="frames of Policy.act to time (RWKV-7)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of games held out (default 0.2)")
     args = p.parse_args(argv)
-    if args.quick:
-        quick = dict(seconds=3.0, max_steps=3, latency_frames=30, hidden=32, head_size=16, batch=4, window=30)
-        for k, v in quick.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    quick_defaults(p, args, seconds=3.0, max_steps=3, latency_frames=30, hidden=32, head_size=16, batch=4, window=30)
     for m in args.models.split(","):
         if m not in VARIANTS:
             p.error(f"--models: unknown {m!r}; choose from {', '.join(VARIANTS)}")

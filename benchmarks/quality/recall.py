@@ -32,6 +32,7 @@ from common import (
     optimizer,
     out_dir,
     pyplot,
+    quick_defaults,
     width_of,
     write_report,
 )
@@ -140,11 +141,7 @@ def parse(argv):
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--eval", type=int, default=512, help="test sequences per setting (default 512)")
     args = p.parse_args(argv)
-    if args.quick:
-        defaults = dict(steps=12, batch=8, eval=32, seq_lens="32", pairs="2,4")
-        for k, v in defaults.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    quick_defaults(p, args, steps=12, batch=8, eval=32, seq_lens="32", pairs="2,4")
     return args
 
 
