@@ -283,3 +283,25 @@ def test_live_gamestate_features_equal_the_replay_rows(name, port):
         assert ep["frames"][:, 19 * (1 if port == 2 else 3) + 18].any()  # the Nana block is present on some frames
     with pytest.raises(ValueError, match="no player on port 4"):
         gamestate_features(_libmelee_state(replay, 0), 4)
+
+
+def test_policy_from_a_lora_and_state_tuned_run(slp_run, tmp_path):
+    """Adapting a trained policy (say, to one character): LoRA + a learned start state from the run, played back."""
+    import torch
+
+    from rwkv_torch.slippi import Policy
+
+    d = tmp_path / "replays"
+    d.mkdir()
+    (d / "KirbyVMario-nB.slp").symlink_to((SLP / "KirbyVMario-nB.slp").resolve())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(dict(data=str(d), init_from=str(slp_run), lora_rank=4, train_state=True, window_size=16,
+                   batch_size=2, steps=3, lr=1e-2, eval_every=3, eval_batches=1, progress=False, val_fraction=0.0,
+                   out=str(tmp_path / "tuned")))
+    base, tuned = Policy.from_run(slp_run), Policy.from_run(tmp_path / "tuned")
+    assert tuned.model.state0 is not None and any(t.abs().sum() > 0 for t in tuned.state.wkv)
+    ep = load_replay(SLP / "KirbyVMario-nB.slp")[0]
+    outs = [pol.logits(*_rows(ep, 0)) for pol in (base, tuned)]
+    assert not torch.allclose(outs[0]["main_x"], outs[1]["main_x"])  # the adaptation changed the policy
+    assert (tmp_path / "tuned" / "state.safetensors").stat().st_size > 0

@@ -334,16 +334,17 @@ def load_slippi(path, action_delay: int = 1, progress: bool = True) -> Dataset:
     return episodes_dataset(load_replays(path, action_delay, progress=progress), str(path))
 
 
-def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte", action_delay: int = 1) -> Dataset:
+def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte", action_delay: int = 1,
+              progress: bool = True) -> Dataset:
     """``None`` -> the default corpus; ``.npz`` files or a directory holding any -> episodes; a ``.slp`` replay or
     a directory holding any -> Slippi episodes (``action_delay``: see ``load_slippi``); else text, as bytes or
-    World tokens (``tokenizer``)."""
+    World tokens (``tokenizer``). ``progress``: a bar over replay files while they parse."""
     if path is None:
         return default_corpus(DEFAULT_CORPUS_BYTES if max_bytes is None else max_bytes, tokenizer)
     p = Path(path)
     if p.suffix == ".slp" or (p.is_dir() and next(p.rglob("*.npz"), None) is None
                               and next(p.rglob("*.slp"), None) is not None):
-        return load_slippi(p, action_delay)
+        return load_slippi(p, action_delay, progress)
     if p.suffix == ".npz" or (p.is_dir() and next(p.rglob("*.npz"), None) is not None):
         return load_episodes(p)
     if p.is_dir() and next((q for q in p.rglob("*") if q.is_file()), None) is None:

@@ -87,7 +87,7 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    data = load_data(cfg.data, cfg.max_bytes, cfg.tokenizer, cfg.action_delay)
+    data = load_data(cfg.data, cfg.max_bytes, cfg.tokenizer, cfg.action_delay, cfg.progress and lead)
     check_window(data, cfg.window_size)
     train_data, val_data = split_by_sequence(data, cfg.val_fraction, cfg.seed)
     check_window(train_data, cfg.window_size)
