@@ -168,3 +168,35 @@ def test_full_finetune_from_a_run_keeps_its_weights_at_step_zero(corpora, tmp_pa
     after = rt.load(Path(res["model_dir"]))
     for k, v in pre.state_dict().items():
         torch.testing.assert_close(after.state_dict()[k], v, rtol=1e-6, atol=1e-6)
+
+
+def test_ddp_finetune_matches_one_process(tmp_path):
+    """LoRA + state tuning under torchrun (2 CPU processes, gloo) gives the losses of one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    eps = tmp_path / "eps"
+    eps.mkdir()
+    for i in range(6):
+        x = rng.standard_normal((80, 6)).astype(np.float32)
+        np.savez(eps / f"e{i}.npz", frames=x, target_y=(x[:, 0] > 0).astype(np.int64))
+    base = dict(data=str(eps), window_size=16, batch_size=4, lr=3e-3, warmup=1, log_every=1, eval_every=3)
+    _quiet_train(**base, **TINY, steps=3, out=str(tmp_path / "base"), progress=False)
+    opts = dict(base, steps=4, init_from=str(tmp_path / "base"), lora_rank=4)
+    _quiet_train(**opts, train_state=True, out=str(tmp_path / "one"), progress=False)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()] + ["--train-state"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "rwkv_torch.cli", "train", *flags, f"--out={tmp_path / 'two'}", "--device=cpu", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(run):
+        return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    assert (tmp_path / "two" / "state.safetensors").exists()
