@@ -151,6 +151,8 @@ def test_finetune_errors(corpora, tmp_path):
         TrainConfig(init_from=model, lora_alpha=4.0)
     with pytest.raises(ValueError, match="--hidden-size 64 contradicts --init-from .* hidden size 32"):
         _quiet_train(data=data, init_from=model, hidden_size=64, steps=1, out=str(tmp_path / "x"), **RUN)
+    with pytest.raises(ValueError, match="--tokenizer world contradicts --init-from .* tokenizer byte"):
+        _quiet_train(data=data, init_from=model, tokenizer="world", steps=1, out=str(tmp_path / "t"), **RUN)
     with pytest.raises(ValueError, match="no such file"):
         _quiet_train(data=data, init_from=str(tmp_path / "nope"), steps=1, out=str(tmp_path / "y"), **RUN)
     with pytest.raises(ValueError, match="no linear layer of the model matches"):
@@ -200,3 +202,13 @@ def test_ddp_finetune_matches_one_process(tmp_path):
 
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
     assert (tmp_path / "two" / "state.safetensors").exists()
+
+
+def test_init_from_takes_the_architecture_and_tokenizer_of_the_weights(tmp_path):
+    from rwkv_torch.train.finetune import init_config
+
+    world = rt.build(version=6, vocab_size=65536, hidden_size=32, num_layers=3, head_size=16, seed=0)
+    rt.save(world, tmp_path / "w")
+    cfg = init_config(TrainConfig(init_from=str(tmp_path / "w")), {})
+    assert (cfg.backbone, cfg.hidden_size, cfg.num_layers, cfg.head_size, cfg.tokenizer) == ("rwkv6", 32, 3, 16,
+                                                                                             "world")

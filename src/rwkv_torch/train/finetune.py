@@ -158,17 +158,24 @@ ARCHITECTURE = ("backbone", "hidden_size", "num_layers", "head_size")
 
 
 def init_config(cfg, given: dict):
-    """``cfg`` with the architecture of the ``init_from`` weights (backbone version, width, depth, head size);
-    a flag the user gave (``given``, None meaning not given) that contradicts them raises ValueError naming both."""
+    """``cfg`` with the architecture of the ``init_from`` weights (backbone version, width, depth, head size, and a
+    text model's tokenizer); a flag the user gave (``given``, None meaning not given) that contradicts them raises
+    ValueError naming both."""
     import dataclasses
+
+    from ..tokenizer import _BY_VOCAB
 
     kind, loaded = load_init_weights(cfg.init_from)
     if kind == "run":
         arch = {k: loaded["config"][k] for k in ARCHITECTURE}
+        tokenizer = loaded["config"].get("tokenizer") if loaded.get("vocab_size") else None
     else:
         c = loaded.config
         arch = dict(backbone=f"rwkv{c.version}", hidden_size=c.hidden_size, num_layers=c.num_layers,
                     head_size=c.head_size)
+        tokenizer = _BY_VOCAB.get(c.vocab_size) if c.vocab_size else None
+    if tokenizer is not None:  # a text model keeps its tokenizer
+        arch["tokenizer"] = tokenizer
     for k, v in arch.items():
         if given.get(k) is not None and given[k] != v:
             raise ValueError(f"--{k.replace('_', '-')} {given[k]} contradicts --init-from {cfg.init_from}, which "
