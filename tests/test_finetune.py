@@ -15,6 +15,7 @@ from rwkv_torch.state import RWKVState
 from rwkv_torch.train import TrainConfig, build_model, load_task_model, train, train_step
 from rwkv_torch.train.data import Dataset, Sequence, Target
 from rwkv_torch.train.finetune import LoRALinear, apply_lora, merge_lora
+from tests.utils import torchrun_train
 
 TINY = dict(hidden_size=32, num_layers=2, head_size=16)
 RUN = dict(window_size=32, batch_size=8, eval_every=4, eval_batches=2, progress=False, lr=3e-3, warmup=1)
@@ -175,9 +176,6 @@ def test_full_finetune_from_a_run_keeps_its_weights_at_step_zero(corpora, tmp_pa
 def test_ddp_finetune_matches_one_process(tmp_path):
     """LoRA + state tuning under torchrun (2 CPU processes, gloo) gives the losses of one process."""
     import json
-    import os
-    import subprocess
-    import sys
 
     rng = np.random.default_rng(0)
     eps = tmp_path / "eps"
@@ -190,11 +188,7 @@ def test_ddp_finetune_matches_one_process(tmp_path):
     opts = dict(base, steps=4, init_from=str(tmp_path / "base"), lora_rank=4)
     _quiet_train(**opts, train_state=True, out=str(tmp_path / "one"), progress=False)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()] + ["--train-state"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "rwkv_torch.cli", "train", *flags, f"--out={tmp_path / 'two'}", "--device=cpu", "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = torchrun_train(flags, tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def losses(run):

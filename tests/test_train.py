@@ -10,6 +10,7 @@ import torch
 from rwkv_torch import cli
 from rwkv_torch.train import TrainConfig, build_model, param_groups, train
 from rwkv_torch.train.data import default_corpus, load_data, load_episodes, make_batch, window_plans
+from tests.utils import torchrun_train
 
 TINY = dict(hidden_size=32, num_layers=1, head_size=16, window_size=16, batch_size=4, lr=3e-3, warmup=5,
             log_every=1, progress=False)
@@ -236,19 +237,11 @@ def test_loss_plot_when_matplotlib_is_installed(tmp_path):
 def test_ddp_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) trains on the same global batches as one process: same losses (up to
     the all-reduce's float summation order), and its checkpoint resumes in a single process."""
-    import subprocess
-    import sys
-
     eps = str(write_episodes(tmp_path / "eps"))
     opts = dict(data=eps, hidden_size=32, num_layers=1, head_size=16, window_size=16, batch_size=4, steps=6,
                 lr=3e-3, warmup=2, log_every=1, eval_every=3)
     train(dict(opts, out=str(tmp_path / "one"), progress=False))
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "rwkv_torch.cli", "train", *flags, f"--out={tmp_path / 'two'}", "--device=cpu", "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = torchrun_train([f"--{k.replace('_', '-')}={v}" for k, v in opts.items()], tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))

@@ -137,3 +137,18 @@ def assert_varlen_matches(packed, separate, xs, h0, cu_seqlens, rtol: float, *, 
         assert len(ref[2]) == len(got[2]) == len(grad_names)
         for name, rg, g in zip(grad_names, ref[2], got[2]):
             assert_close(f"d{name}", rg, g, rtol)
+
+
+def torchrun_train(flags: list, out, nproc: int = 2):
+    """``rwkv-torch train FLAGS --out OUT`` under torchrun with ``nproc`` CPU processes (gloo), one thread each;
+    returns the finished ``subprocess.CompletedProcess``."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "rwkv_torch.cli", "train", *flags, f"--out={out}", "--device=cpu", "--no-progress"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
+

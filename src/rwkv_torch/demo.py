@@ -282,11 +282,15 @@ def info(path: str) -> dict:
     return d
 
 
-def _taken(dst: str) -> list:
-    """The model files at ``dst``: a ``.pth`` file, or a directory's config.json and model.safetensors."""
+def _refuse_taken(dst: str, overwrite: bool) -> None:
+    """Refuse a ``dst`` that holds a model (a ``.pth`` file, or a directory's config.json / model.safetensors)
+    unless ``overwrite``."""
     d = Path(dst)
-    return [d] if dst.endswith(".pth") and d.exists() else [d / n for n in ("config.json", "model.safetensors")
-                                                           if (d / n).exists()]
+    taken = [d] if dst.endswith(".pth") and d.exists() else [d / n for n in ("config.json", "model.safetensors")
+                                                            if (d / n).exists()]
+    if taken and not overwrite:
+        raise ValueError(f"{dst} already holds a model ({', '.join(p.name for p in taken)}); pass --overwrite to "
+                         f"replace it, or choose another destination")
 
 
 def merge(run: str, dst: str, overwrite: bool = False) -> str:
@@ -294,10 +298,7 @@ def merge(run: str, dst: str, overwrite: bool = False) -> str:
     ``dst``, or official ``.pth`` when ``dst`` ends in ``.pth``."""
     from .train import load_task_model
 
-    taken = _taken(dst)
-    if taken and not overwrite:
-        raise ValueError(f"{dst} already holds a model ({', '.join(p.name for p in taken)}); pass --overwrite to "
-                         f"replace it, or choose another destination")
+    _refuse_taken(dst, overwrite)
     model, ckpt = load_task_model(run)
     if not model.lm or not ckpt["config"]["backbone"].startswith("rwkv"):
         raise ValueError(f"{run}: a {ckpt['config']['backbone']} model with task heads "
@@ -320,10 +321,7 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     ``dst`` ends in ``.pth``; ``dtype`` (a key of ``DTYPES``) casts the weights; ``weights`` ("int8", "bf16")
     writes a quantized native directory that loads without re-quantizing. An existing model at ``dst``
     (the ``.pth`` file, or a directory's ``config.json``/``model.safetensors``) is replaced only with ``overwrite``."""
-    taken = _taken(dst)
-    if taken and not overwrite:
-        raise ValueError(f"{dst} already holds a model ({', '.join(p.name for p in taken)}); pass --overwrite to "
-                         f"replace it, or choose another destination")
+    _refuse_taken(dst, overwrite)
     if weights not in (None, "fp32") and dst.endswith(".pth"):
         raise ValueError(f"--weights {weights} writes the native format (a directory); official .pth files hold "
                          f"float weights, so choose a destination that does not end in .pth")

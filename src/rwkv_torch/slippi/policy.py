@@ -10,6 +10,7 @@ sampler (netplay rollback: restore then replay gives the same controllers). ``ex
 id embeddings, backbone and heads, as one ONNX graph.
 """
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,8 +140,6 @@ class Policy:
         frame = torch.zeros(1, self.frame_dim)
         ids = torch.zeros(1, sum(self.id_columns.values()), dtype=torch.long)
         ins, outs = ["frame", "ids", *state_names(L)], ["heads", *state_names(L, "_out")]
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (frame, ids, *state.flat()), str(path), input_names=ins, output_names=outs,

@@ -57,19 +57,22 @@ def load_replay(path, port: int | None = None, action_delay: int = DEFAULT_ACTIO
     Returns episodes (dicts of arrays, see the module doc). Raises ValueError naming the file and the reason for a
     truncated, unsupported (peppi's message), non-1v1 or CPU-only replay, or a port not in the game.
     """
-    delay = _check_delay(action_delay)
-    replay = read_replay(path)
+    return [ep for _, ep in _perspectives(read_replay(path), port, _check_delay(action_delay))]
+
+
+def _perspectives(replay, port: int | None, delay: int) -> list[tuple[int, dict]]:
+    """``[(port, episode)]``: the player on ``port``, or every human player, against the other player."""
     ports = [p.port for p in replay.players]
     if port is not None:
         chosen = [p for p in replay.players if p.port == port]
         if not chosen:
-            raise ValueError(f"{path}: no player on port {port}; the game has ports {ports}")
+            raise ValueError(f"{replay.path}: no player on port {port}; the game has ports {ports}")
     else:
         chosen = [p for p in replay.players if not p.cpu]
         if not chosen:
-            raise ValueError(f"{path}: no human player (ports {ports} are CPUs); pass port= to learn a CPU's "
-                             f"inputs")
-    return [_episode(replay, me, next(p for p in replay.players if p is not me), delay) for me in chosen]
+            raise ValueError(f"{replay.path}: no human player (ports {ports} are CPUs); pass port= to learn a "
+                             f"CPU's inputs")
+    return [(me.port, _episode(replay, me, next(p for p in replay.players if p is not me), delay)) for me in chosen]
 
 
 def cache_dir() -> Path:
@@ -94,11 +97,7 @@ def _cached(path: Path, delay: int, cache: Path | None) -> list[tuple[int, dict]
             return sorted(by_port.items())
         except (OSError, ValueError):  # a damaged cache file: parse again
             pass
-    replay = read_replay(path)
-    humans = [p for p in replay.players if not p.cpu]
-    if not humans:
-        raise ValueError(f"{path}: no human player (ports {[p.port for p in replay.players]} are CPUs)")
-    out = [(me.port, _episode(replay, me, next(p for p in replay.players if p is not me), delay)) for me in humans]
+    out = _perspectives(read_replay(path), None, delay)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")

@@ -12,6 +12,7 @@ initial state that the WKV ops return (``h0``, in every backend) trains it while
 result is an ``RWKVState`` (batch 1) that ``generate --state-in``, ``Stream`` and the replay policy load.
 """
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -161,8 +162,6 @@ def init_config(cfg, given: dict):
     """``cfg`` with the architecture of the ``init_from`` weights (backbone version, width, depth, head size, and a
     text model's tokenizer); a flag the user gave (``given``, None meaning not given) that contradicts them raises
     ValueError naming both."""
-    import dataclasses
-
     from ..tokenizer import _BY_VOCAB
 
     kind, loaded = load_init_weights(cfg.init_from)

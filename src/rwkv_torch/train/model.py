@@ -87,10 +87,14 @@ def build_model(cfg: TrainConfig, data: Dataset) -> TaskModel:
     return model
 
 
+def _input_width(data: Dataset) -> int:
+    """Features per frame the backbone reads: the float columns plus the embeddings of the ``ids_*`` columns."""
+    return (data.embed_dim or 0) + sum(i.columns * id_embed_dim(i.classes) for i in data.ids)
+
+
 def _fresh(cfg: TrainConfig, data: Dataset) -> TaskModel:
-    ids = list(getattr(data, "ids", []))
-    joined = (data.embed_dim or 0) + sum(i.columns * id_embed_dim(i.classes) for i in ids)
-    io = dict(vocab_size=data.vocab_size) if data.is_text else dict(embed_dim=joined)
+    ids = list(data.ids)
+    io = dict(vocab_size=data.vocab_size) if data.is_text else dict(embed_dim=_input_width(data))
     rwkv = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, head_size=cfg.head_size, dropout=cfg.dropout,
                 **io)
     if cfg.backbone.startswith("rwkv"):
@@ -107,38 +111,32 @@ def _fresh(cfg: TrainConfig, data: Dataset) -> TaskModel:
 def _from_init(cfg: TrainConfig, data: Dataset) -> TaskModel:
     """A TaskModel for ``data`` holding the weights ``cfg.init_from`` names (architecture checks: ``init_config``)."""
     kind, loaded = finetune.load_init_weights(cfg.init_from)
-    if kind == "run":
-        run_cfg = TrainConfig(**{**loaded["config"], "resume": None, "out": None, "init_from": None,
-                                 "lora_rank": None, "lora_alpha": None, "lora_targets": None, "train_also": None,
-                                 "train_state": False})
-        model = _fresh(run_cfg, data)
-        weights = loaded["model"]
-        if loaded.get("partial"):  # the run was itself a fine-tune: its base first, then its trained tensors
-            base = build_model(TrainConfig(**{**loaded["config"], "resume": None, "out": None}), data)
-            base.load_state_dict(weights, strict=False)
-            if base.state0 is not None:
-                raise ValueError(f"--init-from {cfg.init_from}: a state-tuning run; fine-tune its base model")
-            weights = finetune.merge_lora(base).state_dict()
+    if kind == "run":  # the run's model (a fine-tune's base plus its trained tensors, LoRA merged), all trainable
         try:
-            model.load_state_dict(weights)
+            trained = finetune.merge_lora(_checkpoint_model(loaded, data))
         except RuntimeError as e:
             raise ValueError(f"--init-from {cfg.init_from}: its model does not fit this data (targets, ids or input "
                              f"width differ): {str(e).splitlines()[0]}") from None
+        if trained.state0 is not None:
+            raise ValueError(f"--init-from {cfg.init_from}: a state-tuning run; fine-tune its base model")
+        plain = dict.fromkeys(("init_from", "lora_rank", "lora_alpha", "lora_targets", "train_also"))
+        model = _fresh(_saved_config(loaded, **plain, train_state=False), data)
+        model.load_state_dict(trained.state_dict())
         return model
     backbone = loaded
     c = backbone.config
     if data.is_text:
         if c.vocab_size != data.vocab_size:
-            tok = "world" if c.vocab_size == 65536 else "?"
+            from ..tokenizer import _BY_VOCAB
+
+            need = _BY_VOCAB.get(c.vocab_size, "of its own (none known for that vocab)")
             raise ValueError(f"--init-from {cfg.init_from}: a model of vocab {c.vocab_size}, the data has vocab "
-                             f"{data.vocab_size} (--tokenizer {cfg.tokenizer}; this model needs --tokenizer {tok})")
+                             f"{data.vocab_size} (--tokenizer {cfg.tokenizer}; this model needs --tokenizer {need})")
         return TaskModel(backbone, data.targets, c.hidden_size, True)
-    ids = list(data.ids)
-    joined = (data.embed_dim or 0) + sum(i.columns * id_embed_dim(i.classes) for i in ids)
-    if c.embed_dim != joined:
+    if c.embed_dim != _input_width(data):
         raise ValueError(f"--init-from {cfg.init_from}: a backbone of embed_dim {c.embed_dim}, the episodes give "
-                         f"{joined} input features")
-    return TaskModel(backbone, data.targets, c.output_size, False, ids, data.embed_dim)
+                         f"{_input_width(data)} input features")
+    return TaskModel(backbone, data.targets, c.output_size, False, list(data.ids), data.embed_dim)
 
 
 def load_task_model(run) -> tuple[TaskModel, dict]:
@@ -151,12 +149,22 @@ def load_task_model(run) -> tuple[TaskModel, dict]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an rwkv-torch training checkpoint")
-    cfg = TrainConfig(**{**ckpt["config"], "resume": None, "out": None})
     data = Dataset([], [Target(**t) for t in ckpt["targets"]], ckpt["embed_dim"], ckpt["vocab_size"],
                    ids=[IdSpec(**i) for i in ckpt.get("ids", [])])
-    model = build_model(cfg, data)
+    return finetune.merge_lora(_checkpoint_model(ckpt, data)).eval(), ckpt
+
+
+def _saved_config(ckpt: dict, **overrides) -> TrainConfig:
+    """A checkpoint's TrainConfig as a description of its model (not of a run to continue)."""
+    return TrainConfig(**{**ckpt["config"], "resume": None, "out": None, **overrides})
+
+
+def _checkpoint_model(ckpt: dict, data: Dataset) -> TaskModel:
+    """The model a training checkpoint holds, built for ``data``; a fine-tune's partial checkpoint is loaded over
+    its ``init_from`` weights. Raises RuntimeError when the weights do not fit ``data``'s model."""
+    model = build_model(_saved_config(ckpt), data)
     model.load_state_dict(ckpt["model"], strict=not ckpt.get("partial", False))
-    return finetune.merge_lora(model).eval(), ckpt
+    return model
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:
