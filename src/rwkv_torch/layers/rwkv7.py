@@ -1,6 +1,5 @@
 """RWKV-7 "Goose" (x070) layers: TimeMix and ChannelMix exactly as spec section 4, and the official init (4.8)."""
 
-import math
 
 import torch
 import torch.nn as nn
@@ -9,19 +8,25 @@ import torch.nn.functional as F
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
-from ..ops.mix import lerps, squared_relu_ffn
+from ..ops.mix import shift_mix_linear, squared_relu_linear
 from ..ops.token_shift import last_token
 from ..ops.wkv7 import wkv7_unchecked
 from ._init import orthogonal_scaled as _ortho
+from .rwkv7_fused import DECAY_SCALE, gated_output, wkv_inputs
 
-# exp(-0.5): the soft clamp w = -softplus(-w_raw) - 0.5 gives log decay -e^{-0.5} * sigmoid(w_raw).
-DECAY_SCALE = math.exp(-0.5)
+# DECAY_SCALE = exp(-0.5): the soft clamp w = -softplus(-w_raw) - 0.5 gives log decay -e^{-0.5} * sigmoid(w_raw).
 # A lower bound on the log decay -DECAY_SCALE * sigmoid(.), with room for rounding to bf16/fp16.
 W_MIN = -1.01 * DECAY_SCALE
 
 
 class TimeMix(nn.Module):
-    """RWKV-7 attention-like mixer. Parameter names and shapes follow the official checkpoints (spec 4.1)."""
+    """RWKV-7 attention-like mixer. Parameter names and shapes follow the official checkpoints (spec 4.1).
+
+    ``forward`` is the spec form. Under autograd with plain fp32/fp64 weights and no autocast it runs the training
+    form instead (``_forward_fused``: the same values through ``rwkv7_fused``, whose hand-written backwards keep a
+    third of the tensors); set ``fused = False`` on a layer to train through the spec form."""
+
+    fused = True
 
     def __init__(self, config: RWKVConfig, layer_id: int):
         super().__init__()
@@ -51,11 +56,13 @@ class TimeMix(nn.Module):
 
         Returns (out [B, T, C], new shift [B, C], new wkv_state, v_first).
         """
+        if self._use_fused(x):
+            return self._forward_fused(x, shift, wkv_state, v_first, backend=backend, cu_seqlens=cu_seqlens)
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
-        # The six lerps x + xx * x_* (one hand-written backward for all six).
-        xr, xw, xk, xv, xa, xg = lerps(x, xx, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, mu) for mu in (self.x_r, self.x_w, self.x_k, self.x_v,
+                                                                       self.x_a, self.x_g))
 
         r = self.receptance(xr)
         k = self.key(xk)
@@ -84,6 +91,38 @@ class TimeMix(nn.Module):
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True)  # [B, T, H, 1]
         y = torch.addcmul(y, bonus.to(y.dtype), heads(v).to(y.dtype)).view(B, T, C)
         return self.output(y * g), last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
+
+    def _use_fused(self, x) -> bool:
+        if not (self.fused and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type):
+            return False
+        plain = all(type(m) is nn.Linear for m in (self.receptance, self.key, self.value, self.output))
+        return plain and type(self.ln_x) is nn.GroupNorm and x.dtype in (torch.float32, torch.float64) and all(
+            p.dtype == x.dtype for p in (self.receptance.weight, self.w1, self.ln_x.weight))
+
+    def _forward_fused(self, x, shift, wkv_state, v_first, *, backend, cu_seqlens):
+        """The training form of ``forward``: same arguments, same results (see ``rwkv7_fused``)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        mus = [self.x_r, self.x_k, self.x_v, self.x_w, self.x_a, self.x_g]
+        weights = [self.receptance.weight, self.key.weight, self.value.weight, self.w1.t(), self.a1.t(), self.g1.t()]
+        if self.layer_id > 0:
+            mus.append(self.x_v)
+            weights.append(self.v1.t())
+        r, k0, v, xw1, xa1, xg1, *xv1 = shift_mix_linear(x, shift, mus, weights, cu_seqlens=cu_seqlens)
+        w_raw = F.linear(torch.tanh(xw1), self.w2.t(), self.w0)
+        a_raw = F.linear(xa1, self.a2.t(), self.a0)
+        g = torch.sigmoid(xg1) @ self.g2
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = torch.lerp(v, v_first, torch.sigmoid(F.linear(xv1[0], self.v2.t(), self.v0)))
+        w, k, minus_kk, b = wkv_inputs(k0, w_raw, a_raw, self.k_k, self.k_a, H)
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        y, wkv_state = wkv7_unchecked(heads(r), heads(w), heads(k), heads(v), heads(minus_kk), heads(b), wkv_state,
+                                      backend=backend, w_min=W_MIN, cu_seqlens=cu_seqlens)
+        out = gated_output(y.reshape(B, T, C), r, k, v, g, self.r_k, self.ln_x.weight, self.ln_x.bias,
+                           self.output.weight, H, self.ln_x.eps)
+        return out, last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
@@ -133,15 +172,15 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift, *, cu_seqlens=None):
         """x: [B, T, C] (ln2 output); shift: [B, C]. Returns (out [B, T, C], new shift [B, C])."""
-        xk = torch.addcmul(x, token_shift(x, shift, cu_seqlens=cu_seqlens) - x, self.x_k)  # x + (x_prev - x) * x_k
-        return self._ffn(xk), last_token(x, shift, cu_seqlens=cu_seqlens)
-
-    def _ffn(self, xk):
-        """value(relu(key(xk))²). Training plain linears: the fused form that keeps only xk and key(xk) for the
-        backward; otherwise (inference, quantized or wrapped layers) through the modules."""
-        if torch.is_grad_enabled() and type(self.key) is nn.Linear and type(self.value) is nn.Linear:
-            return squared_relu_ffn(xk, self.key.weight, self.value.weight)
-        return self.value(torch.relu(self.key(xk)).square())  # square: pow is ~6x slower on CPU
+        last = last_token(x, shift, cu_seqlens=cu_seqlens)
+        if type(self.key) is nn.Linear and type(self.value) is nn.Linear:
+            # value(relu(key(x + (x_prev - x) * x_k))²), keeping only x and key's output for the backward
+            (z,) = shift_mix_linear(x, shift, [self.x_k], [self.key.weight], cu_seqlens=cu_seqlens)
+            return squared_relu_linear(z, self.value.weight), last
+        xk = torch.addcmul(x, token_shift(x, shift, cu_seqlens=cu_seqlens) - x, self.x_k)  # quantized or LoRA layers
+        z = self.key(xk)
+        r = torch.relu(z)
+        return self.value(r * r), last
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):

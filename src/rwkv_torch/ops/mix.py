@@ -1,76 +1,104 @@
-"""The token-shift lerps of a time-mix: ``x + xx * mu_i`` for several mixing vectors at once, with a hand-written
-backward.
+"""Token-shift mixing and RWKV's squared-ReLU activation, with hand-written backwards that keep few tensors.
 
-Autograd of the one-op form (``torch.addcmul(x, xx, stack(mus))`` then ``unbind``) stacks the six output gradients
-into one ``[6, B, T, C]`` tensor and reduces it through two broadcasting multiplies, ~30 ms per RWKV-7 layer at the
-game-AI training shape on one core (``benchmarks/bench_train.py --profile``); here each output's gradient is used
-where it arrives: ``dx = Σ g_i``, ``dxx = Σ g_i mu_i``, ``dmu_i = Σ_{b,t} g_i xx``, a few passes over ``[B, T, C]``.
-Nothing is saved beyond ``xx`` and the vectors.
+``shift_mix_linear``: the lerps ``x + (x_prev - x) * mu_i`` of a time mix, each fed straight into its projection.
+Autograd of the plain form keeps every lerp output (the input of its linear) plus ``xx``: seven ``[B, T, C]`` tensors
+per RWKV-7 layer. Here only ``x`` (and the carried shift row) is kept; the backward rebuilds ``xx`` and each lerp (one
+``addcmul`` each) where its weight gradient needs it, and uses each output's gradient where it arrives:
+``dx = Σ dxm_i``, ``dxx = Σ dxm_i mu_i``, ``dmu_i = Σ_{b,t} dxm_i xx``.
 """
 
 import torch
 import torch.nn.functional as F
 
+from .token_shift import token_shift, token_shift_backward
 
-class _Lerps(torch.autograd.Function):
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _ShiftMixLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, xx, *mus):
-        ctx.save_for_backward(xx, *mus)
-        return tuple(torch.addcmul(x, xx, mu) for mu in mus)
+    def forward(ctx, x, shift, cu_seqlens, which, *tensors):
+        n = len(tensors) - len(which)  # distinct mixing vectors (autograd takes each tensor once), then the weights
+        mus, weights = [tensors[i] for i in which], tensors[n:]
+        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
+        outs = tuple(torch.addcmul(x, xx, mu) @ w.t() for mu, w in zip(mus, weights))
+        ctx.save_for_backward(x, shift, cu_seqlens, *tensors)
+        ctx.which, ctx.n = which, n
+        return outs
 
     @staticmethod
     def backward(ctx, *grads):
-        xx, *mus = ctx.saved_tensors
+        x, shift, cu, *tensors = ctx.saved_tensors
+        which, n = ctx.which, ctx.n
+        weights = tensors[n:]
+        need = ctx.needs_input_grad
+        xx = token_shift(x, shift, cu_seqlens=cu) - x
         dx = dxx = None
-        dmus = []
-        for g, mu in zip(grads, mus):
+        dmus = [None] * n
+        dws = [None] * len(weights)
+        for i, (g, m, w) in enumerate(zip(grads, which, weights)):
             if g is None:
-                dmus.append(None)
                 continue
-            dx = g.clone() if dx is None else dx.add_(g)
-            dxx = g * mu if dxx is None else dxx.addcmul_(g, mu)
-            dmus.append((g * xx).sum(tuple(range(g.dim() - 1))).view(mu.shape) if ctx.needs_input_grad[2 + len(dmus)]
-                        else None)
-        if dx is None:
-            dx, dxx = torch.zeros_like(xx), torch.zeros_like(xx)
-        return (dx if ctx.needs_input_grad[0] else None, dxx if ctx.needs_input_grad[1] else None, *dmus)
+            mu = tensors[m]
+            if need[4 + n + i]:
+                dws[i] = _flat(g).t() @ _flat(torch.addcmul(x, xx, mu))
+            dxm = g @ w
+            if need[4 + m]:
+                dmu = _flat(dxm * xx).sum(0).view(mu.shape)
+                dmus[m] = dmu if dmus[m] is None else dmus[m].add_(dmu)
+            dx = dxm if dx is None else dx.add_(dxm)
+            dxx = dxm * mu if dxx is None else dxx.addcmul_(dxm, mu)
+        d_shift = None
+        if dxx is not None and (need[0] or need[1]):  # xx = x_prev - x
+            dx_prev, d_shift = token_shift_backward(dxx, cu_seqlens=cu)
+            dx = dx.sub_(dxx).add_(dx_prev)
+        return (dx if need[0] else None, d_shift if need[1] else None, None, None, *dmus, *dws)
 
 
-def lerps(x: torch.Tensor, xx: torch.Tensor, *mus: torch.Tensor) -> tuple:
-    """``(x + xx * mu for mu in mus)``: x, xx ``[..., C]`` of one shape; each mu ``[C]``. Differentiable in all."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, xx, *mus)):
-        return _Lerps.apply(x, xx, *mus)
-    return tuple(torch.addcmul(x, xx, mu) for mu in mus)
+def shift_mix_linear(x: torch.Tensor, shift: torch.Tensor | None, mus, weights, *,
+                     cu_seqlens: torch.Tensor | None = None) -> tuple:
+    """``(x + (token_shift(x, shift) - x) * mu) @ w.T`` for each pair of ``mus`` (``[C]``) and ``weights``
+    (``[O_i, C]``, an ``nn.Linear`` weight; pass ``p.t()`` for a ``[C, O]`` matrix). x ``[B, T, C]``, shift and
+    ``cu_seqlens`` as in ``token_shift``. Differentiable in x, shift, every mu and weight; with autograd it keeps x
+    and shift only (the lerps are rebuilt in the backward); under autocast it is the plain composition."""
+    mus, weights = tuple(mus), tuple(weights)
+    if len(mus) != len(weights):
+        raise ValueError(f"one weight per mixing vector: got {len(mus)} and {len(weights)}")
+    if not torch.is_autocast_enabled(x.device.type) and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, shift, *mus, *weights)):
+        distinct = list({id(mu): mu for mu in mus}.values())  # a vector may feed several projections
+        which = tuple(next(j for j, d in enumerate(distinct) if d is mu) for mu in mus)
+        return _ShiftMixLinear.apply(x, shift, cu_seqlens, which, *distinct, *weights)
+    xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
+    return tuple(torch.addcmul(x, xx, mu) @ w.t() for mu, w in zip(mus, weights))
 
 
-class _SquaredReluFFN(torch.autograd.Function):
-    """``relu(x Wkᵀ)² Wvᵀ``, saving only x and the pre-activation: the activation is recomputed in the backward."""
+class _SquaredReluLinear(torch.autograd.Function):
+    """``relu(z)² Wᵀ``, saving only z: the activation is recomputed in the backward."""
 
     @staticmethod
-    def forward(ctx, x, w_key, w_value):
-        z = x @ w_key.t()
-        out = torch.relu(z).square_() @ w_value.t()
-        ctx.save_for_backward(x, z, w_key, w_value)
-        return out
+    def forward(ctx, z, weight):
+        r = torch.relu(z)
+        ctx.save_for_backward(z, weight)
+        return r.mul_(r) @ weight.t()  # mul, not square: pow is several times slower on CPU
 
     @staticmethod
     def backward(ctx, g):
-        x, z, w_key, w_value = ctx.saved_tensors
+        z, weight = ctx.saved_tensors
         r = torch.relu(z)
-        g2 = g.reshape(-1, g.shape[-1])
-        d_wv = g2.t() @ r.square().reshape(-1, r.shape[-1]) if ctx.needs_input_grad[2] else None
-        dz = (g @ w_value).mul_(r).mul_(2)  # d relu(z)² / dz = 2 relu(z)
-        d_wk = dz.reshape(-1, dz.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        dx = dz @ w_key if ctx.needs_input_grad[0] else None
-        return dx, d_wk, d_wv
+        dw = _flat(g).t() @ _flat(r * r) if ctx.needs_input_grad[1] else None
+        dz = (g @ weight).mul_(r).mul_(2) if ctx.needs_input_grad[0] else None  # d relu(z)² / dz = 2 relu(z)
+        return dz, dw
 
 
-def squared_relu_ffn(x: torch.Tensor, w_key: torch.Tensor, w_value: torch.Tensor) -> torch.Tensor:
-    """RWKV's feed-forward core ``relu(x @ w_keyᵀ)² @ w_valueᵀ`` (x ``[..., C]``, w_key ``[F, C]``, w_value
-    ``[C, F]``). With autograd it keeps x and ``x @ w_keyᵀ`` for the backward instead of also the activation and its
-    square (5 instead of 13 ``[.., C]``-sized tensors at F = 4C); under autocast it is the plain composition, so
-    the projections run in the autocast dtype as any ``nn.Linear``."""
-    if torch.is_autocast_enabled(x.device.type) or not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_key, w_value))):
-        return F.linear(torch.relu(F.linear(x, w_key)).square(), w_value)
-    return _SquaredReluFFN.apply(x, w_key, w_value)
+def squared_relu_linear(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The second half of RWKV's feed-forward, ``relu(z)² @ weightᵀ`` (z ``[..., F]``, weight ``[C, F]``). With
+    autograd it keeps z only (not also the activation and its square); under autocast it is the plain composition,
+    so the projection runs in the autocast dtype as any ``nn.Linear``."""
+    if torch.is_autocast_enabled(z.device.type) or not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (z, weight))):
+        r = torch.relu(z)
+        return F.linear(r * r, weight)
+    return _SquaredReluLinear.apply(z, weight)

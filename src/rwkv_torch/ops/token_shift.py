@@ -34,3 +34,16 @@ def last_token(x: torch.Tensor, shift_state: torch.Tensor | None = None, *,
     last = x[0].index_select(0, (cu[1:] - 1).clamp(min=0))  # [S, C]
     old = torch.zeros_like(last) if shift_state is None else shift_state.to(x.dtype)
     return torch.where((cu[1:] > cu[:-1]).unsqueeze(1), last, old)
+
+
+def token_shift_backward(d_prev: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> tuple:
+    """The gradient of ``token_shift`` for ``d_prev`` (the gradient of its output, [B, T, C]): ``(d x [B, T, C],
+    d shift_state [B or S, C])``; every sequence's first row goes to its shift row (zeros for an empty sequence)."""
+    if cu_seqlens is None:
+        return torch.cat([d_prev[:, 1:], d_prev.new_zeros(d_prev.shape[0], 1, d_prev.shape[2])], dim=1), d_prev[:, 0]
+    T, C = d_prev.shape[1], d_prev.shape[2]
+    cu = cu_seqlens.long()
+    starts = torch.where(cu[1:] > cu[:-1], cu[:-1], T)  # an empty sequence reads the spare zero row T
+    padded = torch.cat([d_prev, d_prev.new_zeros(1, 1, C)], dim=1)  # [1, T + 1, C]
+    d_shift = padded[0].index_select(0, starts)
+    return padded.index_fill_(1, starts, 0)[:, 1:], d_shift

@@ -1,0 +1,143 @@
+"""RWKV-7's training form (layers/rwkv7_fused.py, ops.mix.shift_mix_linear) against the spec form, in float64:
+outputs, carried states and every gradient, and that it keeps fewer tensors for the backward."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rwkv_torch.config import RWKVConfig
+from rwkv_torch.layers.rwkv7 import TimeMix
+from rwkv_torch.ops.mix import shift_mix_linear
+from rwkv_torch.ops.token_shift import token_shift, token_shift_backward
+from tests.utils import assert_close
+
+C, H = 32, 4
+
+
+def perturbed_layer(layer_id: int, seed: int = 0) -> TimeMix:
+    """A layer with every parameter away from its init (which zeroes several matrices), so every path carries signal."""
+    cfg = RWKVConfig(version=7, hidden_size=C, num_layers=3, head_size=C // H, embed_dim=C)
+    layer = TimeMix(cfg, layer_id).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.reset_parameters(3, g)
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return layer
+
+
+def run(layer, fused: bool, inputs: dict, backend: str, cu_seqlens=None):
+    """Forward through one form, then the gradients of a random projection of every output."""
+    layer.fused = fused
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    out, shift, state, v_first = layer(leaves["x"], leaves["shift"], leaves["state"], leaves.get("v_first"),
+                                       backend=backend, cu_seqlens=cu_seqlens)
+    g = torch.Generator().manual_seed(7)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (out, shift, state, v_first))
+    params = dict(layer.named_parameters())
+    grads = torch.autograd.grad(loss, [*leaves.values(), *params.values()], allow_unused=True)
+    names = [f"d{k}" for k in leaves] + [f"d{k}" for k in params]
+    return {"out": out, "shift": shift, "state": state, "v_first": v_first, **dict(zip(names, grads))}
+
+
+@pytest.mark.parametrize("layer_id", [0, 2])
+@pytest.mark.parametrize("backend", ["recurrent", "naive"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_training_form_equals_spec_form_in_float64(layer_id, backend, packed):
+    g = torch.Generator().manual_seed(1)
+    B, T = (1, 13) if packed else (2, 11)
+    S = 3 if packed else B
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    inputs = dict(x=rand(B, T, C), shift=rand(S, C), state=0.3 * rand(S, H, C // H, C // H),
+                  v_first=rand(B, T, C) if layer_id else None)
+    cu = torch.tensor([0, 4, 4, T]) if packed else None  # an empty sequence in the middle
+    layer = perturbed_layer(layer_id)
+    ref = run(layer, False, inputs, backend, cu)
+    got = run(layer, True, inputs, backend, cu)
+    assert set(ref) == set(got)
+    for name, r in ref.items():
+        if r is None:
+            assert got[name] is None, name
+            continue
+        assert got[name] is not None, f"{name}: no gradient in the training form"
+        assert_close(name, r, got[name], 1e-12)
+
+
+def test_training_form_runs_only_where_it_applies():
+    layer = perturbed_layer(1).float()
+    x = torch.randn(1, 4, C)
+    assert layer._use_fused(x)
+    with torch.no_grad():
+        assert not layer._use_fused(x)
+    assert not layer._use_fused(x.double())  # dtype differs from the weights: the spec form casts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._use_fused(x)
+    layer.receptance = nn.Sequential(layer.receptance)  # a wrapped projection (LoRA, quantized): the spec form
+    assert not layer._use_fused(x)
+
+
+def saved_storage_bytes(fn, params) -> int:
+    """Bytes of the activations autograd keeps for fn's backward (each storage once; the weights not counted)."""
+    seen, weights = {}, {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_training_form_keeps_fewer_tensors():
+    layer = perturbed_layer(1).float()
+    B, T = 4, 32
+    x, v_first = torch.randn(B, T, C, requires_grad=True), torch.randn(B, T, C)
+    shift, state = torch.zeros(B, C), torch.zeros(B, H, C // H, C // H)
+
+    def saved(fused):
+        layer.fused = fused
+        return saved_storage_bytes(lambda: layer(x, shift, state, v_first)[0].sum(), layer.parameters())
+
+    fused, spec = saved(True), saved(False)
+    assert fused < 0.65 * spec, (fused, spec)  # 18.5 against 31.9 [B, T, C] tensors here
+
+
+def test_shift_mix_linear_equals_the_lerps_then_the_projections():
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x, shift = rand(2, 5, 6), rand(2, 6)
+    mu0, mu1 = rand(6), rand(6)
+    mus, weights = [mu0, mu1, mu0], [rand(3, 6), rand(6, 4).t(), rand(2, 6)]  # one vector feeding two projections
+
+    def spec():
+        xx = torch.cat([shift.unsqueeze(1), x[:, :-1]], 1) - x
+        return [(x + xx * mu) @ w.t() for mu, w in zip(mus, weights)]
+
+    leaves = [x, shift, mu0, mu1]
+    outs = shift_mix_linear(x, shift, mus, weights)
+    ref = spec()
+    for o, r in zip(outs, ref):
+        assert_close("out", r, o, 1e-14)
+    proj = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref]
+    gr = torch.autograd.grad(sum((o * p).sum() for o, p in zip(ref, proj)), leaves + weights)
+    go = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, proj)), leaves + weights)
+    for a, b in zip(gr, go):
+        assert_close("grad", a, b, 1e-13)
+    with pytest.raises(ValueError, match="one weight per mixing vector"):
+        shift_mix_linear(x, shift, mus, weights[:1])
+
+
+@pytest.mark.parametrize("cu", [None, [0, 3, 3, 7, 9], [0, 0, 9]])
+def test_token_shift_backward_equals_autograd(cu):
+    g = torch.Generator().manual_seed(5)
+    cu_seqlens = None if cu is None else torch.tensor(cu)
+    B, S = (2, 2) if cu is None else (1, len(cu) - 1)
+    x = torch.randn(B, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(S, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    d_prev = torch.randn(B, 9, 4, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad(token_shift(x, shift, cu_seqlens=cu_seqlens), (x, shift), d_prev)
+    got = token_shift_backward(d_prev, cu_seqlens=cu_seqlens)
+    for name, r, o in zip(("dx", "dshift"), ref, got):
+        assert torch.equal(r, o), name
