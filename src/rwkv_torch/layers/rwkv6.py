@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
+from ..ops.mix import shift_mix_linear, squared_relu_linear
 from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
 
@@ -120,10 +121,16 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(Fd, C, bias=False)
 
     def forward(self, x, shift, *, cu_seqlens=None):
-        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
-        xk, xr = x + xx * self.time_maa_k, x + xx * self.time_maa_r
-        k = torch.relu(self.key(xk)).square()  # square: pow is ~6x slower on CPU
-        return torch.sigmoid(self.receptance(xr)) * self.value(k), last_token(x, shift, cu_seqlens=cu_seqlens)
+        last = last_token(x, shift, cu_seqlens=cu_seqlens)
+        if all(type(m) is nn.Linear for m in (self.key, self.receptance, self.value)):
+            # the same terms through the ops that keep only x and key's output for the backward (ops/mix.py)
+            z, r = shift_mix_linear(x, shift, [self.time_maa_k, self.time_maa_r],
+                                    [self.key.weight, self.receptance.weight], cu_seqlens=cu_seqlens)
+            return torch.sigmoid(r) * squared_relu_linear(z, self.value.weight), last
+        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x  # wrapped projections (LoRA, quantized)
+        xk, xr = torch.addcmul(x, xx, self.time_maa_k), torch.addcmul(x, xx, self.time_maa_r)
+        k = torch.relu(self.key(xk))
+        return torch.sigmoid(self.receptance(xr)) * self.value(k * k), last  # k * k: pow is ~6x slower on CPU
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
-from ..ops.mix import shift_mix_linear, squared_relu_linear
+from ..ops.mix import plain_form, shift_mix_linear, squared_relu_linear
 from ..ops.token_shift import last_token
 from ..ops.wkv7 import wkv7_unchecked
 from ._init import orthogonal_scaled as _ortho
@@ -93,7 +93,7 @@ class TimeMix(nn.Module):
         return self.output(y * g), last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
     def _use_fused(self, x) -> bool:
-        if not (self.fused and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type):
+        if not self.fused or plain_form(x):
             return False
         plain = all(type(m) is nn.Linear for m in (self.receptance, self.key, self.value, self.output))
         return plain and type(self.ln_x) is nn.GroupNorm and x.dtype in (torch.float32, torch.float64) and all(

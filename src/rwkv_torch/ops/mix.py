@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from .token_shift import token_shift, token_shift_backward
 
 
+def plain_form(x: torch.Tensor) -> bool:
+    """Whether to run the plain composition of ops instead of a hand-written backward: without autograd, under
+    autocast (whose dtype the backward would not follow) and while tracing (ONNX export sees standard ops)."""
+    return not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or torch.jit.is_tracing()
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -62,17 +68,16 @@ def shift_mix_linear(x: torch.Tensor, shift: torch.Tensor | None, mus, weights, 
     """``(x + (token_shift(x, shift) - x) * mu) @ w.T`` for each pair of ``mus`` (``[C]``) and ``weights``
     (``[O_i, C]``, an ``nn.Linear`` weight; pass ``p.t()`` for a ``[C, O]`` matrix). x ``[B, T, C]``, shift and
     ``cu_seqlens`` as in ``token_shift``. Differentiable in x, shift, every mu and weight; with autograd it keeps x
-    and shift only (the lerps are rebuilt in the backward); under autocast it is the plain composition."""
+    and shift only (the lerps are rebuilt in the backward); see ``plain_form`` for when it is the plain composition."""
     mus, weights = tuple(mus), tuple(weights)
     if len(mus) != len(weights):
         raise ValueError(f"one weight per mixing vector: got {len(mus)} and {len(weights)}")
-    if not torch.is_autocast_enabled(x.device.type) and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, shift, *mus, *weights)):
-        distinct = list({id(mu): mu for mu in mus}.values())  # a vector may feed several projections
-        which = tuple(next(j for j, d in enumerate(distinct) if d is mu) for mu in mus)
-        return _ShiftMixLinear.apply(x, shift, cu_seqlens, which, *distinct, *weights)
-    xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
-    return tuple(torch.addcmul(x, xx, mu) @ w.t() for mu, w in zip(mus, weights))
+    if plain_form(x) or not any(t is not None and t.requires_grad for t in (x, shift, *mus, *weights)):
+        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
+        return tuple(torch.addcmul(x, xx, mu) @ w.t() for mu, w in zip(mus, weights))
+    distinct = list({id(mu): mu for mu in mus}.values())  # a vector may feed several projections
+    which = tuple(next(j for j, d in enumerate(distinct) if d is mu) for mu in mus)
+    return _ShiftMixLinear.apply(x, shift, cu_seqlens, which, *distinct, *weights)
 
 
 class _SquaredReluLinear(torch.autograd.Function):
@@ -95,10 +100,9 @@ class _SquaredReluLinear(torch.autograd.Function):
 
 def squared_relu_linear(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The second half of RWKV's feed-forward, ``relu(z)² @ weightᵀ`` (z ``[..., F]``, weight ``[C, F]``). With
-    autograd it keeps z only (not also the activation and its square); under autocast it is the plain composition,
-    so the projection runs in the autocast dtype as any ``nn.Linear``."""
-    if torch.is_autocast_enabled(z.device.type) or not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (z, weight))):
+    autograd it keeps z only (not also the activation and its square); under autocast (``plain_form``) it is the
+    plain composition, so the projection runs in the autocast dtype as any ``nn.Linear``."""
+    if plain_form(z) or not any(t.requires_grad for t in (z, weight)):
         r = torch.relu(z)
         return F.linear(r * r, weight)
     return _SquaredReluLinear.apply(z, weight)

@@ -1,5 +1,7 @@
-"""RWKV-7's training form (layers/rwkv7_fused.py, ops.mix.shift_mix_linear) against the spec form, in float64:
-outputs, carried states and every gradient, and that it keeps fewer tensors for the backward."""
+"""The training forms: RWKV-7's time mix (layers/rwkv7_fused.py) and the RWKV-6/7 channel mix through ops.mix,
+against the spec form in float64 (outputs, carried states, every gradient), and that they keep fewer tensors."""
+
+import copy
 
 import pytest
 import torch
@@ -141,3 +143,36 @@ def test_token_shift_backward_equals_autograd(cu):
     got = token_shift_backward(d_prev, cu_seqlens=cu_seqlens)
     for name, r, o in zip(("dx", "dshift"), ref, got):
         assert torch.equal(r, o), name
+
+
+@pytest.mark.parametrize("version", [6, 7])
+@pytest.mark.parametrize("packed", [False, True])
+def test_channel_mix_through_the_recomputing_ops_equals_the_modules(version, packed):
+    # Plain projections run through shift_mix_linear + squared_relu_linear; wrapped ones (LoRA, quantized) through
+    # the modules one op at a time. Same values, same gradients, in float64.
+    from rwkv_torch.layers import rwkv6, rwkv7
+
+    cfg = RWKVConfig(version=version, hidden_size=C, num_layers=2, head_size=C // H, embed_dim=C)
+    plain = (rwkv7 if version == 7 else rwkv6).ChannelMix(cfg, 1).double()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    wrapped = copy.deepcopy(plain)
+    for name in ("key", "value", "receptance"):
+        if hasattr(wrapped, name):
+            setattr(wrapped, name, nn.Sequential(getattr(wrapped, name)))
+    B, T = (1, 12) if packed else (2, 9)
+    cu = torch.tensor([0, 5, 5, 12]) if packed else None
+    x = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    shift = torch.randn(3 if packed else B, C, generator=g, dtype=torch.float64)
+    proj = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+
+    def run(mod):
+        xs, ss = x.clone().requires_grad_(), shift.clone().requires_grad_()
+        out, last = mod(xs, ss, cu_seqlens=cu)
+        loss = (out * proj).sum() + (last * 0.5).sum()
+        return [out, last, *torch.autograd.grad(loss, [xs, ss, *mod.parameters()])]
+
+    for i, (a, b) in enumerate(zip(run(wrapped), run(plain))):
+        assert_close(f"result {i}", a, b, 1e-12)
