@@ -1,5 +1,5 @@
-"""What users pass by name: device names (``--device``, ``device=``) and output paths, checked once, with one-line
-errors, before any work."""
+"""What users pass by name: device names (``--device``, ``device=``), input and output paths, checked once, with
+one-line errors, before any work."""
 
 from pathlib import Path
 
@@ -33,3 +33,17 @@ def check_output_file(path, name: str) -> None:
         raise ValueError(f"{name}: is a directory; give a file name")
     if not p.parent.is_dir():
         raise ValueError(f"{name}: the folder {p.parent} does not exist")
+
+
+def input_files(path, suffix: str, what: str) -> list[Path]:
+    """The files an input path names: every ``*<suffix>`` under a folder (sorted; none is a ValueError naming
+    ``what``), or the one file given. A missing path is a ValueError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob(f"*{suffix}"))
+        if not files:
+            raise ValueError(f"{path}: directory has no {suffix} {what} files")
+        return files
+    if path.is_file():
+        return [path]
+    raise ValueError(f"{path}: no such file or directory")

@@ -17,15 +17,10 @@ import math
 
 import torch
 
-from ..ops.mix import _flat
+from ..ops.mix import channel_sum, flat
 
 DECAY_SCALE = math.exp(-0.5)  # the log decay is -DECAY_SCALE * sigmoid(w_raw) (rwkv7.py)
 NORM_EPS = 1e-12  # F.normalize's default, as in the spec form
-
-
-def _sum_bt(t: torch.Tensor, shape) -> torch.Tensor:
-    """Sum over every axis but the channels: the gradient of a per-channel parameter."""
-    return _flat(t).sum(0).view(shape)
 
 
 class _WKVInputs(torch.autograd.Function):
@@ -58,14 +53,14 @@ class _WKVInputs(torch.autograd.Function):
         dw_raw = (w / DECAY_SCALE).add_(1).mul_(w).mul_(dw) if need[1] else None
         # b = kk a, a_wkv = -kk, k = k0 (1 + (a - 1) k_a)
         dk0 = dk * torch.addcmul(1 - k_a, a, k_a)
-        dk_a = _sum_bt(dk * k0 * (a - 1), k_a.shape) if need[4] else None
+        dk_a = channel_sum(dk * k0 * (a - 1), k_a.shape) if need[4] else None
         da_raw = (db * kk).addcmul_(dk, k0 * k_a).mul_(a * (1 - a)) if need[2] else None
         # kk = kh / max(|kh|, eps), kh = k0 k_k per head: dkh = (dkk - [|kh| > eps] kk <dkk, kk>) / max(|kh|, eps)
         dkk = (db * a).sub_(d_minus_kk).view(B, T, H, C // H)
         kk4 = kk.view(B, T, H, C // H)
         proj = (dkk * kk4).sum(-1, keepdim=True).mul_(norm > NORM_EPS)
         dkh = dkk.sub_(kk4 * proj).div_(norm.clamp_min(NORM_EPS)).view(B, T, C)
-        dk_k = _sum_bt(dkh * k0, k_k.shape) if need[3] else None
+        dk_k = channel_sum(dkh * k0, k_k.shape) if need[3] else None
         dk0.addcmul_(dkh, k_k)
         return dk0, dw_raw, da_raw, dk_k, dk_a, None
 
@@ -95,7 +90,7 @@ class _GatedOutput(torch.autograd.Function):
         B, T, C = y.shape
         H, N = ctx.n_head, C // ctx.n_head
         z, _, mean, rstd = _gated_pre(y, r, k, v, r_k, ln_w, ln_b, H, ctx.eps, stats=True)
-        dw_out = _flat(d_out).t() @ _flat(z * g) if need[8] else None
+        dw_out = flat(d_out).t() @ flat(z * g) if need[8] else None
         dzg = d_out @ w_out
         dg = dzg * z if need[4] else None
         dz = dzg.mul_(g)

@@ -19,8 +19,14 @@ def plain_form(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or torch.jit.is_tracing()
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` as ``[rows, C]``: the operand layout of a weight gradient."""
     return t.reshape(-1, t.shape[-1])
+
+
+def channel_sum(t: torch.Tensor, shape) -> torch.Tensor:
+    """Sum over every axis but the channels, viewed as ``shape``: the gradient of a per-channel parameter."""
+    return flat(t).sum(0).view(shape)
 
 
 class _ShiftMixLinear(torch.autograd.Function):
@@ -49,10 +55,10 @@ class _ShiftMixLinear(torch.autograd.Function):
                 continue
             mu = tensors[m]
             if need[4 + n + i]:
-                dws[i] = _flat(g).t() @ _flat(torch.addcmul(x, xx, mu))
+                dws[i] = flat(g).t() @ flat(torch.addcmul(x, xx, mu))
             dxm = g @ w
             if need[4 + m]:
-                dmu = _flat(dxm * xx).sum(0).view(mu.shape)
+                dmu = channel_sum(dxm * xx, mu.shape)
                 dmus[m] = dmu if dmus[m] is None else dmus[m].add_(dmu)
             dx = dxm if dx is None else dx.add_(dxm)
             dxx = dxm * mu if dxx is None else dxx.addcmul_(dxm, mu)
@@ -93,7 +99,7 @@ class _SquaredReluLinear(torch.autograd.Function):
     def backward(ctx, g):
         z, weight = ctx.saved_tensors
         r = torch.relu(z)
-        dw = _flat(g).t() @ _flat(r * r) if ctx.needs_input_grad[1] else None
+        dw = flat(g).t() @ flat(r * r) if ctx.needs_input_grad[1] else None
         dz = (g @ weight).mul_(r).mul_(2) if ctx.needs_input_grad[0] else None  # d relu(z)² / dz = 2 relu(z)
         return dz, dw
 

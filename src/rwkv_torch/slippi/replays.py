@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import input_files
 from .features import FEATURE_VERSION, ID_CLASSES, game_features
 from .parse import read_replay
 from .targets import controller_targets
@@ -118,14 +119,7 @@ def load_replays(path, action_delay: int = DEFAULT_ACTION_DELAY, *, cache: bool 
     """
     delay = _check_delay(action_delay)
     path = Path(path)
-    if path.is_dir():
-        files = sorted(path.rglob("*.slp"))
-        if not files:
-            raise ValueError(f"{path}: directory has no .slp replay files")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise ValueError(f"{path}: no such file or directory")
+    files = input_files(path, ".slp", "replay")
     where = None if cache is False else (cache_dir() if cache is True else Path(cache))
     from tqdm.auto import tqdm
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import input_files
 from ..tokenizer import TOKENIZERS
 
 BYTE_VOCAB = 256
@@ -169,14 +170,7 @@ def load_episodes(path) -> Dataset:
     ride as float32 columns after the D frame columns (exact below 2**24), so batches stay one array.
     """
     path = Path(path)
-    if path.is_dir():
-        files = sorted(path.rglob("*.npz"))
-        if not files:
-            raise ValueError(f"{path}: directory has no .npz episode files")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise ValueError(f"{path}: no such file or directory")
+    files = input_files(path, ".npz", "episode")
     return episodes_dataset(((f, _read_npz(f), None) for f in files), str(path))
 
 
