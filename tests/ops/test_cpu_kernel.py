@@ -145,6 +145,18 @@ def test_backward_fp32_matches_fp64(op):
     assert_all_close(ref, got, 2e-5, mod.NAMES)
 
 
+def test_fp32_decay_over_its_whole_range():
+    """The float32 N=64 loops compute exp(w) eight at a time (their own exp on AVX2): log-decays from 0 down past
+    float32's exp underflow (-87.3) give the float64 naive results, forward and backward."""
+    xs, h0 = t7.make_inputs(2, 40, 2, 64, dtype=torch.float32, requires_grad=True)
+    with torch.no_grad():
+        grid = torch.tensor([0.0, -1e-6, -0.3, -0.6065, -3.0, -20.0, -80.0, -87.0, -88.0, -100.0, -1e4])
+        xs[1].copy_(grid[torch.randint(0, len(grid), xs[1].shape, generator=torch.Generator().manual_seed(2))])
+    got = grads_of(lambda *a: wkv7(*a, backend="recurrent"), xs, h0)
+    ref = grads_of(lambda *a: wkv7(*a, backend="naive"), *float64_leaves(xs, h0), like=(torch.float32, torch.float32))
+    assert_all_close(ref, got, 2e-5, t7.NAMES)
+
+
 def test_backward_low_precision_returns_input_dtypes():
     xs, h0 = t7.make_inputs(1, 40, 2, 16, dtype=torch.bfloat16, requires_grad=True)
     h0 = h0.detach().float().requires_grad_()

@@ -227,14 +227,219 @@ typedef double f64;
         return 0;                                                                                           \
     }
 
+/* AVX2 + FMA forms of the f32, N = 64 WKV-7 loops (the shape every RWKV-7 model uses): the same arithmetic as
+ * WKV7_HEAD / WKV7_BACK above, register-blocked by hand. Eight-float vectors run along the value index i (the rows of
+ * the internal layout ST[j][i] are contiguous in i); the sums over i that give the per-key gradients (dr, dk, db, dw,
+ * da) are kept as one vector of partial sums per row and reduced eight rows at a time (hsum8). The decays exp(w) of a
+ * token are computed once, eight at a time (exp8). Built only where the compiler targets AVX2 and FMA
+ * (-march=native on such a CPU); elsewhere the portable loops above serve N = 64 too. */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define WKV7_VECTOR 1
+
+typedef __m256 v8;
+#define LD(p) _mm256_load_ps(p)   /* 32-byte aligned: the kernel's own buffers */
+#define LDU(p) _mm256_loadu_ps(p) /* the caller's tensors: 4-byte aligned */
+#define STA(p, x) _mm256_store_ps(p, x)
+#define STU(p, x) _mm256_storeu_ps(p, x)
+#define BC(s) _mm256_set1_ps(s)
+#define FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define MUL(a, b) _mm256_mul_ps(a, b)
+
+/* exp of eight floats: 2^n e^f with n = round(x / ln 2) and a degree-6 polynomial for e^f, |f| <= ln(2) / 2 (a few
+ * ulp from expf); 0 below -87.3 (where expf turns denormal), inf above 88.7, NaN kept. 2^n is applied in two halves so
+ * that each stays a normal float over the whole range. */
+static inline v8 exp8(v8 x) {
+    const v8 lo = BC(-87.33654f), hi = BC(88.72283f);
+    const v8 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const v8 n = _mm256_round_ps(MUL(xc, BC(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v8 f = FMA(n, BC(-0.693359375f), xc);
+    f = FMA(n, BC(2.12194440e-4f), f);
+    v8 p = BC(1.9875691500e-4f);
+    p = FMA(p, f, BC(1.3981999507e-3f));
+    p = FMA(p, f, BC(8.3334519073e-3f));
+    p = FMA(p, f, BC(4.1665795894e-2f));
+    p = FMA(p, f, BC(1.6666665459e-1f));
+    p = FMA(p, f, BC(5.0000001201e-1f));
+    p = FMA(MUL(p, f), f, _mm256_add_ps(f, BC(1.0f)));
+    const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const v8 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    const v8 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    v8 y = MUL(MUL(p, s1), s2);
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+    y = _mm256_blendv_ps(y, BC(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+/* d[0..63] = exp(w[0..63]) */
+static inline void exp64(const f32 *w, f32 *d) {
+    for (int q = 0; q < 8; q++) STA(d + 8 * q, exp8(LDU(w + 8 * q)));
+}
+
+/* Lane j of the result: the sum of the eight lanes of p[8 j .. 8 j + 7] (eight rows of partial sums). */
+static inline v8 hsum8(const f32 *p) {
+    const v8 s01 = _mm256_hadd_ps(LD(p), LD(p + 8)), s23 = _mm256_hadd_ps(LD(p + 16), LD(p + 24));
+    const v8 s45 = _mm256_hadd_ps(LD(p + 32), LD(p + 40)), s67 = _mm256_hadd_ps(LD(p + 48), LD(p + 56));
+    const v8 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* sa = S a for the internal layout: sa[i] = sum_j ST[j][i] a[j]. */
+static inline void state_times(const f32 *ST, const f32 *a, f32 *sa) {
+    v8 s[8];
+    for (int q = 0; q < 8; q++) s[q] = _mm256_setzero_ps();
+    for (int j = 0; j < 64; j++) {
+        const v8 aj = BC(a[j]);
+        for (int q = 0; q < 8; q++) s[q] = FMA(LD(ST + 64 * j + 8 * q), aj, s[q]);
+    }
+    for (int q = 0; q < 8; q++) STA(sa + 8 * q, s[q]);
+}
+
+/* One token's update Sn[j][i] = P[j][i] d[j] + sa[i] b[j] + v[i] k[j] (Sn may be P); with r, also y = Sn r. Four
+ * vectors of i at a time, so that sa, v and y stay in registers over the 64 rows. */
+static inline void state_update(const f32 *P, f32 *Sn, const f32 *d, const f32 *sa, const f32 *bt, const f32 *kt,
+                                const f32 *vt, const f32 *rt, f32 *y) {
+    for (int q0 = 0; q0 < 8; q0 += 4) {
+        v8 s[4], vv[4], yy[4];
+        for (int q = 0; q < 4; q++) s[q] = LD(sa + 8 * (q0 + q)), vv[q] = LDU(vt + 8 * (q0 + q)), yy[q] = _mm256_setzero_ps();
+        for (int j = 0; j < 64; j++) {
+            const v8 dj = BC(d[j]), bj = BC(bt[j]), kj = BC(kt[j]);
+            const f32 *row = P + 64 * j + 8 * q0;
+            f32 *nrow = Sn + 64 * j + 8 * q0;
+            if (rt) {
+                const v8 rj = BC(rt[j]);
+                for (int q = 0; q < 4; q++) {
+                    const v8 x = FMA(LD(row + 8 * q), dj, FMA(s[q], bj, MUL(vv[q], kj)));
+                    STA(nrow + 8 * q, x);
+                    yy[q] = FMA(x, rj, yy[q]);
+                }
+            } else {
+                for (int q = 0; q < 4; q++) STA(nrow + 8 * q, FMA(LD(row + 8 * q), dj, FMA(s[q], bj, MUL(vv[q], kj))));
+            }
+        }
+        if (rt)
+            for (int q = 0; q < 4; q++) STU(y + 8 * (q0 + q), yy[q]);
+    }
+}
+
+static int wkv7_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *a, const f32 *bb,
+                        f32 *out, f32 *S, f32 *ckpt, int64_t L, int64_t T, int64_t H, int64_t n, int64_t b,
+                        int64_t h) {
+    enum { N = 64, NN = N * N };
+    (void)n;
+    f32 *buf = (f32 *)aligned_alloc(32, sizeof(f32) * (NN + 2 * N));
+    if (!buf) return 1;
+    f32 *ST = buf, *d = buf + NN, *sa = d + N;
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t j = 0; j < N; j++) ST[j * N + i] = S[i * N + j];
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t o = ((b * T + t) * H + h) * N;
+        if (ckpt && t % L == 0) memcpy(ckpt + (t / L) * NN, ST, sizeof(f32) * NN);
+        state_times(ST, a + o, sa);
+        exp64(w + o, d);
+        state_update(ST, ST, d, sa, bb + o, k + o, v + o, r + o, out + o);
+    }
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t j = 0; j < N; j++) S[i * N + j] = ST[j * N + i];
+    free(buf);
+    return 0;
+}
+
+static int wkv7_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *a, const f32 *bb,
+                             const f32 *dy, const f32 *ckpt, f32 *dS_io, f32 *dr, f32 *dw, f32 *dk, f32 *dv, f32 *da,
+                             f32 *db, int64_t L, int64_t T, int64_t H, int64_t n, int64_t b, int64_t h) {
+    enum { N = 64, NN = N * N };
+    (void)n;
+    /* states of one span, dS, sa of each token of the span, dsa, dv, decays, and five [N][8] partial-sum blocks */
+    f32 *buf = (f32 *)aligned_alloc(32, sizeof(f32) * ((L + 1) * NN + NN + L * N + 3 * N + 5 * 8 * N));
+    if (!buf) return 1;
+    f32 *Ss = buf, *dS = Ss + (L + 1) * NN, *sas = dS + NN, *dsa = sas + L * N, *dvv = dsa + N, *d = dvv + N;
+    f32 *pr = d + N, *pk = pr + 8 * N, *pb = pk + 8 * N, *pw = pb + 8 * N, *pa = pw + 8 * N;
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t j = 0; j < N; j++) dS[j * N + i] = dS_io[i * N + j];
+    for (int64_t c = (T + L - 1) / L - 1; c >= 0; c--) {
+        const int64_t t0 = c * L, t1 = t0 + L < T ? t0 + L : T;
+        memcpy(Ss, ckpt + c * NN, sizeof(f32) * NN);
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t o = ((b * T + t) * H + h) * N;
+            f32 *P = Ss + (t - t0) * NN, *sa = sas + (t - t0) * N;
+            state_times(P, a + o, sa);
+            exp64(w + o, d);
+            state_update(P, P + NN, d, sa, bb + o, k + o, v + o, 0, 0);
+        }
+        for (int64_t t = t1 - 1; t >= t0; t--) {
+            const int64_t o = ((b * T + t) * H + h) * N;
+            const f32 *P = Ss + (t - t0) * NN, *St = P + NN, *sa = sas + (t - t0) * N;
+            const f32 *rt = r + o, *kt = k + o, *vt = v + o, *at = a + o, *bt = bb + o, *g = dy + o;
+            exp64(w + o, d);
+            /* dS += dy r^T; per row j the partial sums of dr = S_t^T dy, dk = dS^T v, db = dS^T sa and
+             * colsum(dS * S_{t-1}); dv = dS k and dsa = dS b over the rows */
+            v8 gg[8], vv[8];
+            for (int q = 0; q < 8; q++) {
+                gg[q] = LDU(g + 8 * q), vv[q] = LDU(vt + 8 * q);
+                STA(dvv + 8 * q, _mm256_setzero_ps()), STA(dsa + 8 * q, _mm256_setzero_ps());
+            }
+            for (int j = 0; j < N; j++) {
+                const v8 rj = BC(rt[j]), kj = BC(kt[j]), bj = BC(bt[j]);
+                const f32 *srow = St + N * j, *prow = P + N * j;
+                f32 *drow = dS + N * j;
+                v8 s_r = _mm256_setzero_ps(), s_k = s_r, s_b = s_r, s_w = s_r;
+                for (int q = 0; q < 8; q++) {
+                    const v8 x = FMA(rj, gg[q], LD(drow + 8 * q));
+                    STA(drow + 8 * q, x);
+                    s_r = FMA(LD(srow + 8 * q), gg[q], s_r);
+                    s_k = FMA(x, vv[q], s_k);
+                    s_b = FMA(x, LD(sa + 8 * q), s_b);
+                    s_w = FMA(x, LD(prow + 8 * q), s_w);
+                    STA(dvv + 8 * q, FMA(x, kj, LD(dvv + 8 * q)));
+                    STA(dsa + 8 * q, FMA(x, bj, LD(dsa + 8 * q)));
+                }
+                STA(pr + 8 * j, s_r), STA(pk + 8 * j, s_k), STA(pb + 8 * j, s_b), STA(pw + 8 * j, s_w);
+            }
+            for (int q = 0; q < 8; q++) {
+                STU(dr + o + 8 * q, hsum8(pr + 64 * q));
+                STU(dk + o + 8 * q, hsum8(pk + 64 * q));
+                STU(db + o + 8 * q, hsum8(pb + 64 * q));
+                STU(dw + o + 8 * q, MUL(hsum8(pw + 64 * q), LD(d + 8 * q)));
+            }
+            memcpy(dv + o, dvv, sizeof(f32) * N);
+            /* da = S_{t-1}^T dsa;  dS <- dS D + dsa a^T */
+            v8 ds[8];
+            for (int q = 0; q < 8; q++) ds[q] = LD(dsa + 8 * q);
+            for (int j = 0; j < N; j++) {
+                const v8 dj = BC(d[j]), aj = BC(at[j]);
+                const f32 *prow = P + N * j;
+                f32 *drow = dS + N * j;
+                v8 s_a = _mm256_setzero_ps();
+                for (int q = 0; q < 8; q++) {
+                    s_a = FMA(ds[q], LD(prow + 8 * q), s_a);
+                    STA(drow + 8 * q, FMA(LD(drow + 8 * q), dj, MUL(ds[q], aj)));
+                }
+                STA(pa + 8 * j, s_a);
+            }
+            for (int q = 0; q < 8; q++) STU(da + o + 8 * q, hsum8(pa + 64 * q));
+        }
+    }
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t j = 0; j < N; j++) dS_io[i * N + j] = dS[j * N + i];
+    free(buf);
+    return 0;
+}
+#endif
+
 WKV7_HEAD(wkv7_f32, f32, expf, 0)
+#ifndef WKV7_VECTOR
 WKV7_HEAD(wkv7_f32_n64, f32, expf, 64)
+#endif
 WKV7_HEAD(wkv7_f64, f64, exp, 0)
 WKV6_HEAD(wkv6_f32, f32, expf, 0)
 WKV6_HEAD(wkv6_f32_n64, f32, expf, 64)
 WKV6_HEAD(wkv6_f64, f64, exp, 0)
 WKV7_BACK(wkv7_back_f32, f32, expf, 0)
+#ifndef WKV7_VECTOR
 WKV7_BACK(wkv7_back_f32_n64, f32, expf, 64)
+#endif
 WKV7_BACK(wkv7_back_f64, f64, exp, 0)
 WKV6_BACK(wkv6_back_f32, f32, expf, 0)
 WKV6_BACK(wkv6_back_f32_n64, f32, expf, 64)
