@@ -227,15 +227,15 @@ typedef double f64;
         return 0;                                                                                           \
     }
 
-/* AVX2 + FMA forms of the f32, N = 64 WKV-7 loops (the shape every RWKV-7 model uses): the same arithmetic as
- * WKV7_HEAD / WKV7_BACK above, register-blocked by hand. Eight-float vectors run along the value index i (the rows of
- * the internal layout ST[j][i] are contiguous in i); the sums over i that give the per-key gradients (dr, dk, db, dw,
- * da) are kept as one vector of partial sums per row and reduced eight rows at a time (hsum8). The decays exp(w) of a
- * token are computed once, eight at a time (exp8). Built only where the compiler targets AVX2 and FMA
+/* AVX2 + FMA forms of the f32, N = 64 loops (the head size of every RWKV-6/7 model): the same arithmetic as
+ * WKV7_HEAD / WKV7_BACK / WKV6_HEAD / WKV6_BACK above, register-blocked by hand. Eight-float vectors run along the
+ * value index i (contiguous in every row of the state); the sums over i that give the per-key gradients (dr, dk, db,
+ * dw, da) are kept as one vector of partial sums per row and reduced eight rows at a time (hsum8); the decays exp(w)
+ * of a token are computed once, eight at a time (exp8). Built only where the compiler targets AVX2 and FMA
  * (-march=native on such a CPU); elsewhere the portable loops above serve N = 64 too. */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define WKV7_VECTOR 1
+#define WKV_VECTOR 1
 
 typedef __m256 v8;
 #define LD(p) _mm256_load_ps(p)   /* 32-byte aligned: the kernel's own buffers */
@@ -283,6 +283,13 @@ static inline v8 hsum8(const f32 *p) {
     const v8 s45 = _mm256_hadd_ps(LD(p + 32), LD(p + 40)), s67 = _mm256_hadd_ps(LD(p + 48), LD(p + 56));
     const v8 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
     return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* The sum of the eight lanes of x. */
+static inline f32 hsum1(v8 x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 /* sa = S a for the internal layout: sa[i] = sum_j ST[j][i] a[j]. */
@@ -426,23 +433,137 @@ static int wkv7_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
     free(buf);
     return 0;
 }
+/* WKV-6 (official layout S[j][i], rows j over the key index, contiguous in i): y = r^T S_{t-1} + (sum_j r_j u_j k_j) v
+ * and S_t = D S_{t-1} + k v^T, four vectors of i at a time. */
+static int wkv6_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *u, f32 *out, f32 *S,
+                        f32 *ckpt, int64_t L, int64_t T, int64_t H, int64_t n, int64_t b, int64_t h) {
+    enum { N = 64, NN = N * N };
+    (void)n;
+    f32 *d = (f32 *)aligned_alloc(32, sizeof(f32) * N);
+    if (!d) return 1;
+    const f32 *uh = u + h * N;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t o = ((b * T + t) * H + h) * N;
+        const f32 *rt = r + o, *kt = k + o, *vt = v + o;
+        if (ckpt && t % L == 0) memcpy(ckpt + (t / L) * NN, S, sizeof(f32) * NN);
+        exp64(w + o, d);
+        v8 c = _mm256_setzero_ps();
+        for (int q = 0; q < 8; q++) c = FMA(MUL(LDU(rt + 8 * q), LDU(uh + 8 * q)), LDU(kt + 8 * q), c);
+        const v8 bonus = BC(hsum1(c));
+        for (int q0 = 0; q0 < 8; q0 += 4) {
+            v8 vv[4], yy[4];
+            for (int q = 0; q < 4; q++) vv[q] = LDU(vt + 8 * (q0 + q)), yy[q] = MUL(vv[q], bonus);
+            for (int j = 0; j < N; j++) {
+                const v8 rj = BC(rt[j]), dj = BC(d[j]), kj = BC(kt[j]);
+                f32 *row = S + N * j + 8 * q0;
+                for (int q = 0; q < 4; q++) {
+                    const v8 s = LDU(row + 8 * q);
+                    yy[q] = FMA(rj, s, yy[q]);
+                    STU(row + 8 * q, FMA(s, dj, MUL(vv[q], kj)));
+                }
+            }
+            for (int q = 0; q < 4; q++) STU(out + o + 8 * (q0 + q), yy[q]);
+        }
+    }
+    free(d);
+    return 0;
+}
+
+/* The WKV6_BACK formulas with dS D + r dy^T kept per row, the row sums as eight-lane partials (hsum8), and
+ * dv = dS^T k + (sum_j r_j u_j k_j) dy. */
+static int wkv6_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *u, const f32 *dy,
+                             const f32 *ckpt, f32 *dS, f32 *dr, f32 *dw, f32 *dk, f32 *dv, f32 *du, int64_t L,
+                             int64_t T, int64_t H, int64_t n, int64_t b, int64_t h) {
+    enum { N = 64, NN = N * N };
+    (void)n;
+    f32 *buf = (f32 *)aligned_alloc(32, sizeof(f32) * (L * NN + 2 * N + 3 * 8 * N));
+    if (!buf) return 1;
+    f32 *Ss = buf, *d = Ss + L * NN, *dvv = d + N, *pr = dvv + N, *pk = pr + 8 * N, *pw = pk + 8 * N;
+    const f32 *uh = u + h * N;
+    v8 dus[8];
+    for (int q = 0; q < 8; q++) dus[q] = _mm256_setzero_ps();
+    for (int64_t c = (T + L - 1) / L - 1; c >= 0; c--) {
+        const int64_t t0 = c * L, t1 = t0 + L < T ? t0 + L : T;
+        memcpy(Ss, ckpt + c * NN, sizeof(f32) * NN);
+        for (int64_t t = t0; t < t1 - 1; t++) {
+            const int64_t o = ((b * T + t) * H + h) * N;
+            const f32 *P = Ss + (t - t0) * NN, *kt = k + o, *vt = v + o;
+            f32 *Sn = Ss + (t - t0 + 1) * NN;
+            exp64(w + o, d);
+            for (int q0 = 0; q0 < 8; q0 += 4) {
+                v8 vv[4];
+                for (int q = 0; q < 4; q++) vv[q] = LDU(vt + 8 * (q0 + q));
+                for (int j = 0; j < N; j++) {
+                    const v8 dj = BC(d[j]), kj = BC(kt[j]);
+                    for (int q = 0; q < 4; q++) {
+                        const int64_t i = N * j + 8 * (q0 + q);
+                        STA(Sn + i, FMA(LD(P + i), dj, MUL(vv[q], kj)));
+                    }
+                }
+            }
+        }
+        for (int64_t t = t1 - 1; t >= t0; t--) {
+            const int64_t o = ((b * T + t) * H + h) * N;
+            const f32 *P = Ss + (t - t0) * NN, *rt = r + o, *kt = k + o, *vt = v + o, *g = dy + o;
+            exp64(w + o, d);
+            v8 gg[8], vv[8], vg = _mm256_setzero_ps(), c = vg;
+            for (int q = 0; q < 8; q++) {
+                gg[q] = LDU(g + 8 * q), vv[q] = LDU(vt + 8 * q);
+                vg = FMA(vv[q], gg[q], vg);
+                c = FMA(MUL(LDU(rt + 8 * q), LDU(uh + 8 * q)), LDU(kt + 8 * q), c);
+                STA(dvv + 8 * q, _mm256_setzero_ps());
+            }
+            const v8 vgs = BC(hsum1(vg)), bonus = BC(hsum1(c));
+            for (int j = 0; j < N; j++) {
+                const v8 rj = BC(rt[j]), kj = BC(kt[j]), dj = BC(d[j]);
+                const f32 *prow = P + N * j;
+                f32 *drow = dS + N * j;
+                v8 s_r = _mm256_setzero_ps(), s_k = s_r, s_w = s_r;
+                for (int q = 0; q < 8; q++) {
+                    const v8 x = LDU(drow + 8 * q), p = LD(prow + 8 * q);
+                    s_r = FMA(p, gg[q], s_r);
+                    s_k = FMA(x, vv[q], s_k);
+                    s_w = FMA(x, p, s_w);
+                    STA(dvv + 8 * q, FMA(x, kj, LD(dvv + 8 * q)));
+                    STU(drow + 8 * q, FMA(x, dj, MUL(rj, gg[q])));
+                }
+                STA(pr + 8 * j, s_r), STA(pk + 8 * j, s_k), STA(pw + 8 * j, s_w);
+            }
+            for (int q = 0; q < 8; q++) {
+                const v8 rq = LDU(rt + 8 * q), kq = LDU(kt + 8 * q), uq = LDU(uh + 8 * q), ukv = MUL(uq, vgs);
+                STU(dr + o + 8 * q, FMA(kq, ukv, hsum8(pr + 64 * q)));
+                STU(dk + o + 8 * q, FMA(rq, ukv, hsum8(pk + 64 * q)));
+                STU(dw + o + 8 * q, MUL(hsum8(pw + 64 * q), LD(d + 8 * q)));
+                STU(dv + o + 8 * q, FMA(gg[q], bonus, LD(dvv + 8 * q)));
+                dus[q] = FMA(MUL(rq, kq), vgs, dus[q]);
+            }
+        }
+    }
+    for (int q = 0; q < 8; q++) STU(du + 8 * q, dus[q]);
+    free(buf);
+    return 0;
+}
 #endif
 
 WKV7_HEAD(wkv7_f32, f32, expf, 0)
-#ifndef WKV7_VECTOR
+#ifndef WKV_VECTOR
 WKV7_HEAD(wkv7_f32_n64, f32, expf, 64)
 #endif
 WKV7_HEAD(wkv7_f64, f64, exp, 0)
 WKV6_HEAD(wkv6_f32, f32, expf, 0)
+#ifndef WKV_VECTOR
 WKV6_HEAD(wkv6_f32_n64, f32, expf, 64)
+#endif
 WKV6_HEAD(wkv6_f64, f64, exp, 0)
 WKV7_BACK(wkv7_back_f32, f32, expf, 0)
-#ifndef WKV7_VECTOR
+#ifndef WKV_VECTOR
 WKV7_BACK(wkv7_back_f32_n64, f32, expf, 64)
 #endif
 WKV7_BACK(wkv7_back_f64, f64, exp, 0)
 WKV6_BACK(wkv6_back_f32, f32, expf, 0)
+#ifndef WKV_VECTOR
 WKV6_BACK(wkv6_back_f32_n64, f32, expf, 64)
+#endif
 WKV6_BACK(wkv6_back_f64, f64, exp, 0)
 
 /* One call's arguments. Forward: x = r, w, k, v, a (u for WKV-6), b; y = out; S = state; ckpt may be null.
