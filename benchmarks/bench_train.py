@@ -81,7 +81,7 @@ def batch(B: int, T: int, features: int | None):
 
 
 def step_fn(task: Task, x, y):
-    opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-4, fused=True)  # as the trainer builds it on CPU
 
     def step():
         task.loss(x, y).backward()

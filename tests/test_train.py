@@ -82,6 +82,9 @@ def test_resume_is_bit_exact(tmp_path):
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [(r["step"], r["loss"], r.get("val_loss")) for r in a] == [(r["step"], r["loss"], r.get("val_loss"))
                                                                      for r in b]
+    # the optimizer is torch's fused AdamW on CPU (one kernel over every tensor), saved and restored as such
+    opt = torch.load(sorted((tmp_path / "b").glob("ckpt-*.pt"))[-1], weights_only=False)["optimizer"]
+    assert all(g["fused"] for g in opt["param_groups"])
 
 
 def test_time_limit_stops_with_checkpoint_and_saves_the_language_model(tmp_path):
