@@ -1,6 +1,9 @@
 """WKV op timings on this machine: backends and chunk sizes, forward and forward+backward.
 
-    python benchmarks/bench_ops.py [--B 2 --T 1024 --H 4 --N 64 --threads 2]
+    python benchmarks/bench_ops.py [--B 2 --T 1024 --H 4 --N 64 --threads 2] [--only-recurrent]
+
+The ``recurrent`` rows are the C kernels on CPU (their "chunk" is the backward's checkpoint interval); with
+``--only-recurrent`` only they run, for WKV-7 and WKV-6.
 
 Checks the chunk backend against naive first (a benchmark of a wrong kernel is worthless), then prints a table
 with the machine and versions. Compare rows as ratios measured in the same run.
@@ -13,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rwkv_torch.ops import wkv7
+from rwkv_torch.ops import wkv6, wkv7
 
 
 def inputs(B, T, H, N, dtype, requires_grad):
@@ -43,6 +46,7 @@ def main():
     p.add_argument("--N", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-naive", action="store_true", help="skip the slow naive rows")
+    p.add_argument("--only-recurrent", action="store_true", help="only the C recurrence rows (WKV-7 and WKV-6)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -53,27 +57,34 @@ def main():
         out, _ = wkv7(*xs, h0.double(), backend="chunk", chunk_size=L)
         assert (out - ref).abs().max() < 1e-9, "chunk disagrees with naive: fix before benchmarking"
 
-    print(f"# wkv7, B={a.B} T={a.T} H={a.H} N={a.N} fp32, {a.threads} threads")
+    print(f"# B={a.B} T={a.T} H={a.H} N={a.N} fp32, {a.threads} threads (WKV-7 unless marked)")
     machine = platform.processor() or platform.machine()
     print(f"# {machine}, torch {torch.__version__}, python {platform.python_version()}")
     print("| backend | chunk | forward ms | fwd+bwd ms | tokens/s fwd+bwd |")
     print("|---|---|---|---|---|")
-    configs = [("chunk", L) for L in (16, 32, 64, 128)]
-    if not a.skip_naive:
-        configs.append(("naive", None))
-    for backend, L in configs:
+    configs = [] if a.only_recurrent else [("wkv7", "chunk", L) for L in (16, 32, 64, 128)]
+    configs += [("wkv7", "recurrent", 32)] + ([("wkv6", "recurrent", 32)] if a.only_recurrent else [])
+    if not (a.skip_naive or a.only_recurrent):
+        configs.append(("wkv7", "naive", None))
+    for op, backend, L in configs:
         xs, h0 = inputs(a.B, a.T, a.H, a.N, torch.float32, True)
-
-        def fwd(xs=xs, h0=h0, backend=backend, L=L):
+        if op == "wkv6":  # r, w, k, v and a bonus u [H, N]; WKV-6's log decay is -exp(.)
             with torch.no_grad():
-                wkv7(*xs, h0, backend=backend, chunk_size=L)
+                xs[1].copy_(-torch.exp(torch.randn_like(xs[1]) * 0.5 - 1))
+            xs = xs[:4] + [(0.1 * torch.randn(a.H, a.N)).requires_grad_()]
+        fn = wkv7 if op == "wkv7" else wkv6
 
-        def fwd_bwd(xs=xs, h0=h0, backend=backend, L=L):
-            out, ht = wkv7(*xs, h0, backend=backend, chunk_size=L)
+        def fwd(xs=xs, h0=h0, backend=backend, L=L, fn=fn):
+            with torch.no_grad():
+                fn(*xs, h0, backend=backend, chunk_size=L)
+
+        def fwd_bwd(xs=xs, h0=h0, backend=backend, L=L, fn=fn):
+            out, ht = fn(*xs, h0, backend=backend, chunk_size=L)
             (out.sum() + ht.sum()).backward()
 
-        tf, tb = timeit(fwd), timeit(fwd_bwd, reps=2)
-        print(f"| {backend} | {L or '-'} | {tf * 1e3:.1f} | {tb * 1e3:.1f} | {a.B * a.T / tb:,.0f} |")
+        tf, tb = timeit(fwd, reps=5), timeit(fwd_bwd, reps=5)
+        name = backend if op == "wkv7" else f"{backend} (WKV-6)"
+        print(f"| {name} | {L or '-'} | {tf * 1e3:.1f} | {tb * 1e3:.1f} | {a.B * a.T / tb:,.0f} |")
 
 
 if __name__ == "__main__":
