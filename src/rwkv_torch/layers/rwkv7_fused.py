@@ -113,15 +113,20 @@ class _GatedOutput(torch.autograd.Function):
 
 
 def _gated_pre(y, r, k, v, r_k, ln_w, ln_b, n_head, eps, stats=False):
-    """ln_x(y) + bonus * v, bonus = Σ_head r * k * r_k; returns (z, bonus[, yn, mean, rstd]). ln_x is a group norm
-    with one group per head: a layer norm over each head's N channels (aten's, 2-3x faster on CPU than its group
-    norm for these shapes), then the per-channel affine."""
+    """ln_x(y) + bonus * v, bonus = Σ_head r * k * r_k; returns (z, bonus), or with ``stats`` (z, bonus, yn, mean,
+    rstd). ln_x is a group norm with one group per head. The forward runs aten's group norm, the kernel of the spec
+    form's ``nn.GroupNorm``, so both forms give the same bits; the backward's recompute runs it as a layer norm over
+    each head's N channels plus the affine (the same values to rounding, 2-3x faster on CPU for these shapes), whose
+    statistics feed aten's layer-norm backward."""
     B, T, C = y.shape
     N = C // n_head
-    yn, mean, rstd = torch.ops.aten.native_layer_norm(y.view(B, T, n_head, N), [N], None, None, eps)
     bonus = (r * k).view(B, T, n_head, N).mul_(r_k).sum(-1, keepdim=True)
+    if not stats:
+        z = torch.ops.aten.native_group_norm(y.reshape(B * T, C), ln_w, ln_b, B * T, C, 1, n_head, eps)[0]
+        return z.view(B, T, n_head, N).addcmul_(bonus, v.view(B, T, n_head, N)).view(B, T, C), bonus
+    yn, mean, rstd = torch.ops.aten.native_layer_norm(y.view(B, T, n_head, N), [N], None, None, eps)
     z = torch.addcmul(ln_b, yn.view(B, T, C), ln_w).view(B, T, n_head, N).addcmul_(bonus, v.view(B, T, n_head, N))
-    return (z.view(B, T, C), bonus, yn, mean, rstd) if stats else (z.view(B, T, C), bonus)
+    return z.view(B, T, C), bonus, yn, mean, rstd
 
 
 def gated_output(y, r, k, v, g, r_k, ln_w, ln_b, w_out, n_head: int, eps: float):
