@@ -30,6 +30,7 @@ from bench_scaling import saved_bytes
 
 import rwkv_torch as rt
 from rwkv_torch.config import param_count
+from rwkv_torch.train import adamw
 from rwkv_torch.train.baselines import build_baseline, matched_width
 
 WIDTH, LAYERS, HEAD = 256, 6, 64
@@ -81,7 +82,7 @@ def batch(B: int, T: int, features: int | None):
 
 
 def step_fn(task: Task, x, y):
-    opt = torch.optim.AdamW(task.parameters(), lr=1e-4, fused=True)  # as the trainer builds it on CPU
+    opt = adamw(task.parameters(), lr=1e-4)  # the trainer's optimizer
 
     def step():
         task.loss(x, y).backward()

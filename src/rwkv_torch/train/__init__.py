@@ -9,12 +9,12 @@ from .checkpointing import CHECKPOINT_FORMAT, RESUME_OVERRIDES, find_checkpoint,
 from .config import BACKBONES, TrainConfig, as_config
 from .data import Dataset, check_window, load_data, make_batch, split_by_sequence, window_counts, window_plans
 from .loop import train
-from .model import LR_SCALE, TaskModel, build_model, load_task_model, lr_factor, param_groups
+from .model import LR_SCALE, TaskModel, adamw, build_model, load_task_model, lr_factor, param_groups
 from .step import L2Wrap, evaluate, task_loss, train_step
 
 __all__ = [
     "BACKBONES", "CHECKPOINT_FORMAT", "LR_SCALE", "RESUME_OVERRIDES", "L2Wrap", "TaskModel", "TrainConfig",
-    "as_config", "build_model", "evaluate", "find_checkpoint", "load_task_model", "lr_factor", "param_groups",
+    "adamw", "as_config", "build_model", "evaluate", "find_checkpoint", "load_task_model", "lr_factor", "param_groups",
     "save_checkpoint", "task_loss", "train", "train_step",
     "Dataset", "check_window", "load_data", "make_batch", "split_by_sequence", "window_counts", "window_plans",
 ]

@@ -37,7 +37,7 @@ from .config import TrainConfig, as_config
 from .data import check_window, load_data, make_batch, split_by_sequence, window_counts, window_plans
 from .distributed import _all_mean, _any_rank, _gather_lanes, _init_distributed
 from .finetune import has_lora, init_config, merge_lora, trainable_state_dict
-from .model import build_model, lr_factor, param_groups
+from .model import adamw, build_model, lr_factor, param_groups
 from .plots import _write_plot
 from .signals import _StopSignal
 from .step import _state_like, _state_tensors, evaluate, train_step
@@ -111,10 +111,8 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
         model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net, backend="inductor" if cfg.compile is True else cfg.compile)
-    # The fused AdamW (one kernel over all tensors) where torch has it: on CPU 3-5x faster per step than the default
-    # per-tensor loop, which costs RWKV's many small parameters most (benchmarks/RESULTS.md, "Training cost").
-    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99),
-                            eps=cfg.adam_eps, fused=device.type in ("cpu", "cuda") or None)
+    opt = adamw(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, device=device, betas=(0.9, 0.99),
+                eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     lengths = [len(s) for s in train_data.sequences]
     plans = window_plans(lengths, cfg.window_size, cfg.stride or cfg.window_size, cfg.batch_size, cfg.seed)

@@ -1,5 +1,5 @@
 """What is trained: ``TaskModel`` (a backbone plus one head per target), ``build_model``, and the official RWKV
-optimizer recipe (spec 4.7): ``param_groups`` and the ``lr_factor`` schedule.
+optimizer recipe (spec 4.7): ``param_groups``, the ``lr_factor`` schedule and ``adamw``.
 
 ``att.w0`` (v7) / ``time_decay`` (v4-v6) at 2x lr and v4 ``time_first`` at 3x; weight decay only on 2-D
 ``.weight`` tensors; a warm-up factor ``0.01 + 0.99 * step / warmup`` on a cosine from ``lr`` to ``lr_final``.
@@ -177,6 +177,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:
         decay = weight_decay if p.dim() >= 2 and name.endswith(".weight") else 0.0
         groups.setdefault((scale, decay), []).append(p)
     return [dict(params=ps, lr=lr * s, weight_decay=d) for (s, d), ps in groups.items()]
+
+
+def adamw(params, *, lr: float, device="cpu", **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one kernel over all tensors) on CPU and CUDA, where torch has that form: on CPU 3-5x
+    faster per step than the default per-tensor loop, which costs RWKV's many small parameters most
+    (benchmarks/RESULTS.md, "Training cost")."""
+    return torch.optim.AdamW(params, lr=lr, fused=torch.device(device).type in ("cpu", "cuda") or None, **kwargs)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -433,6 +433,41 @@ static int wkv7_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
     free(buf);
     return 0;
 }
+
+/* WKV-6's bonus weight of a token, sum_j r_j u_j k_j, in every lane. */
+static inline v8 bonus6(const f32 *rt, const f32 *uh, const f32 *kt) {
+    v8 c = _mm256_setzero_ps();
+    for (int q = 0; q < 8; q++) c = FMA(MUL(LDU(rt + 8 * q), LDU(uh + 8 * q)), LDU(kt + 8 * q), c);
+    return BC(hsum1(c));
+}
+
+/* One WKV-6 token: Sn[j][i] = P[j][i] d[j] + k[j] v[i] (Sn may be P); with r, also y = r^T P + bonus v. Four
+ * vectors of i at a time, so that v and y stay in registers over the 64 rows. */
+static inline void state_update6(const f32 *P, f32 *Sn, const f32 *d, const f32 *kt, const f32 *vt, const f32 *rt,
+                                 v8 bonus, f32 *y) {
+    for (int q0 = 0; q0 < 8; q0 += 4) {
+        v8 vv[4], yy[4];
+        for (int q = 0; q < 4; q++) vv[q] = LDU(vt + 8 * (q0 + q)), yy[q] = MUL(vv[q], bonus);
+        for (int j = 0; j < 64; j++) {
+            const v8 dj = BC(d[j]), kj = BC(kt[j]);
+            const f32 *row = P + 64 * j + 8 * q0;
+            f32 *nrow = Sn + 64 * j + 8 * q0;
+            if (rt) {
+                const v8 rj = BC(rt[j]);
+                for (int q = 0; q < 4; q++) {
+                    const v8 x = LDU(row + 8 * q);
+                    yy[q] = FMA(rj, x, yy[q]);
+                    STU(nrow + 8 * q, FMA(x, dj, MUL(vv[q], kj)));
+                }
+            } else {
+                for (int q = 0; q < 4; q++) STU(nrow + 8 * q, FMA(LDU(row + 8 * q), dj, MUL(vv[q], kj)));
+            }
+        }
+        if (rt)
+            for (int q = 0; q < 4; q++) STU(y + 8 * (q0 + q), yy[q]);
+    }
+}
+
 /* WKV-6 (official layout S[j][i], rows j over the key index, contiguous in i): y = r^T S_{t-1} + (sum_j r_j u_j k_j) v
  * and S_t = D S_{t-1} + k v^T, four vectors of i at a time. */
 static int wkv6_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *u, f32 *out, f32 *S,
@@ -447,23 +482,7 @@ static int wkv6_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, 
         const f32 *rt = r + o, *kt = k + o, *vt = v + o;
         if (ckpt && t % L == 0) memcpy(ckpt + (t / L) * NN, S, sizeof(f32) * NN);
         exp64(w + o, d);
-        v8 c = _mm256_setzero_ps();
-        for (int q = 0; q < 8; q++) c = FMA(MUL(LDU(rt + 8 * q), LDU(uh + 8 * q)), LDU(kt + 8 * q), c);
-        const v8 bonus = BC(hsum1(c));
-        for (int q0 = 0; q0 < 8; q0 += 4) {
-            v8 vv[4], yy[4];
-            for (int q = 0; q < 4; q++) vv[q] = LDU(vt + 8 * (q0 + q)), yy[q] = MUL(vv[q], bonus);
-            for (int j = 0; j < N; j++) {
-                const v8 rj = BC(rt[j]), dj = BC(d[j]), kj = BC(kt[j]);
-                f32 *row = S + N * j + 8 * q0;
-                for (int q = 0; q < 4; q++) {
-                    const v8 s = LDU(row + 8 * q);
-                    yy[q] = FMA(rj, s, yy[q]);
-                    STU(row + 8 * q, FMA(s, dj, MUL(vv[q], kj)));
-                }
-            }
-            for (int q = 0; q < 4; q++) STU(out + o + 8 * (q0 + q), yy[q]);
-        }
+        state_update6(S, S, d, kt, vt, rt, bonus6(rt, uh, kt), out + o);
     }
     free(d);
     return 0;
@@ -487,33 +506,21 @@ static int wkv6_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
         memcpy(Ss, ckpt + c * NN, sizeof(f32) * NN);
         for (int64_t t = t0; t < t1 - 1; t++) {
             const int64_t o = ((b * T + t) * H + h) * N;
-            const f32 *P = Ss + (t - t0) * NN, *kt = k + o, *vt = v + o;
-            f32 *Sn = Ss + (t - t0 + 1) * NN;
+            f32 *P = Ss + (t - t0) * NN;
             exp64(w + o, d);
-            for (int q0 = 0; q0 < 8; q0 += 4) {
-                v8 vv[4];
-                for (int q = 0; q < 4; q++) vv[q] = LDU(vt + 8 * (q0 + q));
-                for (int j = 0; j < N; j++) {
-                    const v8 dj = BC(d[j]), kj = BC(kt[j]);
-                    for (int q = 0; q < 4; q++) {
-                        const int64_t i = N * j + 8 * (q0 + q);
-                        STA(Sn + i, FMA(LD(P + i), dj, MUL(vv[q], kj)));
-                    }
-                }
-            }
+            state_update6(P, P + NN, d, k + o, v + o, 0, _mm256_setzero_ps(), 0);
         }
         for (int64_t t = t1 - 1; t >= t0; t--) {
             const int64_t o = ((b * T + t) * H + h) * N;
             const f32 *P = Ss + (t - t0) * NN, *rt = r + o, *kt = k + o, *vt = v + o, *g = dy + o;
             exp64(w + o, d);
-            v8 gg[8], vv[8], vg = _mm256_setzero_ps(), c = vg;
+            v8 gg[8], vv[8], vg = _mm256_setzero_ps();
             for (int q = 0; q < 8; q++) {
                 gg[q] = LDU(g + 8 * q), vv[q] = LDU(vt + 8 * q);
                 vg = FMA(vv[q], gg[q], vg);
-                c = FMA(MUL(LDU(rt + 8 * q), LDU(uh + 8 * q)), LDU(kt + 8 * q), c);
                 STA(dvv + 8 * q, _mm256_setzero_ps());
             }
-            const v8 vgs = BC(hsum1(vg)), bonus = BC(hsum1(c));
+            const v8 vgs = BC(hsum1(vg)), bonus = bonus6(rt, uh, kt);
             for (int j = 0; j < N; j++) {
                 const v8 rj = BC(rt[j]), kj = BC(kt[j]), dj = BC(d[j]);
                 const f32 *prow = P + N * j;
