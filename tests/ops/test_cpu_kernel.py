@@ -37,7 +37,7 @@ def unloaded(monkeypatch):
         monkeypatch.setattr(cpu_kernel, name, value)
 
 
-SHAPES = [(1, 1, 1, 4), (2, 37, 3, 16), (3, 50, 2, 64), (1, 19, 5, 5)]  # N=64 has its own specialised loop
+SHAPES = [(1, 1, 1, 4), (2, 37, 3, 16), (1, 20, 2, 32), (3, 50, 2, 64), (1, 19, 5, 5)]  # N=16/32/64: the vector loops
 
 
 @pytest.mark.parametrize("B,T,H,N", SHAPES, ids=str)
@@ -52,7 +52,7 @@ def test_matches_independent_recurrence_fp64(op, B, T, H, N):
     assert_close("ht", ref_h, ht, 1e-12)
 
 
-@pytest.mark.parametrize("N", [16, 64])
+@pytest.mark.parametrize("N", [16, 32, 64])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-2)])
 def test_low_precision_inputs_match_naive_fp64(N, dtype, tol):
     xs, h0 = t7.make_inputs(2, 130, 2, N)
@@ -118,9 +118,9 @@ def test_auto_uses_it_for_sequences_with_and_without_autograd():
         assert torch.equal(wkv7(*xs, h0)[0], out.detach())
 
 
-# T below, at and above the checkpoint interval, not a multiple of it; interval 1; N = 64 (its specialised loops).
+# T below, at and above the checkpoint interval, not a multiple of it; interval 1; N = 16, 32, 64 (the vector loops).
 BACKWARD_CASES = [(1, 1, 1, 4, 32), (2, 37, 3, 16, 16), (1, 32, 2, 8, 32), (2, 70, 2, 64, 32), (1, 9, 2, 5, 1),
-                  (2, 5, 1, 8, 32)]
+                  (2, 5, 1, 8, 32), (1, 45, 2, 32, 16)]
 
 
 @pytest.mark.parametrize("B,T,H,N,every", BACKWARD_CASES, ids=str)
@@ -135,20 +135,22 @@ def test_backward_matches_naive_fp64(op, B, T, H, N, every, with_state):
     assert_all_close(ref, got, 1e-12, mod.NAMES)
 
 
+@pytest.mark.parametrize("N", [16, 32, 64])
 @pytest.mark.parametrize("op", ["wkv7", "wkv6"])
-def test_backward_fp32_matches_fp64(op):
+def test_backward_fp32_matches_fp64(op, N):
     mod, fn = (t7, wkv7) if op == "wkv7" else (t6, wkv6)
-    xs, h0 = mod.make_inputs(2, 150, 2, 64, dtype=torch.float32, requires_grad=True)
+    xs, h0 = mod.make_inputs(2, 150, 2, N, dtype=torch.float32, requires_grad=True)
     got = grads_of(lambda *a: fn(*a, backend="recurrent"), xs, h0)
     assert all(g.dtype == torch.float32 for g in got[2])
     ref = grads_of(lambda *a: fn(*a, backend="naive"), *float64_leaves(xs, h0), like=(torch.float32, torch.float32))
     assert_all_close(ref, got, 2e-5, mod.NAMES)
 
 
-def test_fp32_decay_over_its_whole_range():
-    """The float32 N=64 loops compute exp(w) eight at a time (their own exp on AVX2): log-decays from 0 down past
-    float32's exp underflow (-87.3) give the float64 naive results, forward and backward."""
-    xs, h0 = t7.make_inputs(2, 40, 2, 64, dtype=torch.float32, requires_grad=True)
+@pytest.mark.parametrize("N", [16, 32, 64])
+def test_fp32_decay_over_its_whole_range(N):
+    """The float32 vector loops (N = 16, 32, 64) compute exp(w) eight at a time (their own exp on AVX2): log-decays
+    from 0 down past float32's exp underflow (-87.3) give the float64 naive results, forward and backward."""
+    xs, h0 = t7.make_inputs(2, 40, 2, N, dtype=torch.float32, requires_grad=True)
     with torch.no_grad():
         grid = torch.tensor([0.0, -1e-6, -0.3, -0.6065, -3.0, -20.0, -80.0, -87.0, -88.0, -100.0, -1e4])
         xs[1].copy_(grid[torch.randint(0, len(grid), xs[1].shape, generator=torch.Generator().manual_seed(2))])

@@ -236,6 +236,10 @@ typedef double f64;
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define WKV_VECTOR 1
+/* The float32 loops for head sizes 16, 32 and 64 as AVX2 + FMA code, N / 8 eight-lane vectors per state row. Every
+ * helper below takes the head size as an argument and is inlined into a function that fixes it (the _n16, _n32 and
+ * _n64 instantiations at the end of this section), so that each head size gets its own unrolled loops. */
+#define INLINE static inline __attribute__((always_inline))
 
 typedef __m256 v8;
 #define LD(p) _mm256_load_ps(p)   /* 32-byte aligned: the kernel's own buffers */
@@ -272,9 +276,9 @@ static inline v8 exp8(v8 x) {
     return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
-/* d[0..63] = exp(w[0..63]) */
-static inline void exp64(const f32 *w, f32 *d) {
-    for (int q = 0; q < 8; q++) STA(d + 8 * q, exp8(LDU(w + 8 * q)));
+/* d[0..N-1] = exp(w[0..N-1]) */
+INLINE void expv(const f32 *w, f32 *d, int N) {
+    for (int q = 0; q < N / 8; q++) STA(d + 8 * q, exp8(LDU(w + 8 * q)));
 }
 
 /* Lane j of the result: the sum of the eight lanes of p[8 j .. 8 j + 7] (eight rows of partial sums). */
@@ -293,48 +297,49 @@ static inline f32 hsum1(v8 x) {
 }
 
 /* sa = S a for the internal layout: sa[i] = sum_j ST[j][i] a[j]. */
-static inline void state_times(const f32 *ST, const f32 *a, f32 *sa) {
+INLINE void state_times(const f32 *ST, const f32 *a, f32 *sa, int N) {
     v8 s[8];
-    for (int q = 0; q < 8; q++) s[q] = _mm256_setzero_ps();
-    for (int j = 0; j < 64; j++) {
+    for (int q = 0; q < N / 8; q++) s[q] = _mm256_setzero_ps();
+    for (int j = 0; j < N; j++) {
         const v8 aj = BC(a[j]);
-        for (int q = 0; q < 8; q++) s[q] = FMA(LD(ST + 64 * j + 8 * q), aj, s[q]);
+        for (int q = 0; q < N / 8; q++) s[q] = FMA(LD(ST + N * j + 8 * q), aj, s[q]);
     }
-    for (int q = 0; q < 8; q++) STA(sa + 8 * q, s[q]);
+    for (int q = 0; q < N / 8; q++) STA(sa + 8 * q, s[q]);
 }
 
-/* One token's update Sn[j][i] = P[j][i] d[j] + sa[i] b[j] + v[i] k[j] (Sn may be P); with r, also y = Sn r. Four
- * vectors of i at a time, so that sa, v and y stay in registers over the 64 rows. */
-static inline void state_update(const f32 *P, f32 *Sn, const f32 *d, const f32 *sa, const f32 *bt, const f32 *kt,
-                                const f32 *vt, const f32 *rt, f32 *y) {
-    for (int q0 = 0; q0 < 8; q0 += 4) {
+/* Vectors of i per pass of the state updates: up to four, so that sa, v and y stay in registers over the rows. */
+#define QBLOCK(N) ((N) / 8 < 4 ? (N) / 8 : 4)
+
+/* One token's update Sn[j][i] = P[j][i] d[j] + sa[i] b[j] + v[i] k[j] (Sn may be P); with r, also y = Sn r. */
+INLINE void state_update(const f32 *P, f32 *Sn, const f32 *d, const f32 *sa, const f32 *bt, const f32 *kt,
+                         const f32 *vt, const f32 *rt, f32 *y, int N) {
+    const int QB = QBLOCK(N);
+    for (int q0 = 0; q0 < N / 8; q0 += QB) {
         v8 s[4], vv[4], yy[4];
-        for (int q = 0; q < 4; q++) s[q] = LD(sa + 8 * (q0 + q)), vv[q] = LDU(vt + 8 * (q0 + q)), yy[q] = _mm256_setzero_ps();
-        for (int j = 0; j < 64; j++) {
+        for (int q = 0; q < QB; q++) s[q] = LD(sa + 8 * (q0 + q)), vv[q] = LDU(vt + 8 * (q0 + q)), yy[q] = _mm256_setzero_ps();
+        for (int j = 0; j < N; j++) {
             const v8 dj = BC(d[j]), bj = BC(bt[j]), kj = BC(kt[j]);
-            const f32 *row = P + 64 * j + 8 * q0;
-            f32 *nrow = Sn + 64 * j + 8 * q0;
+            const f32 *row = P + N * j + 8 * q0;
+            f32 *nrow = Sn + N * j + 8 * q0;
             if (rt) {
                 const v8 rj = BC(rt[j]);
-                for (int q = 0; q < 4; q++) {
+                for (int q = 0; q < QB; q++) {
                     const v8 x = FMA(LD(row + 8 * q), dj, FMA(s[q], bj, MUL(vv[q], kj)));
                     STA(nrow + 8 * q, x);
                     yy[q] = FMA(x, rj, yy[q]);
                 }
             } else {
-                for (int q = 0; q < 4; q++) STA(nrow + 8 * q, FMA(LD(row + 8 * q), dj, FMA(s[q], bj, MUL(vv[q], kj))));
+                for (int q = 0; q < QB; q++) STA(nrow + 8 * q, FMA(LD(row + 8 * q), dj, FMA(s[q], bj, MUL(vv[q], kj))));
             }
         }
         if (rt)
-            for (int q = 0; q < 4; q++) STU(y + 8 * (q0 + q), yy[q]);
+            for (int q = 0; q < QB; q++) STU(y + 8 * (q0 + q), yy[q]);
     }
 }
 
-static int wkv7_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *a, const f32 *bb,
-                        f32 *out, f32 *S, f32 *ckpt, int64_t L, int64_t T, int64_t H, int64_t n, int64_t b,
-                        int64_t h) {
-    enum { N = 64, NN = N * N };
-    (void)n;
+INLINE int wkv7_vec(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *a, const f32 *bb, f32 *out,
+                    f32 *S, f32 *ckpt, int64_t L, int64_t T, int64_t H, int64_t b, int64_t h, int N) {
+    const int NN = N * N;
     f32 *buf = (f32 *)aligned_alloc(32, sizeof(f32) * (NN + 2 * N));
     if (!buf) return 1;
     f32 *ST = buf, *d = buf + NN, *sa = d + N;
@@ -343,9 +348,9 @@ static int wkv7_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, 
     for (int64_t t = 0; t < T; t++) {
         const int64_t o = ((b * T + t) * H + h) * N;
         if (ckpt && t % L == 0) memcpy(ckpt + (t / L) * NN, ST, sizeof(f32) * NN);
-        state_times(ST, a + o, sa);
-        exp64(w + o, d);
-        state_update(ST, ST, d, sa, bb + o, k + o, v + o, r + o, out + o);
+        state_times(ST, a + o, sa, N);
+        expv(w + o, d, N);
+        state_update(ST, ST, d, sa, bb + o, k + o, v + o, r + o, out + o, N);
     }
     for (int64_t i = 0; i < N; i++)
         for (int64_t j = 0; j < N; j++) S[i * N + j] = ST[j * N + i];
@@ -353,11 +358,10 @@ static int wkv7_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, 
     return 0;
 }
 
-static int wkv7_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *a, const f32 *bb,
-                             const f32 *dy, const f32 *ckpt, f32 *dS_io, f32 *dr, f32 *dw, f32 *dk, f32 *dv, f32 *da,
-                             f32 *db, int64_t L, int64_t T, int64_t H, int64_t n, int64_t b, int64_t h) {
-    enum { N = 64, NN = N * N };
-    (void)n;
+INLINE int wkv7_back_vec(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *a, const f32 *bb,
+                         const f32 *dy, const f32 *ckpt, f32 *dS_io, f32 *dr, f32 *dw, f32 *dk, f32 *dv, f32 *da,
+                         f32 *db, int64_t L, int64_t T, int64_t H, int64_t b, int64_t h, int N) {
+    const int NN = N * N, Q = N / 8;
     /* states of one span, dS, sa of each token of the span, dsa, dv, decays, and five [N][8] partial-sum blocks */
     f32 *buf = (f32 *)aligned_alloc(32, sizeof(f32) * ((L + 1) * NN + NN + L * N + 3 * N + 5 * 8 * N));
     if (!buf) return 1;
@@ -371,19 +375,19 @@ static int wkv7_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
         for (int64_t t = t0; t < t1; t++) {
             const int64_t o = ((b * T + t) * H + h) * N;
             f32 *P = Ss + (t - t0) * NN, *sa = sas + (t - t0) * N;
-            state_times(P, a + o, sa);
-            exp64(w + o, d);
-            state_update(P, P + NN, d, sa, bb + o, k + o, v + o, 0, 0);
+            state_times(P, a + o, sa, N);
+            expv(w + o, d, N);
+            state_update(P, P + NN, d, sa, bb + o, k + o, v + o, 0, 0, N);
         }
         for (int64_t t = t1 - 1; t >= t0; t--) {
             const int64_t o = ((b * T + t) * H + h) * N;
             const f32 *P = Ss + (t - t0) * NN, *St = P + NN, *sa = sas + (t - t0) * N;
             const f32 *rt = r + o, *kt = k + o, *vt = v + o, *at = a + o, *bt = bb + o, *g = dy + o;
-            exp64(w + o, d);
+            expv(w + o, d, N);
             /* dS += dy r^T; per row j the partial sums of dr = S_t^T dy, dk = dS^T v, db = dS^T sa and
              * colsum(dS * S_{t-1}); dv = dS k and dsa = dS b over the rows */
             v8 gg[8], vv[8];
-            for (int q = 0; q < 8; q++) {
+            for (int q = 0; q < Q; q++) {
                 gg[q] = LDU(g + 8 * q), vv[q] = LDU(vt + 8 * q);
                 STA(dvv + 8 * q, _mm256_setzero_ps()), STA(dsa + 8 * q, _mm256_setzero_ps());
             }
@@ -392,7 +396,7 @@ static int wkv7_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
                 const f32 *srow = St + N * j, *prow = P + N * j;
                 f32 *drow = dS + N * j;
                 v8 s_r = _mm256_setzero_ps(), s_k = s_r, s_b = s_r, s_w = s_r;
-                for (int q = 0; q < 8; q++) {
+                for (int q = 0; q < Q; q++) {
                     const v8 x = FMA(rj, gg[q], LD(drow + 8 * q));
                     STA(drow + 8 * q, x);
                     s_r = FMA(LD(srow + 8 * q), gg[q], s_r);
@@ -404,7 +408,7 @@ static int wkv7_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
                 }
                 STA(pr + 8 * j, s_r), STA(pk + 8 * j, s_k), STA(pb + 8 * j, s_b), STA(pw + 8 * j, s_w);
             }
-            for (int q = 0; q < 8; q++) {
+            for (int q = 0; q < Q; q++) {
                 STU(dr + o + 8 * q, hsum8(pr + 64 * q));
                 STU(dk + o + 8 * q, hsum8(pk + 64 * q));
                 STU(db + o + 8 * q, hsum8(pb + 64 * q));
@@ -413,19 +417,19 @@ static int wkv7_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
             memcpy(dv + o, dvv, sizeof(f32) * N);
             /* da = S_{t-1}^T dsa;  dS <- dS D + dsa a^T */
             v8 ds[8];
-            for (int q = 0; q < 8; q++) ds[q] = LD(dsa + 8 * q);
+            for (int q = 0; q < Q; q++) ds[q] = LD(dsa + 8 * q);
             for (int j = 0; j < N; j++) {
                 const v8 dj = BC(d[j]), aj = BC(at[j]);
                 const f32 *prow = P + N * j;
                 f32 *drow = dS + N * j;
                 v8 s_a = _mm256_setzero_ps();
-                for (int q = 0; q < 8; q++) {
+                for (int q = 0; q < Q; q++) {
                     s_a = FMA(ds[q], LD(prow + 8 * q), s_a);
                     STA(drow + 8 * q, FMA(LD(drow + 8 * q), dj, MUL(ds[q], aj)));
                 }
                 STA(pa + 8 * j, s_a);
             }
-            for (int q = 0; q < 8; q++) STU(da + o + 8 * q, hsum8(pa + 64 * q));
+            for (int q = 0; q < Q; q++) STU(da + o + 8 * q, hsum8(pa + 64 * q));
         }
     }
     for (int64_t i = 0; i < N; i++)
@@ -435,45 +439,44 @@ static int wkv7_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
 }
 
 /* WKV-6's bonus weight of a token, sum_j r_j u_j k_j, in every lane. */
-static inline v8 bonus6(const f32 *rt, const f32 *uh, const f32 *kt) {
+INLINE v8 bonus6(const f32 *rt, const f32 *uh, const f32 *kt, int N) {
     v8 c = _mm256_setzero_ps();
-    for (int q = 0; q < 8; q++) c = FMA(MUL(LDU(rt + 8 * q), LDU(uh + 8 * q)), LDU(kt + 8 * q), c);
+    for (int q = 0; q < N / 8; q++) c = FMA(MUL(LDU(rt + 8 * q), LDU(uh + 8 * q)), LDU(kt + 8 * q), c);
     return BC(hsum1(c));
 }
 
-/* One WKV-6 token: Sn[j][i] = P[j][i] d[j] + k[j] v[i] (Sn may be P); with r, also y = r^T P + bonus v. Four
- * vectors of i at a time, so that v and y stay in registers over the 64 rows. */
-static inline void state_update6(const f32 *P, f32 *Sn, const f32 *d, const f32 *kt, const f32 *vt, const f32 *rt,
-                                 v8 bonus, f32 *y) {
-    for (int q0 = 0; q0 < 8; q0 += 4) {
+/* One WKV-6 token: Sn[j][i] = P[j][i] d[j] + k[j] v[i] (Sn may be P); with r, also y = r^T P + bonus v. */
+INLINE void state_update6(const f32 *P, f32 *Sn, const f32 *d, const f32 *kt, const f32 *vt, const f32 *rt, v8 bonus,
+                          f32 *y, int N) {
+    const int QB = QBLOCK(N);
+    for (int q0 = 0; q0 < N / 8; q0 += QB) {
         v8 vv[4], yy[4];
-        for (int q = 0; q < 4; q++) vv[q] = LDU(vt + 8 * (q0 + q)), yy[q] = MUL(vv[q], bonus);
-        for (int j = 0; j < 64; j++) {
+        for (int q = 0; q < QB; q++) vv[q] = LDU(vt + 8 * (q0 + q)), yy[q] = MUL(vv[q], bonus);
+        for (int j = 0; j < N; j++) {
             const v8 dj = BC(d[j]), kj = BC(kt[j]);
-            const f32 *row = P + 64 * j + 8 * q0;
-            f32 *nrow = Sn + 64 * j + 8 * q0;
+            const f32 *row = P + N * j + 8 * q0;
+            f32 *nrow = Sn + N * j + 8 * q0;
             if (rt) {
                 const v8 rj = BC(rt[j]);
-                for (int q = 0; q < 4; q++) {
+                for (int q = 0; q < QB; q++) {
                     const v8 x = LDU(row + 8 * q);
                     yy[q] = FMA(rj, x, yy[q]);
                     STU(nrow + 8 * q, FMA(x, dj, MUL(vv[q], kj)));
                 }
             } else {
-                for (int q = 0; q < 4; q++) STU(nrow + 8 * q, FMA(LDU(row + 8 * q), dj, MUL(vv[q], kj)));
+                for (int q = 0; q < QB; q++) STU(nrow + 8 * q, FMA(LDU(row + 8 * q), dj, MUL(vv[q], kj)));
             }
         }
         if (rt)
-            for (int q = 0; q < 4; q++) STU(y + 8 * (q0 + q), yy[q]);
+            for (int q = 0; q < QB; q++) STU(y + 8 * (q0 + q), yy[q]);
     }
 }
 
 /* WKV-6 (official layout S[j][i], rows j over the key index, contiguous in i): y = r^T S_{t-1} + (sum_j r_j u_j k_j) v
- * and S_t = D S_{t-1} + k v^T, four vectors of i at a time. */
-static int wkv6_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *u, f32 *out, f32 *S,
-                        f32 *ckpt, int64_t L, int64_t T, int64_t H, int64_t n, int64_t b, int64_t h) {
-    enum { N = 64, NN = N * N };
-    (void)n;
+ * and S_t = D S_{t-1} + k v^T. */
+INLINE int wkv6_vec(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *u, f32 *out, f32 *S, f32 *ckpt,
+                    int64_t L, int64_t T, int64_t H, int64_t b, int64_t h, int N) {
+    const int NN = N * N;
     f32 *d = (f32 *)aligned_alloc(32, sizeof(f32) * N);
     if (!d) return 1;
     const f32 *uh = u + h * N;
@@ -481,8 +484,8 @@ static int wkv6_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, 
         const int64_t o = ((b * T + t) * H + h) * N;
         const f32 *rt = r + o, *kt = k + o, *vt = v + o;
         if (ckpt && t % L == 0) memcpy(ckpt + (t / L) * NN, S, sizeof(f32) * NN);
-        exp64(w + o, d);
-        state_update6(S, S, d, kt, vt, rt, bonus6(rt, uh, kt), out + o);
+        expv(w + o, d, N);
+        state_update6(S, S, d, kt, vt, rt, bonus6(rt, uh, kt, N), out + o, N);
     }
     free(d);
     return 0;
@@ -490,43 +493,42 @@ static int wkv6_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, 
 
 /* The WKV6_BACK formulas with dS D + r dy^T kept per row, the row sums as eight-lane partials (hsum8), and
  * dv = dS^T k + (sum_j r_j u_j k_j) dy. */
-static int wkv6_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *u, const f32 *dy,
-                             const f32 *ckpt, f32 *dS, f32 *dr, f32 *dw, f32 *dk, f32 *dv, f32 *du, int64_t L,
-                             int64_t T, int64_t H, int64_t n, int64_t b, int64_t h) {
-    enum { N = 64, NN = N * N };
-    (void)n;
+INLINE int wkv6_back_vec(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *u, const f32 *dy,
+                         const f32 *ckpt, f32 *dS, f32 *dr, f32 *dw, f32 *dk, f32 *dv, f32 *du, int64_t L, int64_t T,
+                         int64_t H, int64_t b, int64_t h, int N) {
+    const int NN = N * N, Q = N / 8;
     f32 *buf = (f32 *)aligned_alloc(32, sizeof(f32) * (L * NN + 2 * N + 3 * 8 * N));
     if (!buf) return 1;
     f32 *Ss = buf, *d = Ss + L * NN, *dvv = d + N, *pr = dvv + N, *pk = pr + 8 * N, *pw = pk + 8 * N;
     const f32 *uh = u + h * N;
     v8 dus[8];
-    for (int q = 0; q < 8; q++) dus[q] = _mm256_setzero_ps();
+    for (int q = 0; q < Q; q++) dus[q] = _mm256_setzero_ps();
     for (int64_t c = (T + L - 1) / L - 1; c >= 0; c--) {
         const int64_t t0 = c * L, t1 = t0 + L < T ? t0 + L : T;
         memcpy(Ss, ckpt + c * NN, sizeof(f32) * NN);
         for (int64_t t = t0; t < t1 - 1; t++) {
             const int64_t o = ((b * T + t) * H + h) * N;
             f32 *P = Ss + (t - t0) * NN;
-            exp64(w + o, d);
-            state_update6(P, P + NN, d, k + o, v + o, 0, _mm256_setzero_ps(), 0);
+            expv(w + o, d, N);
+            state_update6(P, P + NN, d, k + o, v + o, 0, _mm256_setzero_ps(), 0, N);
         }
         for (int64_t t = t1 - 1; t >= t0; t--) {
             const int64_t o = ((b * T + t) * H + h) * N;
             const f32 *P = Ss + (t - t0) * NN, *rt = r + o, *kt = k + o, *vt = v + o, *g = dy + o;
-            exp64(w + o, d);
+            expv(w + o, d, N);
             v8 gg[8], vv[8], vg = _mm256_setzero_ps();
-            for (int q = 0; q < 8; q++) {
+            for (int q = 0; q < Q; q++) {
                 gg[q] = LDU(g + 8 * q), vv[q] = LDU(vt + 8 * q);
                 vg = FMA(vv[q], gg[q], vg);
                 STA(dvv + 8 * q, _mm256_setzero_ps());
             }
-            const v8 vgs = BC(hsum1(vg)), bonus = bonus6(rt, uh, kt);
+            const v8 vgs = BC(hsum1(vg)), bonus = bonus6(rt, uh, kt, N);
             for (int j = 0; j < N; j++) {
                 const v8 rj = BC(rt[j]), kj = BC(kt[j]), dj = BC(d[j]);
                 const f32 *prow = P + N * j;
                 f32 *drow = dS + N * j;
                 v8 s_r = _mm256_setzero_ps(), s_k = s_r, s_w = s_r;
-                for (int q = 0; q < 8; q++) {
+                for (int q = 0; q < Q; q++) {
                     const v8 x = LDU(drow + 8 * q), p = LD(prow + 8 * q);
                     s_r = FMA(p, gg[q], s_r);
                     s_k = FMA(x, vv[q], s_k);
@@ -536,7 +538,7 @@ static int wkv6_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
                 }
                 STA(pr + 8 * j, s_r), STA(pk + 8 * j, s_k), STA(pw + 8 * j, s_w);
             }
-            for (int q = 0; q < 8; q++) {
+            for (int q = 0; q < Q; q++) {
                 const v8 rq = LDU(rt + 8 * q), kq = LDU(kt + 8 * q), uq = LDU(uh + 8 * q), ukv = MUL(uq, vgs);
                 STU(dr + o + 8 * q, FMA(kq, ukv, hsum8(pr + 64 * q)));
                 STU(dk + o + 8 * q, FMA(rq, ukv, hsum8(pk + 64 * q)));
@@ -546,10 +548,41 @@ static int wkv6_back_f32_n64(const f32 *r, const f32 *w, const f32 *k, const f32
             }
         }
     }
-    for (int q = 0; q < 8; q++) STU(du + 8 * q, dus[q]);
+    for (int q = 0; q < Q; q++) STU(du + 8 * q, dus[q]);
     free(buf);
     return 0;
 }
+/* The instantiations: one set of loops per vectorised head size. */
+#define WKV_VEC(NV)                                                                                         \
+    static int wkv7_f32_n##NV(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *a,        \
+                              const f32 *bb, f32 *out, f32 *S, f32 *ckpt, int64_t L, int64_t T, int64_t H, \
+                              int64_t n, int64_t b, int64_t h) {                                            \
+        (void)n;                                                                                            \
+        return wkv7_vec(r, w, k, v, a, bb, out, S, ckpt, L, T, H, b, h, NV);                                \
+    }                                                                                                       \
+    static int wkv7_back_f32_n##NV(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *a,   \
+                                   const f32 *bb, const f32 *dy, const f32 *ckpt, f32 *dS, f32 *dr,         \
+                                   f32 *dw, f32 *dk, f32 *dv, f32 *da, f32 *db, int64_t L, int64_t T,       \
+                                   int64_t H, int64_t n, int64_t b, int64_t h) {                            \
+        (void)n;                                                                                            \
+        return wkv7_back_vec(r, w, k, v, a, bb, dy, ckpt, dS, dr, dw, dk, dv, da, db, L, T, H, b, h, NV);   \
+    }                                                                                                       \
+    static int wkv6_f32_n##NV(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *u,        \
+                              f32 *out, f32 *S, f32 *ckpt, int64_t L, int64_t T, int64_t H, int64_t n,      \
+                              int64_t b, int64_t h) {                                                       \
+        (void)n;                                                                                            \
+        return wkv6_vec(r, w, k, v, u, out, S, ckpt, L, T, H, b, h, NV);                                    \
+    }                                                                                                       \
+    static int wkv6_back_f32_n##NV(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *u,   \
+                                   const f32 *dy, const f32 *ckpt, f32 *dS, f32 *dr, f32 *dw, f32 *dk,      \
+                                   f32 *dv, f32 *du, int64_t L, int64_t T, int64_t H, int64_t n, int64_t b, \
+                                   int64_t h) {                                                             \
+        (void)n;                                                                                            \
+        return wkv6_back_vec(r, w, k, v, u, dy, ckpt, dS, dr, dw, dk, dv, du, L, T, H, b, h, NV);           \
+    }
+WKV_VEC(16)
+WKV_VEC(32)
+WKV_VEC(64)
 #endif
 
 WKV7_HEAD(wkv7_f32, f32, expf, 0)
@@ -605,10 +638,22 @@ typedef struct {
 
 RUN_ONE(run_f32, f32, )
 RUN_ONE(run_f32_n64, f32, _n64)
+#ifdef WKV_VECTOR
+RUN_ONE(run_f32_n32, f32, _n32)
+RUN_ONE(run_f32_n16, f32, _n16)
+#endif
 RUN_ONE(run_f64, f64, )
 
 static int run_one(const job_t *j, int64_t x) {
-    return j->dbl ? run_f64(j, x) : j->N == 64 ? run_f32_n64(j, x) : run_f32(j, x);
+    if (j->dbl) return run_f64(j, x);
+    switch (j->N) {
+    case 64: return run_f32_n64(j, x);
+#ifdef WKV_VECTOR
+    case 32: return run_f32_n32(j, x);
+    case 16: return run_f32_n16(j, x);
+#endif
+    default: return run_f32(j, x);
+    }
 }
 
 typedef struct {
