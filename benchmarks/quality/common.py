@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import rwkv_torch as rt
-from rwkv_torch.train import TrainConfig, build_model, param_groups
+from rwkv_torch.train import TrainConfig, adamw, build_model, param_groups
 from rwkv_torch.train.data import Dataset, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,8 +80,9 @@ def build(backbone: str, *, hidden_size: int, num_layers: int, head_size: int, m
 
 
 def optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with the official recipe's groups (``train.param_groups``) and betas (0.9, 0.99)."""
-    return torch.optim.AdamW(param_groups(model, lr, weight_decay), lr=lr, betas=(0.9, 0.99), eps=1e-8)
+    """AdamW with the official recipe's groups (``train.param_groups``) and betas (0.9, 0.99), fused where torch has
+    that form (``train.adamw``, as the trainer builds it) for every model alike."""
+    return adamw(param_groups(model, lr, weight_decay), lr=lr, betas=(0.9, 0.99), eps=1e-8)
 
 
 def width_of(model) -> int:
