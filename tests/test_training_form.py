@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from rwkv_torch.config import RWKVConfig
 from rwkv_torch.layers.rwkv7 import TimeMix
+from rwkv_torch.ops import cpu_kernel
 from rwkv_torch.ops.mix import shift_mix_linear
 from rwkv_torch.ops.token_shift import token_shift, token_shift_backward
 from tests.utils import assert_close
@@ -106,10 +107,18 @@ def test_training_form_keeps_fewer_tensors():
     assert fused < 0.65 * spec, (fused, spec)  # 18.5 against 31.9 [B, T, C] tensors here
 
 
-def test_shift_mix_linear_equals_the_lerps_then_the_projections():
+@pytest.mark.parametrize("one_pass", [True, False], ids=["C-pass", "torch-ops"])
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)], ids=["all-outputs", "one-unused"])
+def test_shift_mix_linear_equals_the_lerps_then_the_projections(one_pass, used, monkeypatch):
+    """Both backwards (the C pass over the reductions and its torch fallback) against autograd of the lerps; 140 rows
+    span several of the C pass's row blocks."""
+    if not one_pass:
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    elif not cpu_kernel.available():
+        pytest.skip("no C compiler here: the one-pass backward cannot be built")
     g = torch.Generator().manual_seed(3)
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
-    x, shift = rand(2, 5, 6), rand(2, 6)
+    x, shift = rand(2, 70, 6), rand(2, 6)
     mu0, mu1 = rand(6), rand(6)
     mus, weights = [mu0, mu1, mu0], [rand(3, 6), rand(6, 4).t(), rand(2, 6)]  # one vector feeding two projections
 
@@ -123,12 +132,44 @@ def test_shift_mix_linear_equals_the_lerps_then_the_projections():
     for o, r in zip(outs, ref):
         assert_close("out", r, o, 1e-14)
     proj = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref]
-    gr = torch.autograd.grad(sum((o * p).sum() for o, p in zip(ref, proj)), leaves + weights)
-    go = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, proj)), leaves + weights)
-    for a, b in zip(gr, go):
-        assert_close("grad", a, b, 1e-13)
+    loss = lambda ys: sum((ys[i] * proj[i]).sum() for i in used)  # noqa: E731
+    gr = torch.autograd.grad(loss(ref), leaves + weights, allow_unused=True)
+    go = torch.autograd.grad(loss(outs), leaves + weights, allow_unused=True)
+    for leaf, a, b in zip(leaves + weights, gr, go):  # unreached in the reference: autograd gives zeros or None
+        a = torch.zeros_like(leaf) if a is None else a
+        assert_close("grad", a, torch.zeros_like(leaf) if b is None else b, 1e-13)
     with pytest.raises(ValueError, match="one weight per mixing vector"):
         shift_mix_linear(x, shift, mus, weights[:1])
+
+
+def test_mix_backward_pass_in_float32_is_exact_and_thread_independent():
+    """The C pass in float32 against float64 sums, and bit-equal for 1, 2 and 3 threads."""
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(4)
+    d = [torch.randn(3, 100, 40, generator=g) for _ in range(3)]
+    mus = [torch.rand(40, generator=g) for _ in range(3)]
+    xx = torch.randn(3, 100, 40, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(cpu_kernel.mix_backward(d, mus, xx))
+    finally:
+        torch.set_num_threads(threads)
+    for run_ in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run_))
+    d64, mus64, xx64 = [t.double() for t in d], [m.double() for m in mus], xx.double()
+    dxx = sum(t * m for t, m in zip(d64, mus64))
+    dmu = torch.stack([(t * xx64).sum((0, 1)) for t in d64])
+    for name, want, got in zip(("dx", "dxx", "dmu"), (sum(d64) - dxx, dxx, dmu), runs[0]):
+        assert got.dtype == torch.float32
+        assert_close(name, want, got.double(), 1e-5)
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu_kernel.mix_backward(d, mus64, xx)
+    with pytest.raises(ValueError, match="shaped like xx"):
+        cpu_kernel.mix_backward(d, mus[:2], xx)
 
 
 @pytest.mark.parametrize("cu", [None, [0, 3, 3, 7, 9], [0, 0, 9]])

@@ -1,6 +1,6 @@
 """Fused CPU kernels, built from ``csrc/*.c`` on first use: the WKV-7 and WKV-6 recurrences with their backward
-(``csrc/wkv_cpu.c``) and the whole one-token RWKV-7 block stack (``csrc/rwkv7_step.c``, driven by
-``decode/c_step.py``).
+(``csrc/wkv_cpu.c``), the whole one-token RWKV-7 block stack (``csrc/rwkv7_step.c``, driven by
+``decode/c_step.py``) and the reductions of a token-shift mix's backward (``csrc/mix_cpu.c``, used by ``ops/mix.py``).
 
 The chunked form turns a sequence into many small matrix products and elementwise passes; on a CPU, with 64x64
 head states that stay in L1, the plain spec recurrence in C does less work: one read of the inputs, two passes
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("wkv_cpu.c", "rwkv7_step.c")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("wkv_cpu.c", "rwkv7_step.c", "mix_cpu.c")]
 # Reassociation lets the compiler vectorise the sums (results differ from the naive loop at rounding level only,
 # which the tests bound); no -ffinite-math-only, so NaN and inf still propagate.
 _FAST_MATH = ["-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -131,6 +131,10 @@ def _load() -> ctypes.CDLL:
         lib.rwkv_qgemv.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 3 + [ctypes.c_int]
         lib.rwkv_qgemv.restype = ctypes.c_int
         lib.rwkv_wkv7_forward.restype = lib.rwkv_wkv6_forward.restype = lib.rwkv7_blocks_step.restype = ctypes.c_int
+        lib.rwkv_mix_blocks.argtypes = [i64]
+        lib.rwkv_mix_blocks.restype = i64
+        lib.rwkv_mix_backward.argtypes = [ctypes.c_int, i64, i64, ptr, ptr] + [ptr] * 4 + [ctypes.c_int] * 2
+        lib.rwkv_mix_backward.restype = ctypes.c_int
         lib.rwkv7_step_fields.argtypes = []
         lib.rwkv7_step_fields.restype = ctypes.c_char_p
         _lib = lib
@@ -233,6 +237,42 @@ def _wkv6_bwd_impl(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     return [*grads, du.sum(0), ds]
 
 
+def _mix_backward_impl(d: list[torch.Tensor], mus: list[torch.Tensor],
+                       xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    C = xx.shape[-1]
+    lib = _load()
+    d = [t.contiguous() for t in d]
+    mus = [m.reshape(C).contiguous() for m in mus]
+    xx = xx.contiguous()
+    dx, dxx = torch.empty_like(xx), torch.empty_like(xx)
+    part = xx.new_empty(lib.rwkv_mix_blocks(xx.numel() // C), len(d), C)
+    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
+    err = lib.rwkv_mix_backward(len(d), xx.numel() // C, C, ptrs(d), ptrs(mus), *map(_ptr, (xx, dx, dxx, part)),
+                                int(xx.dtype == torch.float64), torch.get_num_threads())
+    _check(err, "mix backward")
+    return dx, dxx, part.sum(0)
+
+
+def _mix_backward_fake(d, mus, xx):
+    return torch.empty_like(xx), torch.empty_like(xx), xx.new_empty(len(d), xx.shape[-1])
+
+
+def mix_backward(d: list, mus: list, xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reductions of a token-shift mix's backward in one pass (``csrc/mix_cpu.c``): from the projections' input
+    gradients ``d`` (each shaped like ``xx``, ``[..., C]``), their mixing vectors ``mus`` (``C`` elements each) and
+    ``xx = x_prev - x``, returns ``(Σ d_i - dxx, dxx, dmu)`` with ``dxx = Σ d_i mu_i`` and ``dmu`` ``[n, C]`` the
+    per-channel sums of ``d_i xx``. float32 or float64 CPU tensors, all of one dtype; independent of the thread
+    count (the channel sums are taken over fixed row blocks, added in order)."""
+    dtype, C = xx.dtype, xx.shape[-1]
+    if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype for t in (*d, *mus)):
+        raise TypeError(f"mix_backward takes float32 or float64 tensors of one dtype, got {dtype} and "
+                        f"{sorted({str(t.dtype) for t in (*d, *mus)})}")
+    if not d or len(mus) != len(d) or any(t.shape != xx.shape for t in d) or any(m.numel() != C for m in mus):
+        raise ValueError(f"mix_backward: gradients shaped like xx {tuple(xx.shape)} and as many {C}-vectors, got "
+                         f"{[tuple(t.shape) for t in d]} and {[tuple(m.shape) for m in mus]}")
+    return _mix_backward_op(list(d), list(mus), xx)
+
+
 def _fake_forward(r, state, every):
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
     B, T, H, N = r.shape
@@ -269,6 +309,7 @@ _wkv7_op = _custom_op("wkv7_recurrent_fwd", _wkv7_impl, _wkv7_fake)
 _wkv6_op = _custom_op("wkv6_recurrent_fwd", _wkv6_impl, _wkv6_fake)
 _wkv7_bwd_op = _custom_op("wkv7_recurrent_bwd", _wkv7_bwd_impl, _wkv7_bwd_fake)
 _wkv6_bwd_op = _custom_op("wkv6_recurrent_bwd", _wkv6_bwd_impl, _wkv6_bwd_fake)
+_mix_backward_op = _custom_op("mix_backward", _mix_backward_impl, _mix_backward_fake)
 
 # The forward keeps the state before every CHECKPOINT_EVERY-th token for the backward, which recomputes the states
 # of one such span at a time: 33 states of 16 kB at N = 64 in fp32, about one core's L2. Measured (fwd + bwd of one op,

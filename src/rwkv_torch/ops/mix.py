@@ -4,12 +4,15 @@
 Autograd of the plain form keeps every lerp output (the input of its linear) plus ``xx``: seven ``[B, T, C]`` tensors
 per RWKV-7 layer. Here only ``x`` (and the carried shift row) is kept; the backward rebuilds ``xx`` and each lerp (one
 ``addcmul`` each) where its weight gradient needs it, and uses each output's gradient where it arrives:
-``dx = Σ dxm_i``, ``dxx = Σ dxm_i mu_i``, ``dmu_i = Σ_{b,t} dxm_i xx``.
+``dx = Σ dxm_i``, ``dxx = Σ dxm_i mu_i``, ``dmu_i = Σ_{b,t} dxm_i xx``. On CPU those three reductions are one C pass
+over the ``dxm_i`` (``cpu_kernel.mix_backward``; about ten torch passes per lerp otherwise, the fallback where the C
+kernels cannot be built).
 """
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernel
 from .token_shift import token_shift, token_shift_backward
 
 
@@ -47,26 +50,46 @@ class _ShiftMixLinear(torch.autograd.Function):
         weights = tensors[n:]
         need = ctx.needs_input_grad
         xx = token_shift(x, shift, cu_seqlens=cu) - x
-        dx = dxx = None
         dmus = [None] * n
         dws = [None] * len(weights)
+        used, dxms = [], []  # the lerps whose output has a gradient, and their input gradients
         for i, (g, m, w) in enumerate(zip(grads, which, weights)):
             if g is None:
                 continue
-            mu = tensors[m]
             if need[4 + n + i]:
-                dws[i] = flat(g).t() @ flat(torch.addcmul(x, xx, mu))
-            dxm = g @ w
-            if need[4 + m]:
-                dmu = channel_sum(dxm * xx, mu.shape)
-                dmus[m] = dmu if dmus[m] is None else dmus[m].add_(dmu)
-            dx = dxm if dx is None else dx.add_(dxm)
-            dxx = dxm * mu if dxx is None else dxx.addcmul_(dxm, mu)
+                dws[i] = flat(g).t() @ flat(torch.addcmul(x, xx, tensors[m]))
+            used.append(m)
+            dxms.append(g @ w)
+        if not dxms:
+            return (None,) * (4 + n + len(weights))
+        mus = [tensors[m] for m in used]
+        if _one_pass(x, dxms, mus):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
+            dx, dxx, dmu_rows = cpu_kernel.mix_backward(dxms, mus, xx)
+            for m, dmu in zip(used, dmu_rows):
+                if need[4 + m]:
+                    dmu = dmu.view(tensors[m].shape)
+                    dmus[m] = dmu if dmus[m] is None else dmus[m] + dmu
+        else:
+            dx = dxx = None
+            for m, mu, dxm in zip(used, mus, dxms):
+                if need[4 + m]:
+                    dmu = channel_sum(dxm * xx, mu.shape)
+                    dmus[m] = dmu if dmus[m] is None else dmus[m].add_(dmu)
+                dx = dxm if dx is None else dx.add_(dxm)
+                dxx = dxm * mu if dxx is None else dxx.addcmul_(dxm, mu)
+            dx = dx.sub_(dxx)
         d_shift = None
-        if dxx is not None and (need[0] or need[1]):  # xx = x_prev - x
+        if need[0] or need[1]:  # xx = x_prev - x: the x part is in dx already, the x_prev part is shifted back
             dx_prev, d_shift = token_shift_backward(dxx, cu_seqlens=cu)
-            dx = dx.sub_(dxx).add_(dx_prev)
+            dx = dx.add_(dx_prev)
         return (dx if need[0] else None, d_shift if need[1] else None, None, None, *dmus, *dws)
+
+
+def _one_pass(x: torch.Tensor, dxms: list, mus: list) -> bool:
+    """Whether the shift mix's backward reductions run as one C pass: float32/float64 CPU tensors of one dtype, with
+    the C kernels built (``cpu_kernel.available``)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and all(t.dtype == x.dtype for t in (*dxms, *mus)) and cpu_kernel.available())
 
 
 def shift_mix_linear(x: torch.Tensor, shift: torch.Tensor | None, mus, weights, *,
