@@ -186,15 +186,15 @@ def test_token_shift_backward_equals_autograd(cu):
         assert torch.equal(r, o), name
 
 
-@pytest.mark.parametrize("version", [6, 7])
+@pytest.mark.parametrize("version", [4, 6, 7])
 @pytest.mark.parametrize("packed", [False, True])
 def test_channel_mix_through_the_recomputing_ops_equals_the_modules(version, packed):
     # Plain projections run through shift_mix_linear + squared_relu_linear; wrapped ones (LoRA, quantized) through
     # the modules one op at a time. Same values, same gradients, in float64.
-    from rwkv_torch.layers import rwkv6, rwkv7
+    from rwkv_torch.layers import rwkv4, rwkv6, rwkv7
 
     cfg = RWKVConfig(version=version, hidden_size=C, num_layers=2, head_size=C // H, embed_dim=C)
-    plain = (rwkv7 if version == 7 else rwkv6).ChannelMix(cfg, 1).double()
+    plain = {4: rwkv4, 6: rwkv6, 7: rwkv7}[version].ChannelMix(cfg, 1).double()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in plain.parameters():
@@ -217,3 +217,38 @@ def test_channel_mix_through_the_recomputing_ops_equals_the_modules(version, pac
 
     for i, (a, b) in enumerate(zip(run(wrapped), run(plain))):
         assert_close(f"result {i}", a, b, 1e-12)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rwkv4_time_mix_through_the_recomputing_ops_equals_the_modules(packed):
+    # RWKV-4's lerps x mu + prev (1 - mu) and their projections through shift_mix_linear when training with plain
+    # projections; wrapped ones (and inference) one op at a time. Same values, states and gradients.
+    from rwkv_torch.layers import rwkv4
+
+    cfg = RWKVConfig(version=4, hidden_size=C, num_layers=2, embed_dim=C)
+    plain = rwkv4.TimeMix(cfg, 1).double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        plain.reset_parameters(2, g)
+        for p in plain.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    wrapped = copy.deepcopy(plain)
+    for name in ("key", "value", "receptance"):
+        setattr(wrapped, name, nn.Sequential(getattr(wrapped, name)))
+    B, T = (1, 12) if packed else (2, 9)
+    S = 3 if packed else B
+    cu = torch.tensor([0, 5, 5, 12]) if packed else None
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, shift, proj = rand(B, T, C), rand(S, C), rand(B, T, C)
+    state = torch.stack([0.3 * rand(S, C), rand(S, C).exp(), rand(S, C)], dim=1)  # aa, bb > 0, pp
+
+    def run(mod):
+        xs, ss, st = (t.clone().requires_grad_() for t in (x, shift, state))
+        out, last, new_state, _ = mod(xs, ss, st, cu_seqlens=cu)
+        loss = (out * proj).sum() + (last * 0.5).sum() + (new_state * 0.25).sum()
+        return [out, last, new_state, *torch.autograd.grad(loss, [xs, ss, st, *mod.parameters()])]
+
+    for i, (a, b) in enumerate(zip(run(wrapped), run(plain))):
+        assert_close(f"result {i}", a, b, 1e-12)
+    with torch.no_grad():  # inference: the same ops in both
+        assert torch.equal(wrapped(x, shift, state, cu_seqlens=cu)[0], plain(x, shift, state, cu_seqlens=cu)[0])

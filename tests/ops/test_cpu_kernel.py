@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rwkv_torch as rt
-from rwkv_torch.ops import _common, cpu_kernel, wkv4, wkv6, wkv7
+from rwkv_torch.ops import _common, cpu_kernel, wkv6, wkv7
 from tests.ops import test_wkv6 as t6
 from tests.ops import test_wkv7 as t7
 from tests.utils import (
@@ -250,8 +250,8 @@ def test_compiled_model_keeps_one_graph_with_the_kernel():
 
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match="no CPU kernel for wkv4"):
-        wkv4(torch.rand(4).neg(), torch.rand(4), torch.rand(1, 3, 4), torch.rand(1, 3, 4), backend="recurrent")
+    with pytest.raises(ValueError, match="no CPU kernel for wkv5"):
+        _common.resolve_backend("wkv5", "recurrent", torch.device("cpu"), 4, grad=False, c_kernel=False)
     with pytest.raises(ValueError, match=r"runs on CPU \(C\) or CUDA \(Triton\) tensors, got meta"):
         _common.resolve_backend("wkv7", "recurrent", torch.device("meta"), 4, grad=False)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rwkv_torch.ops import wkv4
+from rwkv_torch.ops import _common, wkv4
 from rwkv_torch.ops.wkv4 import PP_INIT
 from tests.utils import assert_all_close, assert_close, grads_of
 
@@ -86,10 +86,53 @@ def test_chunk_matches_naive_fp64(B, T, C, chunk, with_state):
     assert_all_close(ref, got, 1e-10, NAMES, STATE_NAMES)
 
 
+@pytest.mark.parametrize("B,T,C,chunk", CASES, ids=[f"B{b}-T{t}-C{c}-L{l}" for b, t, c, l in CASES])
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
+def test_recurrent_matches_naive_fp64(B, T, C, chunk, with_state):
+    # The C loop (ops/csrc/wkv4_cpu.c) and its backward: values, final state, gradients of w, u, k, v and h0.
+    xs = make_inputs(B, T, C, requires_grad=True)
+    state = make_state(B, C, requires_grad=True) if with_state else None
+    ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
+    got = grads_of(lambda *a: wkv4(*a, backend="recurrent"), xs, state)
+    assert_all_close(ref, got, 1e-12, NAMES, STATE_NAMES)
+
+
+def test_recurrent_backward_fp32_matches_fp64_and_saves_inputs_only():
+    from tests.test_training_form import saved_storage_bytes
+
+    xs = make_inputs(2, 90, 16, requires_grad=True)
+    state = make_state(2, 16, requires_grad=True)
+    ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
+    low = [x.detach().float().requires_grad_() for x in xs]
+    low_state = tuple(s.detach().float().requires_grad_() for s in state)
+    got = grads_of(lambda *a: wkv4(*a, backend="recurrent"), low, low_state)
+    assert_all_close(ref, got, 2e-5, NAMES, STATE_NAMES)
+    # autograd keeps k, v, w, u and the initial state: no per-token intermediates (the chunk form keeps dozens)
+    saved = saved_storage_bytes(lambda: wkv4(*low, low_state, backend="recurrent")[0].sum(), [])
+    inputs = 4 * (2 * 2 * 90 * 16 + 2 * 16 + 3 * 2 * 16)  # k, v, w, u, aa0, bb0, pp0 in float32
+    assert saved < 1.05 * inputs, (saved, inputs)
+    chunk = saved_storage_bytes(lambda: wkv4(*low, low_state, backend="chunk")[0].sum(), [])
+    assert saved < chunk / 4, (saved, chunk)
+
+
+def test_recurrent_results_do_not_depend_on_the_thread_count():
+    xs = make_inputs(4, 33, 8, dtype=torch.float32, requires_grad=True)
+    state = make_state(4, 8, dtype=torch.float32, requires_grad=True)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(grads_of(lambda *a: wkv4(*a, backend="recurrent"), xs, state))
+    finally:
+        torch.set_num_threads(threads)
+    assert_all_close(runs[0], runs[1], 0.0, NAMES, STATE_NAMES)
+
+
 def test_auto_backend_matches_naive():
     w, u, k, v = make_inputs(2, 40, 6)
     state = make_state(2, 6)
-    for T in (1, 40):  # auto: naive for one token, chunk otherwise
+    for T in (1, 40):  # auto: naive for one token, the C recurrence (or chunk where it cannot build) otherwise
         out, st = wkv4(w, u, k[:, :T], v[:, :T], state)
         ref, ref_st = wkv4(w, u, k[:, :T], v[:, :T], state, backend="naive")
         assert_close(f"o-T{T}", ref, out, 1e-10)
@@ -102,7 +145,8 @@ def test_fp32_matches_fp64_naive():
     state = make_state(2, 8)
     ref, ref_st = wkv4(w, u, k, v, state, backend="naive")
     low = [x.float() for x in (w, u, k, v)]
-    runs = {"naive": dict(backend="naive")} | {f"chunk-L{c}": dict(backend="chunk", chunk_size=c) for c in (16, 32, 64)}
+    runs = {"naive": dict(backend="naive"), "recurrent": dict(backend="recurrent")} | {
+        f"chunk-L{c}": dict(backend="chunk", chunk_size=c) for c in (16, 32, 64)}
     for name, kwargs in runs.items():
         out, st = wkv4(*low, tuple(s.float() for s in state), **kwargs)
         assert out.dtype == torch.float32 and all(s.dtype == torch.float32 for s in st)
@@ -115,7 +159,7 @@ def test_fp32_matches_fp64_naive():
 def test_low_precision_inputs_accumulate_in_fp32(dtype):
     w, u, k, v = make_inputs(1, 70, 8)
     ref, _ = wkv4(w, u, k, v, backend="naive")
-    for backend in ("naive", "chunk"):
+    for backend in ("naive", "chunk", "recurrent"):
         # w and u stay float32, as the layers keep time_decay / time_first.
         out, st = wkv4(w.float(), u.float(), k.to(dtype), v.to(dtype), backend=backend)
         assert out.dtype == dtype and all(s.dtype == torch.float32 for s in st)
@@ -129,13 +173,15 @@ def test_long_sequence_with_strong_decay_is_stable(dtype):
     state = make_state(1, 8, requires_grad=dtype == torch.float64)
     if dtype == torch.float64:  # values, state and gradients at full precision
         ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
-        got = grads_of(lambda *a: wkv4(*a, backend="chunk", chunk_size=64), xs, state)
-        assert all(torch.isfinite(t).all() for t in (got[0], *got[1], *got[2]))
-        assert_all_close(ref, got, 1e-10, NAMES, STATE_NAMES)
+        for backend in ("chunk", "recurrent"):
+            kw = dict(backend=backend, chunk_size=64 if backend == "chunk" else None)
+            got = grads_of(lambda *a, kw=kw: wkv4(*a, **kw), xs, state)
+            assert all(torch.isfinite(t).all() for t in (got[0], *got[1], *got[2]))
+            assert_all_close(ref, got, 1e-10, NAMES, STATE_NAMES)
         return
     ref, ref_st = wkv4(*xs, state, backend="naive")
     low = [x.float() for x in xs]
-    for backend in ("naive", "chunk"):
+    for backend in ("naive", "chunk", "recurrent"):
         out, st = wkv4(*low, tuple(s.float() for s in state), backend=backend)
         assert torch.isfinite(out).all() and all(torch.isfinite(s).all() for s in st)
         assert_close(f"o-{backend}", ref, out, 1e-5)
@@ -143,7 +189,7 @@ def test_long_sequence_with_strong_decay_is_stable(dtype):
             assert_close(f"{name}-{backend}", a, b, 1e-5)
 
 
-@pytest.mark.parametrize("backend", ["naive", "chunk", "auto"])
+@pytest.mark.parametrize("backend", ["naive", "chunk", "recurrent", "auto"])
 def test_empty_sequence_returns_the_initial_state(backend):
     w, u, k, v = make_inputs(2, 0, 4)
     state = make_state(2, 4)
@@ -159,7 +205,7 @@ def test_no_state_is_the_empty_state():
         torch.zeros(2, 4, dtype=torch.float64),
         torch.full((2, 4), PP_INIT, dtype=torch.float64),
     )
-    for backend in ("naive", "chunk"):
+    for backend in ("naive", "chunk", "recurrent"):
         o1, s1 = wkv4(w, u, k, v, backend=backend)
         o2, s2 = wkv4(w, u, k, v, empty, backend=backend)
         assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(s1, s2))
@@ -199,7 +245,7 @@ def test_bad_inputs_raise_clear_errors():
         wkv4(w, u, k, v, (*state[:2], state[2].half()))
     with pytest.raises(ValueError, match="backend must be one of"):
         wkv4(w, u, k, v, backend="fast")
-    with pytest.raises(ValueError, match="no CPU kernel for wkv4"):
-        wkv4(w, u, k, v, backend="recurrent")
+    with pytest.raises(ValueError, match="no GPU kernel for wkv4"):  # the C loop is CPU-only
+        _common.resolve_backend("wkv4", "recurrent", torch.device("cuda"), 4, grad=False, triton=False)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         wkv4(w, u, k, v, backend="chunk", chunk_size=-1)

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("wkv_cpu.c", "rwkv7_step.c", "mix_cpu.c")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("wkv_cpu.c", "wkv4_cpu.c", "rwkv7_step.c",
+                                                                        "mix_cpu.c")]
 # Reassociation lets the compiler vectorise the sums (results differ from the naive loop at rounding level only,
 # which the tests bound); no -ffinite-math-only, so NaN and inf still propagate.
 _FAST_MATH = ["-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -131,6 +132,9 @@ def _load() -> ctypes.CDLL:
         lib.rwkv_qgemv.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 3 + [ctypes.c_int]
         lib.rwkv_qgemv.restype = ctypes.c_int
         lib.rwkv_wkv7_forward.restype = lib.rwkv_wkv6_forward.restype = lib.rwkv7_blocks_step.restype = ctypes.c_int
+        lib.rwkv_wkv4_forward.argtypes = [ptr] * 8 + [i64] * 3 + [ctypes.c_int] * 2
+        lib.rwkv_wkv4_backward.argtypes = [ptr] * 15 + [i64] * 3 + [ctypes.c_int] * 2
+        lib.rwkv_wkv4_forward.restype = lib.rwkv_wkv4_backward.restype = ctypes.c_int
         lib.rwkv_mix_blocks.argtypes = [i64]
         lib.rwkv_mix_blocks.restype = i64
         lib.rwkv_mix_backward.argtypes = [ctypes.c_int, i64, i64, ptr, ptr] + [ptr] * 4 + [ctypes.c_int] * 2
@@ -237,6 +241,37 @@ def _wkv6_bwd_impl(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     return [*grads, du.sum(0), ds]
 
 
+def _wkv4_impl(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, aa: torch.Tensor,
+               bb: torch.Tensor, pp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [B, T, C], aa, bb, pp) from w, u [C], k, v [B, T, C] and the initial state, in float32 (float64 for
+    float64 k)."""
+    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    w, u, k, v = (t.to(dtype).contiguous() for t in (w, u, k, v))
+    aa, bb, pp = (s.to(dtype, copy=True).contiguous() for s in (aa, bb, pp))
+    B, T, C = k.shape
+    out = torch.empty_like(k)
+    err = _load().rwkv_wkv4_forward(*map(_ptr, (w, u, k, v, out, aa, bb, pp)), B, T, C,
+                                    int(dtype == torch.float64), torch.get_num_threads())
+    _check(err, "WKV-4")
+    return out, aa, bb, pp
+
+
+def _wkv4_bwd_impl(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dy: torch.Tensor,
+                   aa: torch.Tensor, bb: torch.Tensor, pp: torch.Tensor, daa: torch.Tensor, dbb: torch.Tensor,
+                   dpp: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients [dw, du, dk, dv, daa0, dbb0, dpp0] from the forward's inputs (compute dtype, contiguous), its
+    initial state, the output gradient and the final state's."""
+    B, T, C = k.shape
+    dy = dy.to(k.dtype).contiguous()
+    ga, gb, gp = (g.to(k.dtype, copy=True).contiguous() for g in (daa, dbb, dpp))
+    dk, dv = torch.empty_like(k), torch.empty_like(k)
+    dw, du = k.new_empty(B, C), k.new_empty(B, C)
+    err = _load().rwkv_wkv4_backward(*map(_ptr, (w, u, k, v, dy, aa, bb, pp, ga, gb, gp, dk, dv, dw, du)), B, T, C,
+                                     int(k.dtype == torch.float64), torch.get_num_threads())
+    _check(err, "WKV-4 backward")
+    return [dw.sum(0), du.sum(0), dk, dv, ga, gb, gp]
+
+
 def _mix_backward_impl(d: list[torch.Tensor], mus: list[torch.Tensor],
                        xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     C = xx.shape[-1]
@@ -280,6 +315,16 @@ def _fake_forward(r, state, every):
             r.new_empty((B, H, _n_checkpoints(T, every), N, N), dtype=dtype))
 
 
+def _wkv4_fake(w, u, k, v, aa, bb, pp):
+    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    return (k.new_empty(k.shape, dtype=dtype), *(s.new_empty(s.shape, dtype=dtype) for s in (aa, bb, pp)))
+
+
+def _wkv4_bwd_fake(w, u, k, v, dy, aa, bb, pp, daa, dbb, dpp):
+    return [w.new_empty(w.shape), u.new_empty(u.shape), torch.empty_like(k), torch.empty_like(v),
+            *(torch.empty_like(s) for s in (aa, bb, pp))]
+
+
 def _wkv7_fake(r, w, k, v, a, b, state, every):
     return _fake_forward(r, state, every)
 
@@ -309,6 +354,8 @@ _wkv7_op = _custom_op("wkv7_recurrent_fwd", _wkv7_impl, _wkv7_fake)
 _wkv6_op = _custom_op("wkv6_recurrent_fwd", _wkv6_impl, _wkv6_fake)
 _wkv7_bwd_op = _custom_op("wkv7_recurrent_bwd", _wkv7_bwd_impl, _wkv7_bwd_fake)
 _wkv6_bwd_op = _custom_op("wkv6_recurrent_bwd", _wkv6_bwd_impl, _wkv6_bwd_fake)
+_wkv4_op = _custom_op("wkv4_recurrent_fwd", _wkv4_impl, _wkv4_fake)
+_wkv4_bwd_op = _custom_op("wkv4_recurrent_bwd", _wkv4_bwd_impl, _wkv4_bwd_fake)
 _mix_backward_op = _custom_op("mix_backward", _mix_backward_impl, _mix_backward_fake)
 
 # The forward keeps the state before every CHECKPOINT_EVERY-th token for the backward, which recomputes the states
@@ -351,6 +398,39 @@ class _WKV6(torch.autograd.Function):
         d_final = xs[0].new_zeros(ckpt.shape[:2] + ckpt.shape[-2:]) if d_final is None else d_final
         grads = _wkv6_bwd_op(*xs, d_out, ckpt, d_final, ctx.every)
         return (*(g.to(dt) if n else None for g, dt, n in zip(grads, ctx.dtypes, ctx.needs_input_grad)), None)
+
+
+class _WKV4(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, u, k, v, aa, bb, pp):
+        out, *final = _wkv4_op(w, u, k, v, aa, bb, pp)
+        cd = out.dtype
+        ctx.save_for_backward(*(t.to(cd).contiguous() for t in (w, u, k, v, aa, bb, pp)))
+        ctx.dtypes = [t.dtype for t in (w, u, k, v, aa, bb, pp)]
+        return out, *final
+
+    @staticmethod
+    def backward(ctx, d_out, daa, dbb, dpp):
+        w, u, k, v, aa, bb, pp = ctx.saved_tensors
+        zero = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
+        grads = _wkv4_bwd_op(w, u, k, v, zero(d_out, k), aa, bb, pp, zero(daa, aa), zero(dbb, bb), zero(dpp, pp))
+        return tuple(g.to(dt) if n else None for g, dt, n in zip(grads, ctx.dtypes, ctx.needs_input_grad))
+
+
+def wkv4_c(w, u, k, v, state=None):
+    """w, u: [C]; k, v: [B, T, C] CPU tensors; state: (aa, bb, pp) each [B, C], or None for the empty state. Returns
+    (out [B, T, C], (aa, bb, pp)) in float32 (float64 for float64 k). Differentiable (the C backward, which
+    recomputes the states from the initial one) in w, u, k, v and the initial state: autograd keeps the inputs and
+    the initial state only."""
+    if state is None:
+        from .wkv4.naive import empty_state
+
+        state = empty_state(k.shape[0], k.shape[2], torch.float32, k.device)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v, *state)):
+        out, *final = _WKV4.apply(w, u, k, v, *state)
+    else:
+        out, *final = _wkv4_op(w, u, k, v, *state)
+    return out, tuple(final)
 
 
 def wkv7_c(r, w, k, v, a, b, state=None, *, every: int = CHECKPOINT_EVERY):

@@ -55,8 +55,10 @@ def wkv4(w, u, k, v, state=None, *, backend: str = "auto", chunk_size: int | Non
         state: ``(aa, bb, pp)`` each ``[B, C]`` float32 (or float64), or None for the empty state
             ``aa = bb = 0, pp = PP_INIT = -1e38`` (the official kernels' value; the pip package's -1e30 gives the
             same results).
-        backend: ``"auto"`` (chunk for T > 1, naive for one token), ``"naive"`` (the spec loop), ``"chunk"``
-            (``"step"``: a deprecated alias of naive). There is no fused ``"recurrent"`` kernel for WKV-4 yet.
+        backend: ``"auto"`` (the C recurrence on CPU for T > 1 where it builds, else chunk for T > 1 and naive
+            for one token), ``"naive"`` (the spec loop), ``"chunk"``, ``"recurrent"`` (the C loop on CPU,
+            ``ops/csrc/wkv4_cpu.c``, with a C backward that keeps only the inputs and the initial state; no GPU
+            kernel yet) (``"step"``: a deprecated alias of naive).
         chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``).
 
     Returns:
@@ -87,8 +89,12 @@ def wkv4(w, u, k, v, state=None, *, backend: str = "auto", chunk_size: int | Non
 def wkv4_unchecked(w, u, k, v, state=None, *, backend: str = "auto", chunk_size: int | None = None):
     """``wkv4`` without its value checks (the layers' entry; the model checks its inputs once, at its edge)."""
     cd = compute_dtype(k.dtype)
-    be = resolve_backend("wkv4", backend, k.device, k.shape[1], False, c_kernel=False, triton=False)
-    if be == "chunk":
+    be = resolve_backend("wkv4", backend, k.device, k.shape[1], False, triton=False)
+    if be == "c":
+        from .. import cpu_kernel
+
+        out, final = cpu_kernel.wkv4_c(w, u, k, v, state)
+    elif be == "chunk":
         out, final = wkv4_chunk(w, u, k, v, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
     else:
         out, final = wkv4_naive(w, u, k, v, state)
