@@ -107,6 +107,10 @@ def test_recurrent_backward_fp32_matches_fp64_and_saves_inputs_only():
     low_state = tuple(s.detach().float().requires_grad_() for s in state)
     got = grads_of(lambda *a: wkv4(*a, backend="recurrent"), low, low_state)
     assert_all_close(ref, got, 2e-5, NAMES, STATE_NAMES)
+    # from the empty state (pp = -1e38: every e^{pp - p} must be exactly 0, not a tiny float)
+    ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, None)
+    got = grads_of(lambda *a: wkv4(*a, backend="recurrent"), low, None)
+    assert_all_close(ref, got, 2e-5, NAMES, STATE_NAMES)
     # autograd keeps k, v, w, u and the initial state: no per-token intermediates (the chunk form keeps dozens)
     saved = saved_storage_bytes(lambda: wkv4(*low, low_state, backend="recurrent")[0].sum(), [])
     inputs = 4 * (2 * 2 * 90 * 16 + 2 * 16 + 3 * 2 * 16)  # k, v, w, u, aa0, bb0, pp0 in float32

@@ -1,6 +1,7 @@
 """Fused CPU kernels, built from ``csrc/*.c`` on first use: the WKV-7 and WKV-6 recurrences with their backward
-(``csrc/wkv_cpu.c``), the whole one-token RWKV-7 block stack (``csrc/rwkv7_step.c``, driven by
-``decode/c_step.py``) and the reductions of a token-shift mix's backward (``csrc/mix_cpu.c``, used by ``ops/mix.py``).
+(``csrc/wkv_cpu.c``), the WKV-4 recurrence with its backward (``csrc/wkv4_cpu.c``), the whole one-token RWKV-7
+block stack (``csrc/rwkv7_step.c``, driven by ``decode/c_step.py``) and the reductions of a token-shift mix's
+backward (``csrc/mix_cpu.c``, used by ``ops/mix.py``).
 
 The chunked form turns a sequence into many small matrix products and elementwise passes; on a CPU, with 64x64
 head states that stay in L1, the plain spec recurrence in C does less work: one read of the inputs, two passes

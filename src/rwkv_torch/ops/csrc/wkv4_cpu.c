@@ -14,15 +14,43 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* One token of one row: reads the state (aa, bb, pp) [C], writes y [C] and the next state (may alias). */
+/* e^x for float32 without a library call, so that the channel loops vectorise (libm's expf would keep them
+ * scalar): 2^n e^f with n = rint(x / ln 2) and a degree-6 polynomial for e^f, |f| <= ln(2) / 2 (a few ulp from expf);
+ * 0 below -87.3 (where expf turns denormal; the loops' exponents are <= 0, and -1e38 stands for an empty state), inf
+ * above 88.7, NaN kept. 2^n is applied in two halves so that each is a normal float over the whole range. */
+static inline float exp_f32(float x) {
+    const float lo = -87.33654f, hi = 88.72283f;
+    const float xc = x < lo ? lo : (x > hi ? hi : x);
+    const float n = __builtin_rintf(xc * 1.44269504088896341f);
+    float f = n * -0.693359375f + xc;
+    f = n * 2.12194440e-4f + f;
+    float p = 1.9875691500e-4f;
+    p = p * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = p * f * f + (f + 1.0f);
+    const int32_t ni = (int32_t)n, n1 = ni >> 1, n2 = ni - n1;
+    const int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    const float y = x < lo ? 0.0f : (x > hi ? INFINITY : p * s1 * s2);
+    return x != x ? x : y;
+}
+
+/* One token of one row: reads the state (aa, bb, pp) [C], writes y [C] (always: a scratch row where unused) and
+ * the next state (which may be the same arrays: each channel reads its entries before writing them). */
 #define WKV4_TOKEN(NAME, REAL, EXP)                                                                              \
     static inline void NAME(int64_t C, const REAL *w, const REAL *u, const REAL *k, const REAL *v, const REAL *aa, \
                             const REAL *bb, const REAL *pp, REAL *y, REAL *na, REAL *nb, REAL *np) {             \
+        _Pragma("GCC ivdep")                                                                                    \
         for (int64_t c = 0; c < C; c++) {                                                                       \
             const REAL a = aa[c], b = bb[c], s = pp[c], kc = k[c], vc = v[c];                                   \
             REAL ww = u[c] + kc, p = s > ww ? s : ww;                                                           \
             REAL e1 = EXP(s - p), e2 = EXP(ww - p);                                                             \
-            if (y) y[c] = (e1 * a + e2 * vc) / (e1 * b + e2);                                                   \
+            y[c] = (e1 * a + e2 * vc) / (e1 * b + e2);                                                          \
             ww = w[c] + s;                                                                                      \
             p = ww > kc ? ww : kc;                                                                              \
             e1 = EXP(ww - p), e2 = EXP(kc - p);                                                                 \
@@ -57,7 +85,7 @@
         (void)threads;                                                                                          \
         _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(| : err)")                    \
         for (int64_t b = 0; b < B; b++) {                                                                       \
-            REAL *st = malloc(sizeof(REAL) * 3 * C * (T + 1));                                                  \
+            REAL *st = malloc(sizeof(REAL) * (3 * C * (T + 1) + C)), *scratch = st + 3 * C * (T + 1);           \
             if (!st) {                                                                                          \
                 err = 1;                                                                                        \
                 continue;                                                                                       \
@@ -68,7 +96,7 @@
             for (int64_t t = 0; t < T; t++) {                                                                   \
                 const int64_t o = (b * T + t) * C;                                                              \
                 REAL *s = st + 3 * C * t, *n = s + 3 * C;                                                       \
-                TOKEN(C, w, u, k + o, v + o, s, s + C, s + 2 * C, 0, n, n + C, n + 2 * C);                      \
+                TOKEN(C, w, u, k + o, v + o, s, s + C, s + 2 * C, scratch, n, n + C, n + 2 * C);                \
             }                                                                                                   \
             REAL *Ga = ga + b * C, *Gb = gb + b * C, *Gp = gp + b * C, *Gw = dw + b * C, *Gu = du + b * C;      \
             memset(Gw, 0, sizeof(REAL) * C);                                                                    \
@@ -76,6 +104,7 @@
             for (int64_t t = T - 1; t >= 0; t--) {                                                              \
                 const int64_t o = (b * T + t) * C;                                                              \
                 const REAL *s = st + 3 * C * t;                                                                 \
+                _Pragma("GCC ivdep")                                                                            \
                 for (int64_t c = 0; c < C; c++) {                                                               \
                     const REAL a = s[c], bs = s[C + c], ps = s[2 * C + c], kc = k[o + c], vc = v[o + c];        \
                     const REAL gA = Ga[c], gB = Gb[c], gP = Gp[c], g = dy[o + c];                               \
@@ -110,11 +139,11 @@
         return err;                                                                                             \
     }
 
-WKV4_TOKEN(wkv4_token_f32, float, expf)
+WKV4_TOKEN(wkv4_token_f32, float, exp_f32)
 WKV4_TOKEN(wkv4_token_f64, double, exp)
 WKV4_FWD(wkv4_fwd_f32, wkv4_token_f32, float)
 WKV4_FWD(wkv4_fwd_f64, wkv4_token_f64, double)
-WKV4_BWD(wkv4_bwd_f32, wkv4_token_f32, float, expf)
+WKV4_BWD(wkv4_bwd_f32, wkv4_token_f32, float, exp_f32)
 WKV4_BWD(wkv4_bwd_f64, wkv4_token_f64, double, exp)
 
 int rwkv_wkv4_forward(const void *w, const void *u, const void *k, const void *v, void *out, void *aa, void *bb,
