@@ -78,23 +78,16 @@ CASES = [
 
 @pytest.mark.parametrize("B,T,C,chunk", CASES, ids=[f"B{b}-T{t}-C{c}-L{l}" for b, t, c, l in CASES])
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
-def test_chunk_matches_naive_fp64(B, T, C, chunk, with_state):
+@pytest.mark.parametrize("backend,tol", [("chunk", 1e-10), ("recurrent", 1e-12)], ids=["chunk", "recurrent"])
+def test_backend_matches_naive_fp64(backend, tol, B, T, C, chunk, with_state):
+    # Values, final state and the gradients of w, u, k, v and h0; recurrent is the C loop (ops/csrc/wkv4_cpu.c) and
+    # its hand-written backward, chunk the parallel form with autograd.
     xs = make_inputs(B, T, C, requires_grad=True)
     state = make_state(B, C, requires_grad=True) if with_state else None
+    kwargs = dict(backend=backend, chunk_size=chunk if backend == "chunk" else None)
     ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
-    got = grads_of(lambda *a: wkv4(*a, backend="chunk", chunk_size=chunk), xs, state)
-    assert_all_close(ref, got, 1e-10, NAMES, STATE_NAMES)
-
-
-@pytest.mark.parametrize("B,T,C,chunk", CASES, ids=[f"B{b}-T{t}-C{c}-L{l}" for b, t, c, l in CASES])
-@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
-def test_recurrent_matches_naive_fp64(B, T, C, chunk, with_state):
-    # The C loop (ops/csrc/wkv4_cpu.c) and its backward: values, final state, gradients of w, u, k, v and h0.
-    xs = make_inputs(B, T, C, requires_grad=True)
-    state = make_state(B, C, requires_grad=True) if with_state else None
-    ref = grads_of(lambda *a: wkv4(*a, backend="naive"), xs, state)
-    got = grads_of(lambda *a: wkv4(*a, backend="recurrent"), xs, state)
-    assert_all_close(ref, got, 1e-12, NAMES, STATE_NAMES)
+    got = grads_of(lambda *a: wkv4(*a, **kwargs), xs, state)
+    assert_all_close(ref, got, tol, NAMES, STATE_NAMES)
 
 
 def test_recurrent_backward_fp32_matches_fp64_and_saves_inputs_only():
