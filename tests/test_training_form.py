@@ -219,28 +219,34 @@ def test_channel_mix_through_the_recomputing_ops_equals_the_modules(version, pac
         assert_close(f"result {i}", a, b, 1e-12)
 
 
+@pytest.mark.parametrize("version", [4, 6])
 @pytest.mark.parametrize("packed", [False, True])
-def test_rwkv4_time_mix_through_the_recomputing_ops_equals_the_modules(packed):
-    # RWKV-4's lerps x mu + prev (1 - mu) and their projections through shift_mix_linear when training with plain
-    # projections; wrapped ones (and inference) one op at a time. Same values, states and gradients.
-    from rwkv_torch.layers import rwkv4
+def test_time_mix_through_the_recomputing_ops_equals_the_modules(version, packed):
+    # RWKV-4's lerps x mu + prev (1 - mu) and RWKV-6's data-dependent lerps x + xx (mu + m) with their projections
+    # through ops.mix when training with plain projections; wrapped ones (and inference) one op at a time. Same
+    # values, states and gradients; the same bits forward (LoRA at B = 0 is the base model exactly).
+    from rwkv_torch.layers import rwkv4, rwkv6
 
-    cfg = RWKVConfig(version=4, hidden_size=C, num_layers=2, embed_dim=C)
-    plain = rwkv4.TimeMix(cfg, 1).double()
+    cfg = RWKVConfig(version=version, hidden_size=C, num_layers=2, head_size=C // H, embed_dim=C)
+    plain = (rwkv4 if version == 4 else rwkv6).TimeMix(cfg, 1).double()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         plain.reset_parameters(2, g)
         for p in plain.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     wrapped = copy.deepcopy(plain)
-    for name in ("key", "value", "receptance"):
-        setattr(wrapped, name, nn.Sequential(getattr(wrapped, name)))
+    for name in ("key", "value", "receptance", "gate"):
+        if hasattr(wrapped, name):
+            setattr(wrapped, name, nn.Sequential(getattr(wrapped, name)))
     B, T = (1, 12) if packed else (2, 9)
     S = 3 if packed else B
     cu = torch.tensor([0, 5, 5, 12]) if packed else None
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     x, shift, proj = rand(B, T, C), rand(S, C), rand(B, T, C)
-    state = torch.stack([0.3 * rand(S, C), rand(S, C).exp(), rand(S, C)], dim=1)  # aa, bb > 0, pp
+    if version == 4:
+        state = torch.stack([0.3 * rand(S, C), rand(S, C).exp(), rand(S, C)], dim=1)  # aa, bb > 0, pp
+    else:
+        state = 0.3 * rand(S, H, C // H, C // H)
 
     def run(mod):
         xs, ss, st = (t.clone().requires_grad_() for t in (x, shift, state))
@@ -248,7 +254,39 @@ def test_rwkv4_time_mix_through_the_recomputing_ops_equals_the_modules(packed):
         loss = (out * proj).sum() + (last * 0.5).sum() + (new_state * 0.25).sum()
         return [out, last, new_state, *torch.autograd.grad(loss, [xs, ss, st, *mod.parameters()])]
 
-    for i, (a, b) in enumerate(zip(run(wrapped), run(plain))):
+    ref, got = run(wrapped), run(plain)
+    assert torch.equal(ref[0], got[0])
+    for i, (a, b) in enumerate(zip(ref, got)):
         assert_close(f"result {i}", a, b, 1e-12)
     with torch.no_grad():  # inference: the same ops in both
         assert torch.equal(wrapped(x, shift, state, cu_seqlens=cu)[0], plain(x, shift, state, cu_seqlens=cu)[0])
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (1,)], ids=["all-outputs", "one-used"])
+def test_data_lerp_linear_equals_the_lerps_then_the_projections(used):
+    from rwkv_torch.ops.mix import data_lerp_linear
+
+    g = torch.Generator().manual_seed(4)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    B, T, J, D, O = 2, 7, 3, 4, 5
+    leaves = [rand(B, T, C), rand(B, C), rand(B, T, J, D), rand(J, D, C), *(rand(C) for _ in range(J)),
+              *(rand(O, C) for _ in range(J))]
+    leaves = [t.requires_grad_() for t in leaves]
+    x, shift, z, w2, mus, ws = leaves[0], leaves[1], leaves[2], leaves[3], leaves[4:4 + J], leaves[4 + J:]
+    proj = [rand(B, T, O) for _ in range(J)]
+
+    def plain():
+        xx = token_shift(x, shift) - x
+        m = torch.einsum("btjd,jdc->jbtc", z, w2)
+        return [(x + xx * (mus[j] + m[j])) @ ws[j].t() for j in range(J)]
+
+    def loss(outs):
+        return sum((outs[j] * proj[j]).sum() for j in used)
+
+    ref = torch.autograd.grad(loss(plain()), leaves, allow_unused=True)
+    got = torch.autograd.grad(loss(data_lerp_linear(x, shift, z, w2, mus, ws)), leaves, allow_unused=True)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        if a is None:  # an unused projection's weight
+            assert b is None or not b.abs().any(), i
+            continue
+        assert_close(f"grad {i}", a, b, 1e-12)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
-from ..ops.mix import shift_mix_linear, squared_relu_linear
+from ..ops.mix import data_lerp_linear, plain_form, shift_mix_linear, squared_relu_linear
 from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
 
@@ -59,15 +59,28 @@ class TimeMix(nn.Module):
         self.time_faaaa = nn.Parameter(torch.zeros(H, N))
         add_projections(self, C, H)
 
+    def _mixes(self):
+        return (self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
+
     def _mix(self, x, xx):
         B, T, C = x.shape
-        z = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B, T, 5, -1)  # [B, T, 5, D]
+        z = torch.tanh(torch.addcmul(x, xx, self.time_maa_x) @ self.time_maa_w1).view(B, T, 5, -1)  # [B, T, 5, D]
         m = torch.einsum("btjd,jdc->jbtc", z, self.time_maa_w2)  # [5, B, T, C]: w, k, v, r, g
-        mus = (self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
-        xw, xk, xv, xr, xg = (x + xx * (mu + m[j]) for j, mu in enumerate(mus))
-        cd = compute_dtype(x.dtype)
-        d = self.time_decay.to(cd) + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).to(cd)
-        return xr, xk, xv, xg, -torch.exp(d)  # log decay [B, T, C], fp32 (fp64 for fp64 models)
+        # x + xx (mu + m_j) as one addcmul: the same bits as the training form (ops.mix.data_lerp_linear)
+        xw, xk, xv, xr, xg = (torch.addcmul(x, xx, mu + m[j]) for j, mu in enumerate(self._mixes()))
+        return xr, xk, xv, xg, self._log_decay(xw @ self.time_decay_w1, x.dtype)
+
+    def _log_decay(self, xw1, dtype):
+        """-exp(time_decay + tanh(xw @ w1) @ w2): the log decay [B, T, C], fp32 (fp64 for fp64 models)."""
+        cd = compute_dtype(dtype)
+        return -torch.exp(self.time_decay.to(cd) + (torch.tanh(xw1) @ self.time_decay_w2).to(cd))
+
+    def _training_form(self, x) -> bool:
+        """Under autograd with plain fp32/fp64 projections in x's dtype: the lerps through ``ops.mix`` (which keep x
+        and the LoRA's tanh only for the backward) instead of one op at a time. Same bits either way."""
+        lins = (self.receptance, self.key, self.value, self.gate)
+        return (not plain_form(x) and all(type(m) is nn.Linear for m in lins)
+                and all(m.weight.dtype == x.dtype for m in lins) and self.time_maa_w1.dtype == x.dtype)
 
     def forward(self, x, shift, wkv_state, v_first=None, *, backend="auto", cu_seqlens=None):
         """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, H, N_k, N_v] fp32.
@@ -75,9 +88,18 @@ class TimeMix(nn.Module):
         Returns (out [B, T, C], new shift, new wkv_state, v_first unchanged)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xr, xk, xv, xg, log_decay = self._mix(x, token_shift(x, shift, cu_seqlens=cu_seqlens) - x)
-        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
-        g = F.silu(self.gate(xg))
+        if self._training_form(x):
+            (xw1,) = shift_mix_linear(x, shift, [self.time_maa_x], [self.time_maa_w1.t()], cu_seqlens=cu_seqlens)
+            z = torch.tanh(xw1).view(B, T, 5, -1)
+            weights = [self.time_decay_w1.t(), self.key.weight, self.value.weight, self.receptance.weight,
+                       self.gate.weight]
+            wd, k, v, r, g = data_lerp_linear(x, shift, z, self.time_maa_w2, self._mixes(), weights,
+                                              cu_seqlens=cu_seqlens)
+            log_decay = self._log_decay(wd, x.dtype)
+        else:
+            xr, xk, xv, xg, log_decay = self._mix(x, token_shift(x, shift, cu_seqlens=cu_seqlens) - x)
+            r, k, v, g = self.receptance(xr), self.key(xk), self.value(xv), self.gate(xg)
+        g = F.silu(g)
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv6_unchecked(heads(r), heads(log_decay.to(r.dtype)), heads(k), heads(v),
                                       self.time_faaaa.to(r.dtype), wkv_state, backend=backend, cu_seqlens=cu_seqlens)

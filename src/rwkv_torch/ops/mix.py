@@ -135,3 +135,74 @@ def squared_relu_linear(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         r = torch.relu(z)
         return F.linear(r * r, weight)
     return _SquaredReluLinear.apply(z, weight)
+
+
+class _DataLerpLinear(torch.autograd.Function):
+    """RWKV-6's data-dependent lerps, each fed into its projection: ``out_j = (x + xx (mu_j + m_j)) @ W_jᵀ`` with
+    ``m = einsum(z, w2)`` (the mixing LoRA's second half). Keeps x, the shift row and z (which the LoRA's tanh keeps
+    anyway); m, the lerps and xx are recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, shift, cu_seqlens, z, w2, n, *tensors):
+        mus, weights = tensors[:n], tensors[n:]
+        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
+        m = _lora_mix(z, w2)
+        outs = tuple(torch.addcmul(x, xx, mu + m[j]) @ w.t() for j, (mu, w) in enumerate(zip(mus, weights)))
+        ctx.save_for_backward(x, shift, cu_seqlens, z, w2, *tensors)
+        ctx.n = n
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, shift, cu, z, w2, *tensors = ctx.saved_tensors
+        n, need = ctx.n, ctx.needs_input_grad
+        mus, weights = tensors[:n], tensors[n:]
+        xx = token_shift(x, shift, cu_seqlens=cu) - x
+        mix = _lora_mix(z, w2)  # [J, B, T, C], each row made mu_j + m_j below
+        dm = torch.zeros_like(mix)
+        dmus, dws = [None] * n, [None] * n
+        dx = dxx = None
+        for j, (g, mu, w) in enumerate(zip(grads, mus, weights)):
+            if g is None:
+                continue
+            mj = mix[j].add_(mu)
+            if need[6 + n + j]:
+                dws[j] = flat(g).t() @ flat(torch.addcmul(x, xx, mj))
+            dl = g @ w
+            torch.mul(dl, xx, out=dm[j])
+            if need[6 + j]:
+                dmus[j] = channel_sum(dm[j], mu.shape)
+            dx = dl.clone() if dx is None else dx.add_(dl)
+            dxx = dl.mul_(mj) if dxx is None else dxx.add_(dl.mul_(mj))
+        if dx is None:
+            return (None,) * (6 + 2 * n)
+        dz = torch.einsum("jbtc,jdc->btjd", dm, w2) if need[3] else None
+        dw2 = torch.einsum("btjd,jbtc->jdc", z, dm) if need[4] else None
+        dx = dx.sub_(dxx)
+        dx_prev, d_shift = token_shift_backward(dxx, cu_seqlens=cu)
+        dx = dx.add_(dx_prev)
+        return (dx if need[0] else None, d_shift if need[1] else None, None, dz, dw2, None, *dmus, *dws)
+
+
+def _lora_mix(z: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The mixing LoRA's per-lerp offsets: z ``[B, T, J, D]``, w2 ``[J, D, C]`` -> ``[J, B, T, C]``."""
+    return torch.einsum("btjd,jdc->jbtc", z, w2)
+
+
+def data_lerp_linear(x: torch.Tensor, shift: torch.Tensor | None, z: torch.Tensor, w2: torch.Tensor, mus, weights, *,
+                     cu_seqlens: torch.Tensor | None = None) -> tuple:
+    """RWKV-6's token-shift lerps with data-dependent weights, each into its projection (spec 3.2):
+    ``(x + xx (mu_j + m_j)) @ W_jᵀ`` for j = 0..J-1, with ``xx = token_shift(x, shift) - x`` and ``m = einsum("btjd,
+    jdc->jbtc", z, w2)``. x ``[B, T, C]``, z ``[B, T, J, D]``, w2 ``[J, D, C]``, mus J ``[C]`` vectors, weights J
+    ``[O_j, C]`` matrices. With autograd it keeps x, the shift row and z only (``plain_form``: the plain composition
+    of ops, which computes the same bits)."""
+    mus, weights = tuple(mus), tuple(weights)
+    if not len(mus) == len(weights) == z.shape[2] == w2.shape[0]:
+        raise ValueError(f"one mixing vector and one weight per LoRA row: got {len(mus)}, {len(weights)}, z "
+                         f"{tuple(z.shape)} and w2 {tuple(w2.shape)}")
+    tensors = (x, shift, z, w2, *mus, *weights)
+    if plain_form(x) or not any(t is not None and t.requires_grad for t in tensors):
+        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
+        m = _lora_mix(z, w2)
+        return tuple(torch.addcmul(x, xx, mu + m[j]) @ w.t() for j, (mu, w) in enumerate(zip(mus, weights)))
+    return _DataLerpLinear.apply(x, shift, cu_seqlens, z, w2, len(mus), *mus, *weights)
