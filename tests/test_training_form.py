@@ -186,15 +186,15 @@ def test_token_shift_backward_equals_autograd(cu):
         assert torch.equal(r, o), name
 
 
-@pytest.mark.parametrize("version", [4, 6, 7])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 @pytest.mark.parametrize("packed", [False, True])
 def test_channel_mix_through_the_recomputing_ops_equals_the_modules(version, packed):
     # Plain projections run through shift_mix_linear + squared_relu_linear; wrapped ones (LoRA, quantized) through
     # the modules one op at a time. Same values, same gradients, in float64.
-    from rwkv_torch.layers import rwkv4, rwkv6, rwkv7
+    from rwkv_torch.layers import rwkv4, rwkv5, rwkv6, rwkv7
 
     cfg = RWKVConfig(version=version, hidden_size=C, num_layers=2, head_size=C // H, embed_dim=C)
-    plain = {4: rwkv4, 6: rwkv6, 7: rwkv7}[version].ChannelMix(cfg, 1).double()
+    plain = {4: rwkv4, 5: rwkv5, 6: rwkv6, 7: rwkv7}[version].ChannelMix(cfg, 1).double()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in plain.parameters():
@@ -219,16 +219,16 @@ def test_channel_mix_through_the_recomputing_ops_equals_the_modules(version, pac
         assert_close(f"result {i}", a, b, 1e-12)
 
 
-@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("version", [4, 5, 6])
 @pytest.mark.parametrize("packed", [False, True])
 def test_time_mix_through_the_recomputing_ops_equals_the_modules(version, packed):
-    # RWKV-4's lerps x mu + prev (1 - mu) and RWKV-6's data-dependent lerps x + xx (mu + m) with their projections
+    # RWKV-4/5's lerps x mu + prev (1 - mu) and RWKV-6's data-dependent lerps x + xx (mu + m) with their projections
     # through ops.mix when training with plain projections; wrapped ones (and inference) one op at a time. Same
     # values, states and gradients; the same bits forward (LoRA at B = 0 is the base model exactly).
-    from rwkv_torch.layers import rwkv4, rwkv6
+    from rwkv_torch.layers import rwkv4, rwkv5, rwkv6
 
     cfg = RWKVConfig(version=version, hidden_size=C, num_layers=2, head_size=C // H, embed_dim=C)
-    plain = (rwkv4 if version == 4 else rwkv6).TimeMix(cfg, 1).double()
+    plain = {4: rwkv4, 5: rwkv5, 6: rwkv6}[version].TimeMix(cfg, 1).double()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         plain.reset_parameters(2, g)

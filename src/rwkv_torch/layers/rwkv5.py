@@ -10,7 +10,8 @@ from ..ops import token_shift
 from ..ops._common import compute_dtype
 from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
-from .rwkv4 import _mix  # the v4/v5 token-shift mix: the weight multiplies the current token
+from . import rwkv4
+from .rwkv4 import _mix, _mix_linear, _training_form  # the v4/v5 mix: the weight multiplies the current token
 from .rwkv6 import _ratios, add_projections, init_projections
 
 
@@ -33,12 +34,15 @@ class TimeMix(nn.Module):
         Returns (out [B, T, C], new shift, new wkv_state, v_first unchanged)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
-        xk, xv, xr, xg = (_mix(x, prev, mu) for mu in (self.time_mix_k, self.time_mix_v, self.time_mix_r,
-                                                       self.time_mix_g))
+        mus = (self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g)
+        projections = (self.key, self.value, self.receptance, self.gate)
+        if _training_form(x, *projections):  # the lerps rebuilt in the backward (ops/mix.py), as in RWKV-4
+            k, v, r, g = _mix_linear(x, shift, mus, projections, cu_seqlens)
+        else:
+            prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
+            k, v, r, g = (proj(_mix(x, prev, mu)) for mu, proj in zip(mus, projections))
         log_decay = (-torch.exp(self.time_decay.to(compute_dtype(x.dtype)))).view(1, 1, C).expand(B, T, C)
-        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
-        g = F.silu(self.gate(xg))
+        g = F.silu(g)
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv6_unchecked(heads(r), heads(log_decay.to(r.dtype)), heads(k), heads(v),
                                       self.time_faaaa.to(r.dtype), wkv_state, backend=backend, cu_seqlens=cu_seqlens)
@@ -63,24 +67,8 @@ class TimeMix(nn.Module):
         init_projections(self, num_layers, generator)
 
 
-class ChannelMix(nn.Module):
-    """RWKV-5 feed-forward: relu² key, sigmoid receptance gate, the v4-style mix."""
-
-    def __init__(self, config: RWKVConfig, layer_id: int):
-        super().__init__()
-        C, Fd = config.hidden_size, config.ffn_dim
-        self.layer_id = layer_id
-        self.time_mix_k = nn.Parameter(torch.zeros(C))
-        self.time_mix_r = nn.Parameter(torch.zeros(C))
-        self.key = nn.Linear(C, Fd, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(Fd, C, bias=False)
-
-    def forward(self, x, shift, *, cu_seqlens=None):
-        prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
-        k = torch.relu(self.key(_mix(x, prev, self.time_mix_k))).square()  # square: pow is ~6x slower on CPU
-        out = torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r))) * self.value(k)
-        return out, last_token(x, shift, cu_seqlens=cu_seqlens)
+class ChannelMix(rwkv4.ChannelMix):
+    """RWKV-5 feed-forward: RWKV-4's (relu² key, sigmoid receptance gate, the v4-style mix), with the x052 init."""
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
