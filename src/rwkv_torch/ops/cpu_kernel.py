@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ._common import compute_dtype
+
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("wkv_cpu.c", "wkv4_cpu.c", "rwkv7_step.c",
                                                                         "mix_cpu.c")]
 # Reassociation lets the compiler vectorise the sums (results differ from the naive loop at rounding level only,
@@ -246,7 +248,7 @@ def _wkv4_impl(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                bb: torch.Tensor, pp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [B, T, C], aa, bb, pp) from w, u [C], k, v [B, T, C] and the initial state, in float32 (float64 for
     float64 k)."""
-    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(k.dtype)
     w, u, k, v = (t.to(dtype).contiguous() for t in (w, u, k, v))
     aa, bb, pp = (s.to(dtype, copy=True).contiguous() for s in (aa, bb, pp))
     B, T, C = k.shape
@@ -317,7 +319,7 @@ def _fake_forward(r, state, every):
 
 
 def _wkv4_fake(w, u, k, v, aa, bb, pp):
-    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(k.dtype)
     return (k.new_empty(k.shape, dtype=dtype), *(s.new_empty(s.shape, dtype=dtype) for s in (aa, bb, pp)))
 
 

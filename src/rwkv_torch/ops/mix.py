@@ -79,10 +79,17 @@ class _ShiftMixLinear(torch.autograd.Function):
                 dxx = dxm * mu if dxx is None else dxx.addcmul_(dxm, mu)
             dx = dx.sub_(dxx)
         d_shift = None
-        if need[0] or need[1]:  # xx = x_prev - x: the x part is in dx already, the x_prev part is shifted back
-            dx_prev, d_shift = token_shift_backward(dxx, cu_seqlens=cu)
-            dx = dx.add_(dx_prev)
+        if need[0] or need[1]:
+            dx, d_shift = _through_token_shift(dx, dxx, cu)
         return (dx if need[0] else None, d_shift if need[1] else None, None, None, *dmus, *dws)
+
+
+def _through_token_shift(dx: torch.Tensor, dxx: torch.Tensor, cu_seqlens) -> tuple:
+    """The gradients of x and of the shift row from ``dx`` (x's direct gradient, with the ``- x`` of
+    ``xx = x_prev - x`` already taken out) and ``dxx``, whose ``x_prev`` part is shifted back (``dx`` is updated in
+    place)."""
+    dx_prev, d_shift = token_shift_backward(dxx, cu_seqlens=cu_seqlens)
+    return dx.add_(dx_prev), d_shift
 
 
 def _one_pass(x: torch.Tensor, dxms: list, mus: list) -> bool:
@@ -144,10 +151,7 @@ class _DataLerpLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shift, cu_seqlens, z, w2, n, *tensors):
-        mus, weights = tensors[:n], tensors[n:]
-        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
-        m = _lora_mix(z, w2)
-        outs = tuple(torch.addcmul(x, xx, mu + m[j]) @ w.t() for j, (mu, w) in enumerate(zip(mus, weights)))
+        outs = _data_lerps(x, shift, cu_seqlens, z, w2, tensors[:n], tensors[n:])
         ctx.save_for_backward(x, shift, cu_seqlens, z, w2, *tensors)
         ctx.n = n
         return outs
@@ -178,15 +182,20 @@ class _DataLerpLinear(torch.autograd.Function):
             return (None,) * (6 + 2 * n)
         dz = torch.einsum("jbtc,jdc->btjd", dm, w2) if need[3] else None
         dw2 = torch.einsum("btjd,jbtc->jdc", z, dm) if need[4] else None
-        dx = dx.sub_(dxx)
-        dx_prev, d_shift = token_shift_backward(dxx, cu_seqlens=cu)
-        dx = dx.add_(dx_prev)
+        dx, d_shift = _through_token_shift(dx.sub_(dxx), dxx, cu)
         return (dx if need[0] else None, d_shift if need[1] else None, None, dz, dw2, None, *dmus, *dws)
 
 
 def _lora_mix(z: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The mixing LoRA's per-lerp offsets: z ``[B, T, J, D]``, w2 ``[J, D, C]`` -> ``[J, B, T, C]``."""
     return torch.einsum("btjd,jdc->jbtc", z, w2)
+
+
+def _data_lerps(x, shift, cu_seqlens, z, w2, mus, weights) -> tuple:
+    """The plain composition of ``data_lerp_linear`` (its forward, and the form without autograd)."""
+    xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
+    m = _lora_mix(z, w2)
+    return tuple(torch.addcmul(x, xx, mu + m[j]) @ w.t() for j, (mu, w) in enumerate(zip(mus, weights)))
 
 
 def data_lerp_linear(x: torch.Tensor, shift: torch.Tensor | None, z: torch.Tensor, w2: torch.Tensor, mus, weights, *,
@@ -202,7 +211,5 @@ def data_lerp_linear(x: torch.Tensor, shift: torch.Tensor | None, z: torch.Tenso
                          f"{tuple(z.shape)} and w2 {tuple(w2.shape)}")
     tensors = (x, shift, z, w2, *mus, *weights)
     if plain_form(x) or not any(t is not None and t.requires_grad for t in tensors):
-        xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
-        m = _lora_mix(z, w2)
-        return tuple(torch.addcmul(x, xx, mu + m[j]) @ w.t() for j, (mu, w) in enumerate(zip(mus, weights)))
+        return _data_lerps(x, shift, cu_seqlens, z, w2, mus, weights)
     return _DataLerpLinear.apply(x, shift, cu_seqlens, z, w2, len(mus), *mus, *weights)
