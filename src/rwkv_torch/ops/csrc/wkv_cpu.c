@@ -358,14 +358,18 @@ INLINE int wkv7_vec(const f32 *r, const f32 *w, const f32 *k, const f32 *v, cons
     return 0;
 }
 
+/* The WKV7_BACK formulas with two changes: dr = S_t^T dy is taken from S_{t-1} through the update's form,
+ *     dr = exp(w) * (S_{t-1}^T dy) + b (sa . dy) + k (v . dy),
+ * so a span keeps only the states before its tokens (the pass over dS reads one state per token, not two), and the
+ * row sums are eight-lane partials reduced by hsum8. */
 INLINE int wkv7_back_vec(const f32 *r, const f32 *w, const f32 *k, const f32 *v, const f32 *a, const f32 *bb,
                          const f32 *dy, const f32 *ckpt, f32 *dS_io, f32 *dr, f32 *dw, f32 *dk, f32 *dv, f32 *da,
                          f32 *db, int64_t L, int64_t T, int64_t H, int64_t b, int64_t h, int N) {
     const int NN = N * N, Q = N / 8;
     /* states of one span, dS, sa of each token of the span, dsa, dv, decays, and five [N][8] partial-sum blocks */
-    f32 *buf = (f32 *)aligned_alloc(32, sizeof(f32) * ((L + 1) * NN + NN + L * N + 3 * N + 5 * 8 * N));
+    f32 *buf = (f32 *)aligned_alloc(32, sizeof(f32) * (L * NN + NN + L * N + 3 * N + 5 * 8 * N));
     if (!buf) return 1;
-    f32 *Ss = buf, *dS = Ss + (L + 1) * NN, *sas = dS + NN, *dsa = sas + L * N, *dvv = dsa + N, *d = dvv + N;
+    f32 *Ss = buf, *dS = Ss + L * NN, *sas = dS + NN, *dsa = sas + L * N, *dvv = dsa + N, *d = dvv + N;
     f32 *pr = d + N, *pk = pr + 8 * N, *pb = pk + 8 * N, *pw = pb + 8 * N, *pa = pw + 8 * N;
     for (int64_t i = 0; i < N; i++)
         for (int64_t j = 0; j < N; j++) dS[j * N + i] = dS_io[i * N + j];
@@ -374,45 +378,49 @@ INLINE int wkv7_back_vec(const f32 *r, const f32 *w, const f32 *k, const f32 *v,
         memcpy(Ss, ckpt + c * NN, sizeof(f32) * NN);
         for (int64_t t = t0; t < t1; t++) {
             const int64_t o = ((b * T + t) * H + h) * N;
-            f32 *P = Ss + (t - t0) * NN, *sa = sas + (t - t0) * N;
-            state_times(P, a + o, sa, N);
+            f32 *P = Ss + (t - t0) * NN;
+            state_times(P, a + o, sas + (t - t0) * N, N);
+            if (t + 1 == t1) break;
             expv(w + o, d, N);
-            state_update(P, P + NN, d, sa, bb + o, k + o, v + o, 0, 0, N);
+            state_update(P, P + NN, d, sas + (t - t0) * N, bb + o, k + o, v + o, 0, 0, N);
         }
         for (int64_t t = t1 - 1; t >= t0; t--) {
             const int64_t o = ((b * T + t) * H + h) * N;
-            const f32 *P = Ss + (t - t0) * NN, *St = P + NN, *sa = sas + (t - t0) * N;
+            const f32 *P = Ss + (t - t0) * NN, *sa = sas + (t - t0) * N;
             const f32 *rt = r + o, *kt = k + o, *vt = v + o, *at = a + o, *bt = bb + o, *g = dy + o;
             expv(w + o, d, N);
-            /* dS += dy r^T; per row j the partial sums of dr = S_t^T dy, dk = dS^T v, db = dS^T sa and
+            /* dS += dy r^T; per row j the partial sums of S_{t-1}^T dy, dk = dS^T v, db = dS^T sa and
              * colsum(dS * S_{t-1}); dv = dS k and dsa = dS b over the rows */
-            v8 gg[8], vv[8];
+            v8 gg[8], vv[8], sg = _mm256_setzero_ps(), vg = sg;
             for (int q = 0; q < Q; q++) {
                 gg[q] = LDU(g + 8 * q), vv[q] = LDU(vt + 8 * q);
+                sg = FMA(LD(sa + 8 * q), gg[q], sg), vg = FMA(vv[q], gg[q], vg);
                 STA(dvv + 8 * q, _mm256_setzero_ps()), STA(dsa + 8 * q, _mm256_setzero_ps());
             }
             for (int j = 0; j < N; j++) {
                 const v8 rj = BC(rt[j]), kj = BC(kt[j]), bj = BC(bt[j]);
-                const f32 *srow = St + N * j, *prow = P + N * j;
+                const f32 *prow = P + N * j;
                 f32 *drow = dS + N * j;
                 v8 s_r = _mm256_setzero_ps(), s_k = s_r, s_b = s_r, s_w = s_r;
                 for (int q = 0; q < Q; q++) {
-                    const v8 x = FMA(rj, gg[q], LD(drow + 8 * q));
+                    const v8 x = FMA(rj, gg[q], LD(drow + 8 * q)), p = LD(prow + 8 * q);
                     STA(drow + 8 * q, x);
-                    s_r = FMA(LD(srow + 8 * q), gg[q], s_r);
+                    s_r = FMA(p, gg[q], s_r);
                     s_k = FMA(x, vv[q], s_k);
                     s_b = FMA(x, LD(sa + 8 * q), s_b);
-                    s_w = FMA(x, LD(prow + 8 * q), s_w);
+                    s_w = FMA(x, p, s_w);
                     STA(dvv + 8 * q, FMA(x, kj, LD(dvv + 8 * q)));
                     STA(dsa + 8 * q, FMA(x, bj, LD(dsa + 8 * q)));
                 }
                 STA(pr + 8 * j, s_r), STA(pk + 8 * j, s_k), STA(pb + 8 * j, s_b), STA(pw + 8 * j, s_w);
             }
+            const v8 sgs = BC(hsum1(sg)), vgs = BC(hsum1(vg));
             for (int q = 0; q < Q; q++) {
-                STU(dr + o + 8 * q, hsum8(pr + 64 * q));
+                const v8 dq = LD(d + 8 * q);
+                STU(dr + o + 8 * q, FMA(dq, hsum8(pr + 64 * q), FMA(LDU(bt + 8 * q), sgs, MUL(LDU(kt + 8 * q), vgs))));
                 STU(dk + o + 8 * q, hsum8(pk + 64 * q));
                 STU(db + o + 8 * q, hsum8(pb + 64 * q));
-                STU(dw + o + 8 * q, MUL(hsum8(pw + 64 * q), LD(d + 8 * q)));
+                STU(dw + o + 8 * q, MUL(hsum8(pw + 64 * q), dq));
             }
             memcpy(dv + o, dvv, sizeof(f32) * N);
             /* da = S_{t-1}^T dsa;  dS <- dS D + dsa a^T */
