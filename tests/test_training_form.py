@@ -172,6 +172,37 @@ def test_mix_backward_pass_in_float32_is_exact_and_thread_independent():
         cpu_kernel.mix_backward(d, mus[:2], xx)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squared_relu_linear_c_pass_gives_the_torch_ops_bits(dtype, monkeypatch):
+    """The C passes (forward, and backward with the square recomputed) against the torch-op form: the same bits for
+    outputs and both gradients, NaN propagating, over more elements than one of the C pass's blocks."""
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler here")
+    from rwkv_torch.ops.mix import squared_relu_linear
+
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(3, 50, 160, generator=g, dtype=dtype)
+    z[0, 0, :3] = torch.tensor([float("nan"), 0.0, -0.0], dtype=dtype)
+    w = torch.randn(24, 160, generator=g, dtype=dtype)
+    proj = torch.randn(3, 50, 24, generator=g, dtype=dtype)
+
+    def run():
+        zs, ws = z.clone().requires_grad_(), w.clone().requires_grad_()
+        out = squared_relu_linear(zs, ws)
+        return [out, *torch.autograd.grad((out.nan_to_num() * proj).sum(), [zs, ws])]
+
+    got = run()
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    want = run()
+    for name, a, b in zip(("out", "dz", "dw"), want, got):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
+    assert got[1][0, 0, 0].isnan() and not got[1][0, 0, 1:3].isnan().any()
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu_kernel.squared_relu_backward(z, z.float() if dtype == torch.float64 else z.double())
+    with pytest.raises(ValueError, match="contiguous CPU tensors of one shape"):
+        cpu_kernel.squared_relu(z.transpose(1, 2))
+
+
 @pytest.mark.parametrize("cu", [None, [0, 3, 3, 7, 9], [0, 0, 9]])
 def test_token_shift_backward_equals_autograd(cu):
     g = torch.Generator().manual_seed(5)

@@ -1,7 +1,7 @@
 """Fused CPU kernels, built from ``csrc/*.c`` on first use: the WKV-7 and WKV-6 recurrences with their backward
 (``csrc/wkv_cpu.c``), the WKV-4 recurrence with its backward (``csrc/wkv4_cpu.c``), the whole one-token RWKV-7
-block stack (``csrc/rwkv7_step.c``, driven by ``decode/c_step.py``) and the reductions of a token-shift mix's
-backward (``csrc/mix_cpu.c``, used by ``ops/mix.py``).
+block stack (``csrc/rwkv7_step.c``, driven by ``decode/c_step.py``), and the reductions of a token-shift mix's
+backward and the squared ReLU of the feed-forward (``csrc/mix_cpu.c``, used by ``ops/mix.py``).
 
 The chunked form turns a sequence into many small matrix products and elementwise passes; on a CPU, with 64x64
 head states that stay in L1, the plain spec recurrence in C does less work: one read of the inputs, two passes
@@ -142,6 +142,8 @@ def _load() -> ctypes.CDLL:
         lib.rwkv_mix_blocks.restype = i64
         lib.rwkv_mix_backward.argtypes = [ctypes.c_int, i64, i64, ptr, ptr] + [ptr] * 4 + [ctypes.c_int] * 2
         lib.rwkv_mix_backward.restype = ctypes.c_int
+        lib.rwkv_squared_relu.argtypes = [i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+        lib.rwkv_squared_relu.restype = None
         lib.rwkv7_step_fields.argtypes = []
         lib.rwkv7_step_fields.restype = ctypes.c_char_p
         _lib = lib
@@ -311,6 +313,49 @@ def mix_backward(d: list, mus: list, xx: torch.Tensor) -> tuple[torch.Tensor, to
     return _mix_backward_op(list(d), list(mus), xx)
 
 
+def _squared_relu_impl(z: torch.Tensor) -> torch.Tensor:
+    s = torch.empty_like(z)
+    _load().rwkv_squared_relu(z.numel(), _ptr(z), _ptr(s), None, int(z.dtype == torch.float64),
+                              torch.get_num_threads())
+    return s
+
+
+def _squared_relu_fake(z):
+    return torch.empty_like(z)
+
+
+def _squared_relu_bwd_impl(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    s = torch.empty_like(z)
+    _load().rwkv_squared_relu(z.numel(), _ptr(z), _ptr(s), _ptr(g), int(z.dtype == torch.float64),
+                              torch.get_num_threads())
+    return s
+
+
+def _squared_relu_bwd_fake(z, g):
+    return torch.empty_like(z)
+
+
+def _check_squared_relu(*ts: torch.Tensor) -> None:
+    if any(t.dtype not in (torch.float32, torch.float64) or t.dtype != ts[0].dtype for t in ts):
+        raise TypeError(f"squared_relu takes float32 or float64 tensors of one dtype, got {[t.dtype for t in ts]}")
+    if any(not t.is_contiguous() or t.shape != ts[0].shape or t.device.type != "cpu" for t in ts):
+        raise ValueError(f"squared_relu takes contiguous CPU tensors of one shape, got {[tuple(t.shape) for t in ts]}")
+
+
+def squared_relu(z: torch.Tensor) -> torch.Tensor:
+    """``relu(z)²`` in one pass (``csrc/mix_cpu.c``): z a contiguous float32/float64 CPU tensor. Same bits as
+    ``torch.relu(z) ** 2`` computed as ``r * r``; NaN propagates."""
+    _check_squared_relu(z)
+    return _squared_relu_op(z)
+
+
+def squared_relu_backward(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The squared ReLU's backward pass, in one pass: ``g *= 2 relu(z)`` in place (g becomes z's gradient) and
+    returns ``relu(z)²`` (recomputed, for the next projection's weight gradient). Contiguous tensors of one shape."""
+    _check_squared_relu(z, g)
+    return _squared_relu_bwd_op(z, g)
+
+
 def _fake_forward(r, state, every):
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
     B, T, H, N = r.shape
@@ -344,12 +389,20 @@ def _wkv6_bwd_fake(r, w, k, v, u, dy, ckpt, dstate, every):
     return [torch.empty_like(r) for _ in range(4)] + [r.new_empty(u.shape), r.new_empty(dstate.shape)]
 
 
-def _custom_op(name, impl, fake):
+def _custom_op(name, impl, fake, mutates_args=()):
+    """``impl`` as a ``torch.library`` custom op while ``torch.compile`` traces, a plain call otherwise: the op's
+    Python dispatch costs ~70 us a call, as much as a small kernel's work."""
     if not hasattr(torch.library, "custom_op"):  # pragma: no cover - older torch: plain calls (graph breaks)
         return impl
-    op = torch.library.custom_op(f"rwkv_torch::{name}", mutates_args=(), device_types="cpu")(impl)
+    op = torch.library.custom_op(f"rwkv_torch::{name}", mutates_args=mutates_args, device_types="cpu")(impl)
     op.register_fake(fake)
-    return op
+    is_compiling = torch.compiler.is_compiling
+
+    def call(*args):
+        return op(*args) if is_compiling() else impl(*args)
+
+    call.op = op
+    return call
 
 
 # Opaque to torch.compile: a compiled model keeps each call as one kernel inside its graph.
@@ -360,6 +413,9 @@ _wkv6_bwd_op = _custom_op("wkv6_recurrent_bwd", _wkv6_bwd_impl, _wkv6_bwd_fake)
 _wkv4_op = _custom_op("wkv4_recurrent_fwd", _wkv4_impl, _wkv4_fake)
 _wkv4_bwd_op = _custom_op("wkv4_recurrent_bwd", _wkv4_bwd_impl, _wkv4_bwd_fake)
 _mix_backward_op = _custom_op("mix_backward", _mix_backward_impl, _mix_backward_fake)
+_squared_relu_op = _custom_op("squared_relu", _squared_relu_impl, _squared_relu_fake)
+_squared_relu_bwd_op = _custom_op("squared_relu_backward", _squared_relu_bwd_impl, _squared_relu_bwd_fake,
+                                  mutates_args=("g",))
 
 # The forward keeps the state before every CHECKPOINT_EVERY-th token for the backward, which recomputes the states
 # of one such span at a time: 33 states of 16 kB at N = 64 in fp32, about one core's L2. Measured (fwd + bwd of one op,

@@ -7,6 +7,9 @@ per RWKV-7 layer. Here only ``x`` (and the carried shift row) is kept; the backw
 ``dx = Σ dxm_i``, ``dxx = Σ dxm_i mu_i``, ``dmu_i = Σ_{b,t} dxm_i xx``. On CPU those three reductions are one C pass
 over the ``dxm_i`` (``cpu_kernel.mix_backward``; about ten torch passes per lerp otherwise, the fallback where the C
 kernels cannot be built).
+
+``squared_relu_linear``: ``relu(z)² Wᵀ`` keeping z only; on CPU the activation is one C pass forward and one
+backward (``cpu_kernel.squared_relu``: the square recomputed and z's gradient made in the same pass).
 """
 
 import torch
@@ -63,7 +66,7 @@ class _ShiftMixLinear(torch.autograd.Function):
         if not dxms:
             return (None,) * (4 + n + len(weights))
         mus = [tensors[m] for m in used]
-        if _one_pass(x, dxms, mus):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
+        if _one_pass(x, [*dxms, *mus]):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
             dx, dxx, dmu_rows = cpu_kernel.mix_backward(dxms, mus, xx)
             for m, dmu in zip(used, dmu_rows):
                 if need[4 + m]:
@@ -92,11 +95,11 @@ def _through_token_shift(dx: torch.Tensor, dxx: torch.Tensor, cu_seqlens) -> tup
     return dx.add_(dx_prev), d_shift
 
 
-def _one_pass(x: torch.Tensor, dxms: list, mus: list) -> bool:
-    """Whether the shift mix's backward reductions run as one C pass: float32/float64 CPU tensors of one dtype, with
-    the C kernels built (``cpu_kernel.available``)."""
+def _one_pass(x: torch.Tensor, others=()) -> bool:
+    """Whether an elementwise pass of these backwards runs in C (``csrc/mix_cpu.c``): x and the ``others`` float32/
+    float64 CPU tensors of one dtype, with the C kernels built (``cpu_kernel.available``)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and all(t.dtype == x.dtype for t in (*dxms, *mus)) and cpu_kernel.available())
+            and all(t.dtype == x.dtype for t in others) and cpu_kernel.available())
 
 
 def shift_mix_linear(x: torch.Tensor, shift: torch.Tensor | None, mus, weights, *,
@@ -117,21 +120,34 @@ def shift_mix_linear(x: torch.Tensor, shift: torch.Tensor | None, mus, weights, 
 
 
 class _SquaredReluLinear(torch.autograd.Function):
-    """``relu(z)² Wᵀ``, saving only z: the activation is recomputed in the backward."""
+    """``relu(z)² Wᵀ``, saving only z: the activation is recomputed in the backward (on CPU one C pass each way,
+    ``cpu_kernel.squared_relu``; torch ops otherwise, with the same bits)."""
 
     @staticmethod
     def forward(ctx, z, weight):
-        r = torch.relu(z)
         ctx.save_for_backward(z, weight)
-        return r.mul_(r) @ weight.t()  # mul, not square: pow is several times slower on CPU
+        return _squared_relu(z) @ weight.t()
 
     @staticmethod
     def backward(ctx, g):
         z, weight = ctx.saved_tensors
-        r = torch.relu(z)
-        dw = flat(g).t() @ flat(r * r) if ctx.needs_input_grad[1] else None
-        dz = (g @ weight).mul_(r).mul_(2) if ctx.needs_input_grad[0] else None  # d relu(z)² / dz = 2 relu(z)
-        return dz, dw
+        need = ctx.needs_input_grad
+        dz = g @ weight  # d relu(z)² / dz = 2 relu(z), applied in place below
+        if _one_pass(z, [dz]):
+            s = cpu_kernel.squared_relu_backward(z.contiguous(), dz)
+        else:
+            r = torch.relu(z)
+            s = r * r
+            dz.mul_(r).mul_(2)
+        dw = flat(g).t() @ flat(s) if need[1] else None
+        return dz if need[0] else None, dw
+
+
+def _squared_relu(z: torch.Tensor) -> torch.Tensor:
+    if _one_pass(z):
+        return cpu_kernel.squared_relu(z.contiguous())
+    r = torch.relu(z)
+    return r.mul_(r)  # mul, not square: pow is several times slower on CPU
 
 
 def squared_relu_linear(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -73,3 +73,38 @@ int rwkv_mix_backward(int n, int64_t R, int64_t C, const void *const *d, const v
         return mix_back_f64(n, R, C, (const double *const *)d, (const double *const *)mu, xx, dx, dxx, part, threads);
     return mix_back_f32(n, R, C, (const float *const *)d, (const float *const *)mu, xx, dx, dxx, part, threads);
 }
+
+/* RWKV's feed-forward activation s = relu(z)^2 (ops/mix.py, squared_relu_linear), one pass over z. With g (the
+ * gradient of s, [n]) the backward's pass as well: g *= 2 relu(z), in place, and s recomputed for the weight gradient.
+ * relu keeps NaN (z < 0 ? 0 : z), as torch.relu does; the products round as the torch ops' (r * r, g * (2 r)). */
+#define SQRELU_BLOCK 16384
+#define SQRELU(NAME, REAL)                                                                                       \
+    static void NAME(int64_t n, const REAL *restrict z, REAL *restrict s, REAL *restrict g, int threads) {       \
+        int64_t blocks = (n + SQRELU_BLOCK - 1) / SQRELU_BLOCK;                                                  \
+        (void)threads;                                                                                           \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                        \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                                             \
+            int64_t lo = blk * SQRELU_BLOCK, hi = lo + SQRELU_BLOCK < n ? lo + SQRELU_BLOCK : n;                 \
+            if (g) {                                                                                             \
+                for (int64_t i = lo; i < hi; i++) {                                                              \
+                    REAL r = z[i] < 0 ? 0 : z[i];                                                                \
+                    s[i] = r * r;                                                                                \
+                    g[i] *= r + r;                                                                               \
+                }                                                                                                \
+            } else {                                                                                             \
+                for (int64_t i = lo; i < hi; i++) {                                                              \
+                    REAL r = z[i] < 0 ? 0 : z[i];                                                                \
+                    s[i] = r * r;                                                                                \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+SQRELU(sqrelu_f32, float)
+SQRELU(sqrelu_f64, double)
+
+/* z, s and g (g may be null): n contiguous elements of one type. */
+void rwkv_squared_relu(int64_t n, const void *z, void *s, void *g, int f64, int threads) {
+    if (f64) sqrelu_f64(n, z, s, g, threads);
+    else sqrelu_f32(n, z, s, g, threads);
+}
