@@ -203,6 +203,73 @@ def test_squared_relu_linear_c_pass_gives_the_torch_ops_bits(dtype, monkeypatch)
         cpu_kernel.squared_relu(z.transpose(1, 2))
 
 
+def _time_mix_case(name: str, g: torch.Generator):
+    """(function of the leaves, the leaves in float64) for one of rwkv7_fused's groups: 3 x 50 rows of 2 heads of 16,
+    several of the C passes' row blocks."""
+    from rwkv_torch.layers import rwkv7_fused
+
+    B, T, Hh, N = 3, 50, 2, 16
+    Cg = Hh * N
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    if name == "gated_output":
+        ins = [rand(B, T, Cg) * 2 + 0.5, *(rand(B, T, Cg) for _ in range(4)), rand(Hh, N), rand(Cg), rand(Cg),
+               rand(Cg, Cg)]
+        return lambda *xs: [rwkv7_fused.gated_output(*xs, Hh, 64e-5)], ins
+    k0 = rand(B, T, Cg)
+    k0[0, 0, :N] = 0  # a head whose norm is below eps: normalize's clamp, no projection term
+    ins = [k0, rand(B, T, Cg), rand(B, T, Cg), rand(Cg), rand(Cg)]
+    return lambda *xs: list(rwkv7_fused.wkv_inputs(*xs, Hh)), ins
+
+
+@pytest.mark.parametrize("name", ["gated_output", "wkv_inputs"])
+def test_time_mix_c_backward_equals_the_torch_ops(name):
+    """RWKV-7's time-mix groups: the C backward pass against its torch-op form in float64 (every gradient), float32
+    against float64, and bit-equal for 1, 2 and 3 threads."""
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(8)
+    fn, ins = _time_mix_case(name, g)
+
+    def grads(dtype, threads=None):
+        leaves = [t.to(dtype).requires_grad_() for t in ins]
+        outs = fn(*leaves)
+        loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                    .to(dtype)).sum() for i, o in enumerate(outs))
+        n = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads or n)
+            return [*outs, *torch.autograd.grad(loss, leaves)]
+        finally:
+            torch.set_num_threads(n)
+
+    c64 = grads(torch.float64)
+    runs = [grads(torch.float32, n) for n in (1, 2, 3)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernel, "available", lambda: False)
+        ops64 = grads(torch.float64)
+    for i, (want, got) in enumerate(zip(ops64, c64)):
+        assert_close(f"float64 result {i}", want, got, 1e-12)
+    for run_ in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run_))
+    for i, (want, got) in enumerate(zip(c64, runs[0])):
+        assert_close(f"float32 result {i}", want, got.double(), 2e-5)
+
+
+def test_time_mix_c_backward_errors():
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler here")
+    x, c = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu_kernel.gated_output_backward(x, x, x, x, x, x, c, c, c.float(), 2, 1e-5)
+    with pytest.raises(ValueError, match="heads dividing"):
+        cpu_kernel.gated_output_backward(x, x, x, x, x, x, c, c, c, 3, 1e-5)
+    norm = torch.ones(2, 5, 2, 1, dtype=torch.float64)
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu_kernel.wkv_inputs_backward(x, x, x, x, x, x, norm.float(), x, x, c, c, 0.6, 1e-12)
+    with pytest.raises(ValueError, match="H dividing"):
+        cpu_kernel.wkv_inputs_backward(x, x, x, x, x, x, norm[..., :1, :], x, x, c, c[:4], 0.6, 1e-12)
+
+
 @pytest.mark.parametrize("cu", [None, [0, 3, 3, 7, 9], [0, 0, 9]])
 def test_token_shift_backward_equals_autograd(cu):
     g = torch.Generator().manual_seed(5)

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from ..ops.mix import channel_sum, flat
+from ..ops import cpu_kernel
+from ..ops.mix import c_pass, channel_sum, flat
 
 DECAY_SCALE = math.exp(-0.5)  # the log decay is -DECAY_SCALE * sigmoid(w_raw) (rwkv7.py)
 NORM_EPS = 1e-12  # F.normalize's default, as in the spec form
@@ -48,6 +49,11 @@ class _WKVInputs(torch.autograd.Function):
         H = ctx.n_head
         zero = lambda g: torch.zeros_like(k0) if g is None else g  # noqa: E731
         dw, dk, d_minus_kk, db = map(zero, (dw, dk, d_minus_kk, db))
+        if c_pass(k0, [dw, dk, d_minus_kk, db, a, norm, w, minus_kk, k_k, k_a]):  # in C, one pass
+            dk0, dw_raw, da_raw, dk_k, dk_a = cpu_kernel.wkv_inputs_backward(
+                dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k_a, DECAY_SCALE, NORM_EPS)
+            grads = (dk0, dw_raw, da_raw, dk_k.view(k_k.shape), dk_a.view(k_a.shape))
+            return (*(t if n else None for t, n in zip(grads, need)), None)
         kk = minus_kk.neg()
         # w = -s sigmoid(w_raw): dw_raw = dw (-s) sig (1 - sig) = dw w (1 - sig), with sig = -w / s
         dw_raw = (w / DECAY_SCALE).add_(1).mul_(w).mul_(dw) if need[1] else None
@@ -87,6 +93,12 @@ class _GatedOutput(torch.autograd.Function):
     def backward(ctx, d_out):
         y, r, k, v, g, r_k, ln_w, ln_b, w_out, bonus = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if c_pass(y, [d_out, r, k, v, g, r_k, ln_w, ln_b, w_out]):  # the elementwise part in C
+            dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b = cpu_kernel.gated_output_backward(
+                d_out @ w_out, y, r, k, v, g, r_k, ln_w, ln_b, ctx.n_head, ctx.eps)
+            dw_out = flat(d_out).t() @ flat(zg) if need[8] else None
+            grads = (dy, dr, dk, dv, dg, dr_k.view(r_k.shape), dln_w, dln_b)
+            return (*(t if n else None for t, n in zip(grads, need)), dw_out, None, None)
         B, T, C = y.shape
         H, N = ctx.n_head, C // ctx.n_head
         z, _, yn, mean, rstd = _gated_pre(y, r, k, v, r_k, ln_w, ln_b, H, ctx.eps, stats=True)

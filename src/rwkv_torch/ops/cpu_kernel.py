@@ -1,7 +1,8 @@
 """Fused CPU kernels, built from ``csrc/*.c`` on first use: the WKV-7 and WKV-6 recurrences with their backward
 (``csrc/wkv_cpu.c``), the WKV-4 recurrence with its backward (``csrc/wkv4_cpu.c``), the whole one-token RWKV-7
 block stack (``csrc/rwkv7_step.c``, driven by ``decode/c_step.py``), and the reductions of a token-shift mix's
-backward and the squared ReLU of the feed-forward (``csrc/mix_cpu.c``, used by ``ops/mix.py``).
+backward and the squared ReLU of the feed-forward (``csrc/mix_cpu.c``, used by ``ops/mix.py``), and the elementwise
+backwards of RWKV-7's WKV inputs and gated output (``csrc/time_mix_cpu.c``, used by ``layers/rwkv7_fused.py``).
 
 The chunked form turns a sequence into many small matrix products and elementwise passes; on a CPU, with 64x64
 head states that stay in L1, the plain spec recurrence in C does less work: one read of the inputs, two passes
@@ -37,7 +38,7 @@ import torch
 from ._common import compute_dtype
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("wkv_cpu.c", "wkv4_cpu.c", "rwkv7_step.c",
-                                                                        "mix_cpu.c")]
+                                                                        "mix_cpu.c", "time_mix_cpu.c")]
 # Reassociation lets the compiler vectorise the sums (results differ from the naive loop at rounding level only,
 # which the tests bound); no -ffinite-math-only, so NaN and inf still propagate.
 _FAST_MATH = ["-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -144,6 +145,13 @@ def _load() -> ctypes.CDLL:
         lib.rwkv_mix_backward.restype = ctypes.c_int
         lib.rwkv_squared_relu.argtypes = [i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
         lib.rwkv_squared_relu.restype = None
+        lib.rwkv_gated_blocks.argtypes = [i64]
+        lib.rwkv_gated_blocks.restype = i64
+        lib.rwkv_gated_output_backward.argtypes = [i64] * 3 + [ptr, ctypes.c_double, ptr, ptr] + [ctypes.c_int] * 2
+        lib.rwkv_gated_output_backward.restype = ctypes.c_int
+        lib.rwkv_wkv_inputs_backward.argtypes = [i64] * 3 + [ptr, ctypes.c_double, ctypes.c_double, ptr, ptr,
+                                                             ctypes.c_int, ctypes.c_int]
+        lib.rwkv_wkv_inputs_backward.restype = ctypes.c_int
         lib.rwkv7_step_fields.argtypes = []
         lib.rwkv7_step_fields.restype = ctypes.c_char_p
         _lib = lib
@@ -356,6 +364,86 @@ def squared_relu_backward(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _squared_relu_bwd_op(z, g)
 
 
+def _gated_output_bwd_impl(dzg: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           g: torch.Tensor, r_k: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
+                           n_head: int, eps: float) -> list[torch.Tensor]:
+    C = y.shape[-1]
+    R = y.numel() // C
+    ins = [t.contiguous() for t in (dzg, y, r, k, v, g)] + [t.reshape(C).contiguous() for t in (r_k, ln_w, ln_b)]
+    outs = [torch.empty_like(ins[1]) for _ in range(6)]
+    lib = _load()
+    part = y.new_empty(lib.rwkv_gated_blocks(R), 3, C)
+    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
+    err = lib.rwkv_gated_output_backward(R, n_head, C // n_head, ptrs(ins), eps, ptrs(outs), _ptr(part),
+                                         int(y.dtype == torch.float64), torch.get_num_threads())
+    _check(err, "gated output backward")
+    return [*outs, *part.sum(0).unbind(0)]
+
+
+def _gated_output_bwd_fake(dzg, y, r, k, v, g, r_k, ln_w, ln_b, n_head, eps):
+    C = y.shape[-1]
+    return [torch.empty_like(y) for _ in range(6)] + [y.new_empty(C) for _ in range(3)]
+
+
+def gated_output_backward(dzg, y, r, k, v, g, r_k, ln_w, ln_b, n_head: int, eps: float) -> list:
+    """The elementwise backward of RWKV-7's gated output ``((group_norm(y) ln_w + ln_b + bonus v) g) @ W_outᵀ``
+    (``layers/rwkv7_fused.py``) in one pass (``csrc/time_mix_cpu.c``): from ``dzg = d_out @ W_out`` and the saved
+    ``[..., C]`` tensors, returns ``[dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b]`` (``zg = z g``, the projection's
+    input; the last three ``[C]``, summed over fixed row blocks: independent of the thread count). float32 or float64
+    CPU tensors of one dtype."""
+    ts = (dzg, y, r, k, v, g, r_k, ln_w, ln_b)
+    if y.dtype not in (torch.float32, torch.float64) or any(t.dtype != y.dtype for t in ts):
+        raise TypeError(f"gated_output_backward takes float32 or float64 tensors of one dtype, got "
+                        f"{sorted({str(t.dtype) for t in ts})}")
+    C = y.shape[-1]
+    if any(t.shape != y.shape for t in ts[:6]) or any(t.numel() != C for t in ts[6:]) or C % n_head:
+        raise ValueError(f"gated_output_backward: six tensors shaped like y {tuple(y.shape)}, three of {C} "
+                         f"elements and {n_head} heads dividing {C}, got {[tuple(t.shape) for t in ts]}")
+    return _gated_output_bwd_op(*ts, int(n_head), float(eps))
+
+
+def _wkv_inputs_bwd_impl(dw: torch.Tensor, dk: torch.Tensor, d_minus_kk: torch.Tensor, db: torch.Tensor,
+                         k0: torch.Tensor, a: torch.Tensor, norm: torch.Tensor, w: torch.Tensor,
+                         minus_kk: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor, decay_scale: float,
+                         eps: float) -> list[torch.Tensor]:
+    C = k0.shape[-1]
+    R, H = k0.numel() // C, norm.numel() * C // k0.numel()
+    ins = [t.contiguous() for t in (dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk)]
+    ins += [t.reshape(C).contiguous() for t in (k_k, k_a)]
+    outs = [torch.empty_like(ins[4]) for _ in range(3)]
+    lib = _load()
+    part = k0.new_empty(lib.rwkv_gated_blocks(R), 2, C)
+    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
+    lib.rwkv_wkv_inputs_backward(R, H, C // H, ptrs(ins), decay_scale, eps, ptrs(outs), _ptr(part),
+                                 int(k0.dtype == torch.float64), torch.get_num_threads())
+    return [*outs, *part.sum(0).unbind(0)]
+
+
+def _wkv_inputs_bwd_fake(dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k_a, decay_scale, eps):
+    C = k0.shape[-1]
+    return [torch.empty_like(k0) for _ in range(3)] + [k0.new_empty(C) for _ in range(2)]
+
+
+def wkv_inputs_backward(dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k_a, decay_scale: float,
+                        eps: float) -> list:
+    """The elementwise backward of RWKV-7's WKV inputs (``layers/rwkv7_fused.py``, ``wkv_inputs``) in one pass
+    (``csrc/time_mix_cpu.c``): from the gradients of ``(w, k, -kk, kk a)`` and the saved ``k0, a, w, -kk``
+    (``[..., C]``), the per-head norms of ``k0 k_k`` (``[..., H, 1]``) and ``k_k, k_a`` (``C`` elements), returns
+    ``[dk0, dw_raw, da_raw, dk_k, dk_a]`` (the last two ``[C]``, summed over fixed row blocks). float32 or float64 CPU
+    tensors of one dtype."""
+    ts = (dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k_a)
+    if k0.dtype not in (torch.float32, torch.float64) or any(t.dtype != k0.dtype for t in ts):
+        raise TypeError(f"wkv_inputs_backward takes float32 or float64 tensors of one dtype, got "
+                        f"{sorted({str(t.dtype) for t in ts})}")
+    C = k0.shape[-1]
+    H = norm.shape[-2] if norm.dim() >= 2 else 0
+    if (any(t.shape != k0.shape for t in (*ts[:6], *ts[7:9])) or H < 1 or C % H
+            or norm.numel() * C != k0.numel() * H or any(t.numel() != C for t in ts[9:])):
+        raise ValueError(f"wkv_inputs_backward: eight tensors shaped like k0 {tuple(k0.shape)}, norms [..., H, 1] "
+                         f"with H dividing {C}, two of {C} elements; got {[tuple(t.shape) for t in ts]}")
+    return _wkv_inputs_bwd_op(*ts, float(decay_scale), float(eps))
+
+
 def _fake_forward(r, state, every):
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
     B, T, H, N = r.shape
@@ -413,6 +501,8 @@ _wkv6_bwd_op = _custom_op("wkv6_recurrent_bwd", _wkv6_bwd_impl, _wkv6_bwd_fake)
 _wkv4_op = _custom_op("wkv4_recurrent_fwd", _wkv4_impl, _wkv4_fake)
 _wkv4_bwd_op = _custom_op("wkv4_recurrent_bwd", _wkv4_bwd_impl, _wkv4_bwd_fake)
 _mix_backward_op = _custom_op("mix_backward", _mix_backward_impl, _mix_backward_fake)
+_wkv_inputs_bwd_op = _custom_op("wkv_inputs_backward", _wkv_inputs_bwd_impl, _wkv_inputs_bwd_fake)
+_gated_output_bwd_op = _custom_op("gated_output_backward", _gated_output_bwd_impl, _gated_output_bwd_fake)
 _squared_relu_op = _custom_op("squared_relu", _squared_relu_impl, _squared_relu_fake)
 _squared_relu_bwd_op = _custom_op("squared_relu_backward", _squared_relu_bwd_impl, _squared_relu_bwd_fake,
                                   mutates_args=("g",))

@@ -66,7 +66,7 @@ class _ShiftMixLinear(torch.autograd.Function):
         if not dxms:
             return (None,) * (4 + n + len(weights))
         mus = [tensors[m] for m in used]
-        if _one_pass(x, [*dxms, *mus]):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
+        if c_pass(x, [*dxms, *mus]):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
             dx, dxx, dmu_rows = cpu_kernel.mix_backward(dxms, mus, xx)
             for m, dmu in zip(used, dmu_rows):
                 if need[4 + m]:
@@ -95,7 +95,7 @@ def _through_token_shift(dx: torch.Tensor, dxx: torch.Tensor, cu_seqlens) -> tup
     return dx.add_(dx_prev), d_shift
 
 
-def _one_pass(x: torch.Tensor, others=()) -> bool:
+def c_pass(x: torch.Tensor, others=()) -> bool:
     """Whether an elementwise pass of these backwards runs in C (``csrc/mix_cpu.c``): x and the ``others`` float32/
     float64 CPU tensors of one dtype, with the C kernels built (``cpu_kernel.available``)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
@@ -133,7 +133,7 @@ class _SquaredReluLinear(torch.autograd.Function):
         z, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         dz = g @ weight  # d relu(z)² / dz = 2 relu(z), applied in place below
-        if _one_pass(z, [dz]):
+        if c_pass(z, [dz]):
             s = cpu_kernel.squared_relu_backward(z.contiguous(), dz)
         else:
             r = torch.relu(z)
@@ -144,7 +144,7 @@ class _SquaredReluLinear(torch.autograd.Function):
 
 
 def _squared_relu(z: torch.Tensor) -> torch.Tensor:
-    if _one_pass(z):
+    if c_pass(z):
         return cpu_kernel.squared_relu(z.contiguous())
     r = torch.relu(z)
     return r.mul_(r)  # mul, not square: pow is several times slower on CPU
