@@ -377,12 +377,12 @@ def _gated_output_bwd_impl(dzg: torch.Tensor, y: torch.Tensor, r: torch.Tensor, 
     err = lib.rwkv_gated_output_backward(R, n_head, C // n_head, ptrs(ins), eps, ptrs(outs), _ptr(part),
                                          int(y.dtype == torch.float64), torch.get_num_threads())
     _check(err, "gated output backward")
-    return [*outs, *part.sum(0).unbind(0)]
+    return [*outs, part.sum(0)]
 
 
 def _gated_output_bwd_fake(dzg, y, r, k, v, g, r_k, ln_w, ln_b, n_head, eps):
     C = y.shape[-1]
-    return [torch.empty_like(y) for _ in range(6)] + [y.new_empty(C) for _ in range(3)]
+    return [torch.empty_like(y) for _ in range(6)] + [y.new_empty(3, C)]
 
 
 def gated_output_backward(dzg, y, r, k, v, g, r_k, ln_w, ln_b, n_head: int, eps: float) -> list:
@@ -399,7 +399,8 @@ def gated_output_backward(dzg, y, r, k, v, g, r_k, ln_w, ln_b, n_head: int, eps:
     if any(t.shape != y.shape for t in ts[:6]) or any(t.numel() != C for t in ts[6:]) or C % n_head:
         raise ValueError(f"gated_output_backward: six tensors shaped like y {tuple(y.shape)}, three of {C} "
                          f"elements and {n_head} heads dividing {C}, got {[tuple(t.shape) for t in ts]}")
-    return _gated_output_bwd_op(*ts, int(n_head), float(eps))
+    *grads, sums = _gated_output_bwd_op(*ts, int(n_head), float(eps))
+    return [*grads, *sums.unbind(0)]
 
 
 def _wkv_inputs_bwd_impl(dw: torch.Tensor, dk: torch.Tensor, d_minus_kk: torch.Tensor, db: torch.Tensor,
@@ -416,12 +417,12 @@ def _wkv_inputs_bwd_impl(dw: torch.Tensor, dk: torch.Tensor, d_minus_kk: torch.T
     ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
     lib.rwkv_wkv_inputs_backward(R, H, C // H, ptrs(ins), decay_scale, eps, ptrs(outs), _ptr(part),
                                  int(k0.dtype == torch.float64), torch.get_num_threads())
-    return [*outs, *part.sum(0).unbind(0)]
+    return [*outs, part.sum(0)]
 
 
 def _wkv_inputs_bwd_fake(dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k_a, decay_scale, eps):
     C = k0.shape[-1]
-    return [torch.empty_like(k0) for _ in range(3)] + [k0.new_empty(C) for _ in range(2)]
+    return [torch.empty_like(k0) for _ in range(3)] + [k0.new_empty(2, C)]
 
 
 def wkv_inputs_backward(dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k_a, decay_scale: float,
@@ -441,7 +442,8 @@ def wkv_inputs_backward(dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k
             or norm.numel() * C != k0.numel() * H or any(t.numel() != C for t in ts[9:])):
         raise ValueError(f"wkv_inputs_backward: eight tensors shaped like k0 {tuple(k0.shape)}, norms [..., H, 1] "
                          f"with H dividing {C}, two of {C} elements; got {[tuple(t.shape) for t in ts]}")
-    return _wkv_inputs_bwd_op(*ts, float(decay_scale), float(eps))
+    *grads, sums = _wkv_inputs_bwd_op(*ts, float(decay_scale), float(eps))
+    return [*grads, *sums.unbind(0)]
 
 
 def _fake_forward(r, state, every):
