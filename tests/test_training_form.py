@@ -189,12 +189,14 @@ def test_squared_relu_linear_c_pass_gives_the_torch_ops_bits(dtype, monkeypatch)
     def run():
         zs, ws = z.clone().requires_grad_(), w.clone().requires_grad_()
         out = squared_relu_linear(zs, ws)
-        return [out, *torch.autograd.grad((out.nan_to_num() * proj).sum(), [zs, ws])]
+        ws_only = w.clone().requires_grad_()  # z without a gradient: the backward makes dw alone
+        (dw_only,) = torch.autograd.grad((squared_relu_linear(z, ws_only).nan_to_num() * proj).sum(), [ws_only])
+        return [out, *torch.autograd.grad((out.nan_to_num() * proj).sum(), [zs, ws]), dw_only]
 
     got = run()
     monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     want = run()
-    for name, a, b in zip(("out", "dz", "dw"), want, got):
+    for name, a, b in zip(("out", "dz", "dw", "dw alone"), want, got):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
     assert got[1][0, 0, 0].isnan() and not got[1][0, 0, 1:3].isnan().any()
     with pytest.raises(TypeError, match="one dtype"):

@@ -132,15 +132,18 @@ class _SquaredReluLinear(torch.autograd.Function):
     def backward(ctx, g):
         z, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dz = g @ weight  # d relu(z)² / dz = 2 relu(z), applied in place below
-        if c_pass(z, [dz]):
+        dz = None
+        if not need[0]:
+            s = _squared_relu(z)
+        elif c_pass(z, [g, weight]):  # d relu(z)² / dz = 2 relu(z), applied in place, the square made in that pass
+            dz = g @ weight
             s = cpu_kernel.squared_relu_backward(z.contiguous(), dz)
         else:
             r = torch.relu(z)
             s = r * r
-            dz.mul_(r).mul_(2)
+            dz = (g @ weight).mul_(r).mul_(2)
         dw = flat(g).t() @ flat(s) if need[1] else None
-        return dz if need[0] else None, dw
+        return dz, dw
 
 
 def _squared_relu(z: torch.Tensor) -> torch.Tensor:
