@@ -145,8 +145,8 @@ def _load() -> ctypes.CDLL:
         lib.rwkv_mix_backward.restype = ctypes.c_int
         lib.rwkv_squared_relu.argtypes = [i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
         lib.rwkv_squared_relu.restype = None
-        lib.rwkv_gated_blocks.argtypes = [i64]
-        lib.rwkv_gated_blocks.restype = i64
+        lib.rwkv_time_mix_blocks.argtypes = [i64]
+        lib.rwkv_time_mix_blocks.restype = i64
         lib.rwkv_gated_output_backward.argtypes = [i64] * 3 + [ptr, ctypes.c_double, ptr, ptr] + [ctypes.c_int] * 2
         lib.rwkv_gated_output_backward.restype = ctypes.c_int
         lib.rwkv_wkv_inputs_backward.argtypes = [i64] * 3 + [ptr, ctypes.c_double, ctypes.c_double, ptr, ptr,
@@ -188,6 +188,11 @@ def library() -> ctypes.CDLL:
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
+
+
+def _ptrs(ts) -> ctypes.Array:
+    """A C array of the tensors' data pointers (a ``const void *const *`` argument)."""
+    return (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
 
 
 def _prepare(state: torch.Tensor, *tensors: torch.Tensor):
@@ -294,8 +299,7 @@ def _mix_backward_impl(d: list[torch.Tensor], mus: list[torch.Tensor],
     xx = xx.contiguous()
     dx, dxx = torch.empty_like(xx), torch.empty_like(xx)
     part = xx.new_empty(lib.rwkv_mix_blocks(xx.numel() // C), len(d), C)
-    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
-    err = lib.rwkv_mix_backward(len(d), xx.numel() // C, C, ptrs(d), ptrs(mus), *map(_ptr, (xx, dx, dxx, part)),
+    err = lib.rwkv_mix_backward(len(d), xx.numel() // C, C, _ptrs(d), _ptrs(mus), *map(_ptr, (xx, dx, dxx, part)),
                                 int(xx.dtype == torch.float64), torch.get_num_threads())
     _check(err, "mix backward")
     return dx, dxx, part.sum(0)
@@ -321,25 +325,23 @@ def mix_backward(d: list, mus: list, xx: torch.Tensor) -> tuple[torch.Tensor, to
     return _mix_backward_op(list(d), list(mus), xx)
 
 
-def _squared_relu_impl(z: torch.Tensor) -> torch.Tensor:
+def _squared_relu_pass(z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """relu(z)² into a new tensor; with g, also g *= 2 relu(z) in place (csrc/mix_cpu.c, rwkv_squared_relu)."""
     s = torch.empty_like(z)
-    _load().rwkv_squared_relu(z.numel(), _ptr(z), _ptr(s), None, int(z.dtype == torch.float64),
-                              torch.get_num_threads())
+    _load().rwkv_squared_relu(z.numel(), _ptr(z), _ptr(s), None if g is None else _ptr(g),
+                              int(z.dtype == torch.float64), torch.get_num_threads())
     return s
 
 
-def _squared_relu_fake(z):
-    return torch.empty_like(z)
+def _squared_relu_impl(z: torch.Tensor) -> torch.Tensor:
+    return _squared_relu_pass(z, None)
 
 
 def _squared_relu_bwd_impl(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    s = torch.empty_like(z)
-    _load().rwkv_squared_relu(z.numel(), _ptr(z), _ptr(s), _ptr(g), int(z.dtype == torch.float64),
-                              torch.get_num_threads())
-    return s
+    return _squared_relu_pass(z, g)
 
 
-def _squared_relu_bwd_fake(z, g):
+def _squared_relu_fake(z, g=None):
     return torch.empty_like(z)
 
 
@@ -372,9 +374,8 @@ def _gated_output_bwd_impl(dzg: torch.Tensor, y: torch.Tensor, r: torch.Tensor, 
     ins = [t.contiguous() for t in (dzg, y, r, k, v, g)] + [t.reshape(C).contiguous() for t in (r_k, ln_w, ln_b)]
     outs = [torch.empty_like(ins[1]) for _ in range(6)]
     lib = _load()
-    part = y.new_empty(lib.rwkv_gated_blocks(R), 3, C)
-    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
-    err = lib.rwkv_gated_output_backward(R, n_head, C // n_head, ptrs(ins), eps, ptrs(outs), _ptr(part),
+    part = y.new_empty(lib.rwkv_time_mix_blocks(R), 3, C)
+    err = lib.rwkv_gated_output_backward(R, n_head, C // n_head, _ptrs(ins), eps, _ptrs(outs), _ptr(part),
                                          int(y.dtype == torch.float64), torch.get_num_threads())
     _check(err, "gated output backward")
     return [*outs, part.sum(0)]
@@ -413,9 +414,8 @@ def _wkv_inputs_bwd_impl(dw: torch.Tensor, dk: torch.Tensor, d_minus_kk: torch.T
     ins += [t.reshape(C).contiguous() for t in (k_k, k_a)]
     outs = [torch.empty_like(ins[4]) for _ in range(3)]
     lib = _load()
-    part = k0.new_empty(lib.rwkv_gated_blocks(R), 2, C)
-    ptrs = lambda ts: (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
-    lib.rwkv_wkv_inputs_backward(R, H, C // H, ptrs(ins), decay_scale, eps, ptrs(outs), _ptr(part),
+    part = k0.new_empty(lib.rwkv_time_mix_blocks(R), 2, C)
+    lib.rwkv_wkv_inputs_backward(R, H, C // H, _ptrs(ins), decay_scale, eps, _ptrs(outs), _ptr(part),
                                  int(k0.dtype == torch.float64), torch.get_num_threads())
     return [*outs, part.sum(0)]
 
@@ -506,11 +506,11 @@ _mix_backward_op = _custom_op("mix_backward", _mix_backward_impl, _mix_backward_
 _wkv_inputs_bwd_op = _custom_op("wkv_inputs_backward", _wkv_inputs_bwd_impl, _wkv_inputs_bwd_fake)
 _gated_output_bwd_op = _custom_op("gated_output_backward", _gated_output_bwd_impl, _gated_output_bwd_fake)
 _squared_relu_op = _custom_op("squared_relu", _squared_relu_impl, _squared_relu_fake)
-_squared_relu_bwd_op = _custom_op("squared_relu_backward", _squared_relu_bwd_impl, _squared_relu_bwd_fake,
+_squared_relu_bwd_op = _custom_op("squared_relu_backward", _squared_relu_bwd_impl, _squared_relu_fake,
                                   mutates_args=("g",))
 
 # The forward keeps the state before every CHECKPOINT_EVERY-th token for the backward, which recomputes the states
-# of one such span at a time: 33 states of 16 kB at N = 64 in fp32, about one core's L2. Measured (fwd + bwd of one op,
+# of one such span at a time: 32 states of 16 kB at N = 64 in fp32, about one core's L2. Measured (fwd + bwd of one op,
 # 1 thread): 32 is 2-10% faster than 16 and keeps half the checkpoints (1/32 of the input bytes per head).
 CHECKPOINT_EVERY = 32
 

@@ -7,7 +7,7 @@
  *     dv = dz * bonus, d_bonus = sum_head dz * v, dr = d_bonus * r_k * k, dk = d_bonus * r_k * r,
  *     dy = rstd * (dyn - mean(dyn) - yn * mean(dyn * yn)) with dyn = dz * ln_w (the layer norm's backward),
  * and the per-channel sums dr_k = sum r * k * d_bonus, dln_w = sum dz * yn, dln_b = sum dz, each over fixed blocks of
- * GATED_ROWS rows into its own row of `part` ([blocks, 3, C]), which the caller adds up in block order: the results
+ * TIME_MIX_ROWS rows into its own row of `part` ([blocks, 3, C]), which the caller adds up in block order: the results
  * do not depend on the thread count.
  */
 #include <math.h>
@@ -15,69 +15,69 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define GATED_ROWS 64
+#define TIME_MIX_ROWS 64
 
-#define GATED_BACK(NAME, REAL)                                                                                     \
-    static int NAME(int64_t R, int64_t H, int64_t N, const REAL *restrict dzg, const REAL *restrict y,           \
-                    const REAL *restrict r, const REAL *restrict k, const REAL *restrict v, const REAL *restrict g, \
-                    const REAL *restrict r_k, const REAL *restrict ln_w, const REAL *restrict ln_b, double eps,     \
-                    REAL *restrict dy, REAL *restrict dr, REAL *restrict dk, REAL *restrict dv, REAL *restrict dg,  \
-                    REAL *restrict zg, REAL *restrict part, int threads) {                                         \
-        const int64_t C = H * N, blocks = (R + GATED_ROWS - 1) / GATED_ROWS;                                     \
-        int err = 0;                                                                                             \
-        (void)threads;                                                                                           \
-        _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(| : err)")                     \
-        for (int64_t blk = 0; blk < blocks; blk++) {                                                             \
-            REAL *restrict prk = part + blk * 3 * C, *restrict pw = prk + C, *restrict pb = pw + C;              \
-            REAL *buf = malloc(sizeof(REAL) * 2 * N);                                                            \
-            if (!buf) {                                                                                          \
-                err = 1;                                                                                         \
-                continue;                                                                                        \
-            }                                                                                                    \
-            REAL *restrict yn = buf, *restrict dyn = buf + N;                                                    \
-            memset(prk, 0, sizeof(REAL) * 3 * C);                                                                \
-            const int64_t end = (blk + 1) * GATED_ROWS < R ? (blk + 1) * GATED_ROWS : R;                          \
-            for (int64_t row = blk * GATED_ROWS; row < end; row++) {                                             \
-                for (int64_t h = 0; h < H; h++) {                                                                \
-                    const int64_t o = row * C + h * N, c0 = h * N;                                               \
-                    REAL s = 0, ss = 0;                                                                          \
-                    for (int64_t n = 0; n < N; n++) s += y[o + n];                                               \
-                    const REAL m = s / N;                                                                        \
-                    for (int64_t n = 0; n < N; n++) ss += (y[o + n] - m) * (y[o + n] - m);                        \
-                    const REAL rstd = (REAL)(1 / sqrt((double)ss / N + eps));                                    \
-                    REAL bonus = 0, d_bonus = 0, sdyn = 0, sdyn_yn = 0;                                          \
-                    for (int64_t n = 0; n < N; n++) bonus += r[o + n] * k[o + n] * r_k[c0 + n];                  \
-                    for (int64_t n = 0; n < N; n++) {                                                            \
+#define GATED_BACK(NAME, REAL)                                                                                        \
+    static int NAME(int64_t R, int64_t H, int64_t N, const REAL *restrict dzg, const REAL *restrict y,                \
+                    const REAL *restrict r, const REAL *restrict k, const REAL *restrict v, const REAL *restrict g,   \
+                    const REAL *restrict r_k, const REAL *restrict ln_w, const REAL *restrict ln_b, double eps,       \
+                    REAL *restrict dy, REAL *restrict dr, REAL *restrict dk, REAL *restrict dv, REAL *restrict dg,    \
+                    REAL *restrict zg, REAL *restrict part, int threads) {                                            \
+        const int64_t C = H * N, blocks = (R + TIME_MIX_ROWS - 1) / TIME_MIX_ROWS;                                    \
+        int err = 0;                                                                                                  \
+        (void)threads;                                                                                                \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(| : err)")                          \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                                                  \
+            REAL *restrict prk = part + blk * 3 * C, *restrict pw = prk + C, *restrict pb = pw + C;                   \
+            REAL *buf = malloc(sizeof(REAL) * 2 * N);                                                                 \
+            if (!buf) {                                                                                               \
+                err = 1;                                                                                              \
+                continue;                                                                                             \
+            }                                                                                                         \
+            REAL *restrict yn = buf, *restrict dyn = buf + N;                                                         \
+            memset(prk, 0, sizeof(REAL) * 3 * C);                                                                     \
+            const int64_t end = (blk + 1) * TIME_MIX_ROWS < R ? (blk + 1) * TIME_MIX_ROWS : R;                        \
+            for (int64_t row = blk * TIME_MIX_ROWS; row < end; row++) {                                               \
+                for (int64_t h = 0; h < H; h++) {                                                                     \
+                    const int64_t o = row * C + h * N, c0 = h * N;                                                    \
+                    REAL s = 0, ss = 0;                                                                               \
+                    for (int64_t n = 0; n < N; n++) s += y[o + n];                                                    \
+                    const REAL m = s / N;                                                                             \
+                    for (int64_t n = 0; n < N; n++) ss += (y[o + n] - m) * (y[o + n] - m);                            \
+                    const REAL rstd = (REAL)(1 / sqrt((double)ss / N + eps));                                         \
+                    REAL bonus = 0, d_bonus = 0, sdyn = 0, sdyn_yn = 0;                                               \
+                    for (int64_t n = 0; n < N; n++) bonus += r[o + n] * k[o + n] * r_k[c0 + n];                       \
+                    for (int64_t n = 0; n < N; n++) {                                                                 \
                         const REAL x = (y[o + n] - m) * rstd, z = x * ln_w[c0 + n] + ln_b[c0 + n] + bonus * v[o + n]; \
-                        const REAL d = dzg[o + n], dz = d * g[o + n], dx = dz * ln_w[c0 + n];                     \
-                        zg[o + n] = z * g[o + n];                                                                \
-                        dg[o + n] = d * z;                                                                       \
-                        dv[o + n] = dz * bonus;                                                                  \
-                        d_bonus += dz * v[o + n];                                                                \
-                        pw[c0 + n] += dz * x;                                                                    \
-                        pb[c0 + n] += dz;                                                                        \
-                        yn[n] = x, dyn[n] = dx;                                                                  \
-                        sdyn += dx, sdyn_yn += dx * x;                                                           \
-                    }                                                                                            \
-                    const REAL a = sdyn / N, b = sdyn_yn / N;                                                    \
-                    for (int64_t n = 0; n < N; n++) dy[o + n] = rstd * (dyn[n] - a - yn[n] * b);                  \
-                    for (int64_t n = 0; n < N; n++) {                                                            \
-                        const REAL t = d_bonus * r_k[c0 + n];                                                    \
-                        dr[o + n] = t * k[o + n];                                                                \
-                        dk[o + n] = t * r[o + n];                                                                \
-                        prk[c0 + n] += r[o + n] * k[o + n] * d_bonus;                                            \
-                    }                                                                                            \
-                }                                                                                                \
-            }                                                                                                    \
-            free(buf);                                                                                           \
-        }                                                                                                        \
-        return err;                                                                                              \
+                        const REAL d = dzg[o + n], dz = d * g[o + n], dx = dz * ln_w[c0 + n];                         \
+                        zg[o + n] = z * g[o + n];                                                                     \
+                        dg[o + n] = d * z;                                                                            \
+                        dv[o + n] = dz * bonus;                                                                       \
+                        d_bonus += dz * v[o + n];                                                                     \
+                        pw[c0 + n] += dz * x;                                                                         \
+                        pb[c0 + n] += dz;                                                                             \
+                        yn[n] = x, dyn[n] = dx;                                                                       \
+                        sdyn += dx, sdyn_yn += dx * x;                                                                \
+                    }                                                                                                 \
+                    const REAL a = sdyn / N, b = sdyn_yn / N;                                                         \
+                    for (int64_t n = 0; n < N; n++) dy[o + n] = rstd * (dyn[n] - a - yn[n] * b);                      \
+                    for (int64_t n = 0; n < N; n++) {                                                                 \
+                        const REAL t = d_bonus * r_k[c0 + n];                                                         \
+                        dr[o + n] = t * k[o + n];                                                                     \
+                        dk[o + n] = t * r[o + n];                                                                     \
+                        prk[c0 + n] += r[o + n] * k[o + n] * d_bonus;                                                 \
+                    }                                                                                                 \
+                }                                                                                                     \
+            }                                                                                                         \
+            free(buf);                                                                                                \
+        }                                                                                                             \
+        return err;                                                                                                   \
     }
 
 GATED_BACK(gated_back_f32, float)
 GATED_BACK(gated_back_f64, double)
 
-int64_t rwkv_gated_blocks(int64_t R) { return (R + GATED_ROWS - 1) / GATED_ROWS; }
+int64_t rwkv_time_mix_blocks(int64_t R) { return (R + TIME_MIX_ROWS - 1) / TIME_MIX_ROWS; }
 
 /* dzg, y, r, k, v, g: [R, H * N] contiguous; r_k, ln_w, ln_b: [H * N]; outputs dy, dr, dk, dv, dg, zg: [R, H * N];
  * part: [blocks, 3, H * N] (dr_k, dln_w, dln_b). Returns 1 when out of memory. */
@@ -98,42 +98,42 @@ int rwkv_gated_output_backward(int64_t R, int64_t H, int64_t N, const void *cons
  *     dkh = (dkk - [|kh| > eps] kk <dkk, kk>) / max(|kh|, eps) with dkk = db a - d(-kk),
  * and the per-channel sums dk_k = sum dkh k0, dk_a = sum dk k0 (a - 1) over fixed row blocks into part
  * ([blocks, 2, C]), added up by the caller in block order. */
-#define INPUTS_BACK(NAME, REAL)                                                                                    \
-    static int NAME(int64_t R, int64_t H, int64_t N, const REAL *restrict dw, const REAL *restrict dk,            \
-                    const REAL *restrict dmkk, const REAL *restrict db, const REAL *restrict k0,                  \
-                    const REAL *restrict a, const REAL *restrict norm, const REAL *restrict w,                     \
-                    const REAL *restrict mkk, const REAL *restrict k_k, const REAL *restrict k_a, double s,        \
-                    double eps, REAL *restrict dk0, REAL *restrict dw_raw, REAL *restrict da_raw,                 \
-                    REAL *restrict part, int threads) {                                                           \
-        const int64_t C = H * N, blocks = (R + GATED_ROWS - 1) / GATED_ROWS;                                     \
-        const REAL inv_s = (REAL)(1 / s);                                                                        \
-        (void)threads;                                                                                           \
-        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                        \
-        for (int64_t blk = 0; blk < blocks; blk++) {                                                             \
-            REAL *restrict pkk = part + blk * 2 * C, *restrict pka = pkk + C;                                    \
-            memset(pkk, 0, sizeof(REAL) * 2 * C);                                                                \
-            const int64_t end = (blk + 1) * GATED_ROWS < R ? (blk + 1) * GATED_ROWS : R;                          \
-            for (int64_t row = blk * GATED_ROWS; row < end; row++) {                                             \
-                for (int64_t h = 0; h < H; h++) {                                                                \
-                    const int64_t o = row * C + h * N, c0 = h * N;                                               \
-                    const REAL nrm = norm[row * H + h];                                                          \
-                    REAL proj = 0;                                                                               \
-                    for (int64_t n = 0; n < N; n++) proj += (db[o + n] * a[o + n] - dmkk[o + n]) * -mkk[o + n];  \
-                    const REAL p = nrm > eps ? proj : 0, inv = 1 / (nrm > eps ? nrm : (REAL)eps);               \
-                    for (int64_t n = 0; n < N; n++) {                                                            \
-                        const REAL an = a[o + n], kk = -mkk[o + n], kn = k0[o + n], dkn = dk[o + n];              \
-                        const REAL wn = w[o + n], ka = k_a[c0 + n];                                              \
-                        const REAL dkh = (db[o + n] * an - dmkk[o + n] - kk * p) * inv;                          \
-                        dk0[o + n] = dkn * (1 - ka + an * ka) + dkh * k_k[c0 + n];                                \
-                        dw_raw[o + n] = (wn * inv_s + 1) * wn * dw[o + n];                                       \
-                        da_raw[o + n] = (db[o + n] * kk + dkn * kn * ka) * (an * (1 - an));                      \
-                        pkk[c0 + n] += dkh * kn;                                                                 \
-                        pka[c0 + n] += dkn * kn * (an - 1);                                                      \
-                    }                                                                                            \
-                }                                                                                                \
-            }                                                                                                    \
-        }                                                                                                        \
-        return 0;                                                                                                \
+#define INPUTS_BACK(NAME, REAL)                                                                                       \
+    static int NAME(int64_t R, int64_t H, int64_t N, const REAL *restrict dw, const REAL *restrict dk,                \
+                    const REAL *restrict dmkk, const REAL *restrict db, const REAL *restrict k0,                      \
+                    const REAL *restrict a, const REAL *restrict norm, const REAL *restrict w,                        \
+                    const REAL *restrict mkk, const REAL *restrict k_k, const REAL *restrict k_a, double s,           \
+                    double eps, REAL *restrict dk0, REAL *restrict dw_raw, REAL *restrict da_raw,                     \
+                    REAL *restrict part, int threads) {                                                               \
+        const int64_t C = H * N, blocks = (R + TIME_MIX_ROWS - 1) / TIME_MIX_ROWS;                                    \
+        const REAL inv_s = (REAL)(1 / s);                                                                             \
+        (void)threads;                                                                                                \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                             \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                                                  \
+            REAL *restrict pkk = part + blk * 2 * C, *restrict pka = pkk + C;                                         \
+            memset(pkk, 0, sizeof(REAL) * 2 * C);                                                                     \
+            const int64_t end = (blk + 1) * TIME_MIX_ROWS < R ? (blk + 1) * TIME_MIX_ROWS : R;                        \
+            for (int64_t row = blk * TIME_MIX_ROWS; row < end; row++) {                                               \
+                for (int64_t h = 0; h < H; h++) {                                                                     \
+                    const int64_t o = row * C + h * N, c0 = h * N;                                                    \
+                    const REAL nrm = norm[row * H + h];                                                               \
+                    REAL proj = 0;                                                                                    \
+                    for (int64_t n = 0; n < N; n++) proj += (db[o + n] * a[o + n] - dmkk[o + n]) * -mkk[o + n];       \
+                    const REAL p = nrm > eps ? proj : 0, inv = 1 / (nrm > eps ? nrm : (REAL)eps);                     \
+                    for (int64_t n = 0; n < N; n++) {                                                                 \
+                        const REAL an = a[o + n], kk = -mkk[o + n], kn = k0[o + n], dkn = dk[o + n];                  \
+                        const REAL wn = w[o + n], ka = k_a[c0 + n];                                                   \
+                        const REAL dkh = (db[o + n] * an - dmkk[o + n] - kk * p) * inv;                               \
+                        dk0[o + n] = dkn * (1 - ka + an * ka) + dkh * k_k[c0 + n];                                    \
+                        dw_raw[o + n] = (wn * inv_s + 1) * wn * dw[o + n];                                            \
+                        da_raw[o + n] = (db[o + n] * kk + dkn * kn * ka) * (an * (1 - an));                           \
+                        pkk[c0 + n] += dkh * kn;                                                                      \
+                        pka[c0 + n] += dkn * kn * (an - 1);                                                           \
+                    }                                                                                                 \
+                }                                                                                                     \
+            }                                                                                                         \
+        }                                                                                                             \
+        return 0;                                                                                                     \
     }
 
 INPUTS_BACK(inputs_back_f32, float)
