@@ -14,7 +14,10 @@ rounds (every model once per round, ``--rounds`` rounds, the median per model), 
 touches every model alike; the ratios are what to read. "saved MB" is what autograd keeps for the backward (each
 storage counted once, ``saved_tensors_hooks``): the activation memory of one step.
 
-``--profile`` prints ``torch.profiler``'s top ops of one RWKV-7 step per workload. Nothing is written or installed.
+A first table gives each model's parameter count and the FLOPs of one step that ``torch.utils.flop_counter`` counts
+(matrix products and attention; elementwise work, the WKV recurrences and ``nn.LSTM``'s fused op are not counted): the arithmetic a step
+cannot avoid, to read the timings against. ``--profile`` prints ``torch.profiler``'s top ops of one RWKV-7 step per
+workload. Nothing is written or installed.
 """
 
 import argparse
@@ -128,6 +131,28 @@ def run_table(threads: int, rounds: int, versions: list, workloads: dict) -> Non
         print(f"| {name} | {ms} | {rs} | {mb} |", flush=True)
 
 
+def flop_table(versions: list, workloads: dict) -> None:
+    """Parameters and counted FLOPs (forward + backward) of one step per model and workload."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kinds = [f"rwkv{v}" for v in versions] + ["transformer", "lstm"]
+    print("\n## Parameters (M) and matrix FLOPs of one step (G; forward + backward, `torch.utils.flop_counter`)\n")
+    print(f"| workload | {' | '.join(kinds)} | {' | '.join(f'RWKV-{v} / transformer FLOPs' for v in versions)} |")
+    print("|---|" + "---|" * (len(kinds) + len(versions)))
+    for name, (B, T, features) in workloads.items():
+        x, y = batch(B, T, features)
+        flops, cells = {}, []
+        for k in kinds:
+            task = build(k, T, features)
+            with FlopCounterMode(display=False) as counter:
+                task.loss(x, y).backward()
+            flops[k] = counter.get_total_flops()
+            counted = f"{flops[k] / 1e9:.1f} G" if k != "lstm" else "(its fused op is not counted)"
+            cells.append(f"{sum(p.numel() for p in task.parameters()) / 1e6:.2f}M, {counted}")
+        rs = " | ".join(f"{flops[f'rwkv{v}'] / flops['transformer']:.2f}x" for v in versions)
+        print(f"| {name} | {' | '.join(cells)} | {rs} |", flush=True)
+
+
 def profile(workloads: dict) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
@@ -161,6 +186,7 @@ def main() -> None:
         torch.set_num_threads(args.threads[0])
         profile(workloads)
         return
+    flop_table(args.versions, workloads)
     for threads in args.threads:
         run_table(threads, 1 if args.quick else args.rounds, args.versions, workloads)
 
