@@ -14,10 +14,10 @@ rounds (every model once per round, ``--rounds`` rounds, the median per model), 
 touches every model alike; the ratios are what to read. "saved MB" is what autograd keeps for the backward (each
 storage counted once, ``saved_tensors_hooks``): the activation memory of one step.
 
-A first table gives each model's parameter count and the FLOPs of one step that ``torch.utils.flop_counter`` counts
-(matrix products and attention; elementwise work, the WKV recurrences and ``nn.LSTM``'s fused op are not counted): the arithmetic a step
-cannot avoid, to read the timings against. ``--profile`` prints ``torch.profiler``'s top ops of one RWKV-7 step per
-workload. Nothing is written or installed.
+A first table gives each model's parameter count and the FLOPs of one step that ``torch.utils.flop_counter``
+counts (matrix products and attention; elementwise work, the WKV recurrences and ``nn.LSTM``'s fused op are not
+counted): the arithmetic a step cannot avoid, to read the timings against. ``--profile`` prints ``torch.profiler``'s
+top ops of one RWKV-7 step per workload. Nothing is written or installed.
 """
 
 import argparse

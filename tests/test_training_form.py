@@ -206,9 +206,11 @@ def test_squared_relu_linear_c_pass_gives_the_torch_ops_bits(dtype, monkeypatch)
 
 
 def _time_mix_case(name: str, g: torch.Generator):
-    """(function of the leaves, the leaves in float64) for one of rwkv7_fused's groups: 3 x 50 rows of 2 heads of 16,
-    several of the C passes' row blocks."""
+    """(function of the leaves, the leaves in float64) for one of the time mix's training-form groups (RWKV-7's
+    gated_output and wkv_inputs, RWKV-5/6's gated_output without the bonus): 3 x 50 rows of 2 heads of 16, several
+    of the C passes' row blocks."""
     from rwkv_torch.layers import rwkv7_fused
+    from rwkv_torch.layers.gated_output import gated_output
 
     B, T, Hh, N = 3, 50, 2, 16
     Cg = Hh * N
@@ -216,17 +218,20 @@ def _time_mix_case(name: str, g: torch.Generator):
     if name == "gated_output":
         ins = [rand(B, T, Cg) * 2 + 0.5, *(rand(B, T, Cg) for _ in range(4)), rand(Hh, N), rand(Cg), rand(Cg),
                rand(Cg, Cg)]
-        return lambda *xs: [rwkv7_fused.gated_output(*xs, Hh, 64e-5)], ins
+        return lambda *xs: [gated_output(*xs, Hh, 64e-5)], ins
+    if name == "gated_output_no_bonus":
+        ins = [rand(B, T, Cg) * 2 + 0.5, rand(B, T, Cg), rand(Cg), rand(Cg), rand(Cg, Cg)]
+        return lambda y, g_, *rest: [gated_output(y, None, None, None, g_, None, *rest, Hh, 64e-5)], ins
     k0 = rand(B, T, Cg)
     k0[0, 0, :N] = 0  # a head whose norm is below eps: normalize's clamp, no projection term
     ins = [k0, rand(B, T, Cg), rand(B, T, Cg), rand(Cg), rand(Cg)]
     return lambda *xs: list(rwkv7_fused.wkv_inputs(*xs, Hh)), ins
 
 
-@pytest.mark.parametrize("name", ["gated_output", "wkv_inputs"])
+@pytest.mark.parametrize("name", ["gated_output", "gated_output_no_bonus", "wkv_inputs"])
 def test_time_mix_c_backward_equals_the_torch_ops(name):
-    """RWKV-7's time-mix groups: the C backward pass against its torch-op form in float64 (every gradient), float32
-    against float64, and bit-equal for 1, 2 and 3 threads."""
+    """The time mix's training-form groups: the C backward pass against its torch-op form in float64 (every
+    gradient), float32 against float64, and bit-equal for 1, 2 and 3 threads."""
     if not cpu_kernel.available():
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(8)
@@ -265,6 +270,10 @@ def test_time_mix_c_backward_errors():
         cpu_kernel.gated_output_backward(x, x, x, x, x, x, c, c, c.float(), 2, 1e-5)
     with pytest.raises(ValueError, match="heads dividing"):
         cpu_kernel.gated_output_backward(x, x, x, x, x, x, c, c, c, 3, 1e-5)
+    with pytest.raises(ValueError, match="heads dividing"):
+        cpu_kernel.gated_output_backward(x, x, None, None, None, x[:1], None, c, c, 2, 1e-5)
+    with pytest.raises(ValueError, match="all given .* or all None"):
+        cpu_kernel.gated_output_backward(x, x, x, x, None, x, c, c, c, 2, 1e-5)
     norm = torch.ones(2, 5, 2, 1, dtype=torch.float64)
     with pytest.raises(TypeError, match="one dtype"):
         cpu_kernel.wkv_inputs_backward(x, x, x, x, x, x, norm.float(), x, x, c, c, 0.6, 1e-12)
@@ -335,7 +344,7 @@ def test_time_mix_through_the_recomputing_ops_equals_the_modules(version, packed
         for p in plain.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     wrapped = copy.deepcopy(plain)
-    for name in ("key", "value", "receptance", "gate"):
+    for name in ("key", "value", "receptance", "gate", "output"):  # RWKV-5/6's output stage: layers/gated_output.py
         if hasattr(wrapped, name):
             setattr(wrapped, name, nn.Sequential(getattr(wrapped, name)))
     B, T = (1, 12) if packed else (2, 9)

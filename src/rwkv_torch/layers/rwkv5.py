@@ -12,7 +12,7 @@ from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
 from . import rwkv4
 from .rwkv4 import _mix, _mix_linear, _training_form  # the v4/v5 mix: the weight multiplies the current token
-from .rwkv6 import _ratios, add_projections, init_projections
+from .rwkv6 import _ratios, add_projections, init_projections, project_output
 
 
 class TimeMix(nn.Module):
@@ -46,8 +46,8 @@ class TimeMix(nn.Module):
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv6_unchecked(heads(r), heads(log_decay.to(r.dtype)), heads(k), heads(v),
                                       self.time_faaaa.to(r.dtype), wkv_state, backend=backend, cu_seqlens=cu_seqlens)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        return self.output(y * g), last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
+        out = project_output(self, y.reshape(B, T, C), g)
+        return out, last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):

@@ -12,6 +12,7 @@ from ..ops._common import compute_dtype
 from ..ops.mix import data_lerp_linear, plain_form, shift_mix_linear, squared_relu_linear
 from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
+from .gated_output import gated_output
 
 
 def _ratios(layer_id: int, num_layers: int):
@@ -27,6 +28,19 @@ def add_projections(m: nn.Module, C: int, H: int) -> None:
     m.gate = nn.Linear(C, C, bias=False)
     m.output = nn.Linear(C, C, bias=False)
     m.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+
+def project_output(m: nn.Module, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The RWKV-5/6 time mix's last step, ``output(ln_x(y) * g)`` with ``ln_x`` per head (y, g ``[B, T, C]``): under
+    autograd with a plain GroupNorm and output Linear in y's dtype, the training form (``gated_output``: keeps y and g
+    only, the rest recomputed in the backward; the same bits), else the modules."""
+    B, T, C = y.shape
+    ln, out = m.ln_x, m.output
+    if (not plain_form(y) and type(ln) is nn.GroupNorm and type(out) is nn.Linear and out.bias is None
+            and y.dtype in (torch.float32, torch.float64)
+            and out.weight.dtype == ln.weight.dtype == g.dtype == y.dtype):
+        return gated_output(y, None, None, None, g, None, ln.weight, ln.bias, out.weight, m.n_head, ln.eps)
+    return out(ln(y.reshape(B * T, C)).view(B, T, C) * g)
 
 
 @torch.no_grad()
@@ -103,8 +117,8 @@ class TimeMix(nn.Module):
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv6_unchecked(heads(r), heads(log_decay.to(r.dtype)), heads(k), heads(v),
                                       self.time_faaaa.to(r.dtype), wkv_state, backend=backend, cu_seqlens=cu_seqlens)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        return self.output(y * g), last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
+        out = project_output(self, y.reshape(B, T, C), g)
+        return out, last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):

@@ -12,7 +12,8 @@ from ..ops.mix import plain_form, shift_mix_linear, squared_relu_linear
 from ..ops.token_shift import last_token
 from ..ops.wkv7 import wkv7_unchecked
 from ._init import orthogonal_scaled as _ortho
-from .rwkv7_fused import DECAY_SCALE, gated_output, wkv_inputs
+from .gated_output import gated_output
+from .rwkv7_fused import DECAY_SCALE, wkv_inputs
 
 # DECAY_SCALE = exp(-0.5): the soft clamp w = -softplus(-w_raw) - 0.5 gives log decay -e^{-0.5} * sigmoid(w_raw).
 # A lower bound on the log decay -DECAY_SCALE * sigmoid(.), with room for rounding to bf16/fp16.

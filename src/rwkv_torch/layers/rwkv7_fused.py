@@ -4,10 +4,9 @@
 ``[B, T, C]`` tensors per layer). For training with plain weights it runs this form instead, which computes the same
 values (tested against the spec form in float64: outputs, states and every gradient) and keeps only:
 
-* ``wkv_inputs``: the key projection, ``a`` and the norm of ``k * k_k`` per head, plus its own outputs ``w`` and
-  ``-kk``, which the WKV op keeps anyway (one storage for both);
-* ``gated_output``: the WKV output and the gate; ``ln_x``'s statistics, the bonus term, ``z * g`` and the output
-  projection's input are recomputed in the backward (one per-head layer norm and three multiplies).
+* ``wkv_inputs`` (here): the key projection, ``a`` and the norm of ``k * k_k`` per head, plus its own outputs ``w``
+  and ``-kk``, which the WKV op keeps anyway (one storage for both);
+* ``gated_output`` (``gated_output.py``, shared with RWKV-5/6): the WKV output and the gate.
 
 The lerps feeding the projections keep ``x`` only (``ops.mix.shift_mix_linear``). Each backward is a few passes over
 ``[B, T, C]`` with in-place updates where a value is not needed again.
@@ -18,7 +17,7 @@ import math
 import torch
 
 from ..ops import cpu_kernel
-from ..ops.mix import c_pass, channel_sum, flat
+from ..ops.mix import c_pass, channel_sum
 
 DECAY_SCALE = math.exp(-0.5)  # the log decay is -DECAY_SCALE * sigmoid(w_raw) (rwkv7.py)
 NORM_EPS = 1e-12  # F.normalize's default, as in the spec form
@@ -76,72 +75,3 @@ def wkv_inputs(k0, w_raw, a_raw, k_k, k_a, n_head: int):
     ``w = -e^{-1/2} sigmoid(w_raw)``, ``k = k0 (1 + (sigmoid(a_raw) - 1) k_a)``, and ``-kk``, ``kk * a`` with
     ``kk = normalize(k0 * k_k)`` per head. Returns ``(w, k, -kk, kk * a)``."""
     return _WKVInputs.apply(k0, w_raw, a_raw, k_k, k_a, n_head)
-
-
-class _GatedOutput(torch.autograd.Function):
-    """(y, r, k, v, g, r_k, ln_x weight and bias, output weight) -> output((ln_x(y) + bonus * v) * g): spec 4.4."""
-
-    @staticmethod
-    def forward(ctx, y, r, k, v, g, r_k, ln_w, ln_b, w_out, n_head, eps):
-        z, bonus = _gated_pre(y, r, k, v, r_k, ln_w, ln_b, n_head, eps)
-        out = z.mul_(g) @ w_out.t()
-        ctx.save_for_backward(y, r, k, v, g, r_k, ln_w, ln_b, w_out, bonus)
-        ctx.n_head, ctx.eps = n_head, eps
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        y, r, k, v, g, r_k, ln_w, ln_b, w_out, bonus = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if c_pass(y, [d_out, r, k, v, g, r_k, ln_w, ln_b, w_out]):  # the elementwise part in C
-            dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b = cpu_kernel.gated_output_backward(
-                d_out @ w_out, y, r, k, v, g, r_k, ln_w, ln_b, ctx.n_head, ctx.eps)
-            dw_out = flat(d_out).t() @ flat(zg) if need[8] else None
-            grads = (dy, dr, dk, dv, dg, dr_k.view(r_k.shape), dln_w, dln_b)
-            return (*(t if n else None for t, n in zip(grads, need)), dw_out, None, None)
-        B, T, C = y.shape
-        H, N = ctx.n_head, C // ctx.n_head
-        z, _, yn, mean, rstd = _gated_pre(y, r, k, v, r_k, ln_w, ln_b, H, ctx.eps, stats=True)
-        dw_out = flat(d_out).t() @ flat(z * g) if need[8] else None
-        dzg = d_out @ w_out
-        dg = dzg * z if need[4] else None
-        dz = dzg.mul_(g)
-        dz4, v4 = dz.view(B, T, H, N), v.view(B, T, H, N)
-        d_bonus = (dz4 * v4).sum(-1, keepdim=True)  # [B, T, H, 1]
-        dv = (dz4 * bonus).view(B, T, C)
-        rk = (r * k).view(B, T, H, N)
-        dr_k = (rk * d_bonus).sum((0, 1)).view(r_k.shape) if need[5] else None
-        db4 = (d_bonus * r_k).view(B, T, H, N)
-        dr = (db4 * k.view(B, T, H, N)).view(B, T, C)
-        dk = (db4 * r.view(B, T, H, N)).view(B, T, C)
-        dln_w = channel_sum(dz * yn.view(B, T, C), ln_w.shape) if need[6] else None
-        dln_b = channel_sum(dz, ln_b.shape) if need[7] else None
-        dy = None
-        if need[0]:
-            dyn = (dz * ln_w).view(B, T, H, N)
-            dy = torch.ops.aten.native_layer_norm_backward(dyn, y.view(B, T, H, N), [N], mean, rstd, None, None,
-                                                           [True, False, False])[0].view(B, T, C)
-        return dy, dr, dk, dv, dg, dr_k, dln_w, dln_b, dw_out, None, None
-
-
-def _gated_pre(y, r, k, v, r_k, ln_w, ln_b, n_head, eps, stats=False):
-    """ln_x(y) + bonus * v, bonus = Σ_head r * k * r_k; returns (z, bonus), or with ``stats`` (z, bonus, yn, mean,
-    rstd). ln_x is a group norm with one group per head. The forward runs aten's group norm, the kernel of the spec
-    form's ``nn.GroupNorm``, so both forms give the same bits; the backward's recompute runs it as a layer norm over
-    each head's N channels plus the affine (the same values to rounding, 2-3x faster on CPU for these shapes), whose
-    statistics feed aten's layer-norm backward."""
-    B, T, C = y.shape
-    N = C // n_head
-    bonus = (r * k).view(B, T, n_head, N).mul_(r_k).sum(-1, keepdim=True)
-    if not stats:
-        z = torch.ops.aten.native_group_norm(y.reshape(B * T, C), ln_w, ln_b, B * T, C, 1, n_head, eps)[0]
-        return z.view(B, T, n_head, N).addcmul_(bonus, v.view(B, T, n_head, N)).view(B, T, C), bonus
-    yn, mean, rstd = torch.ops.aten.native_layer_norm(y.view(B, T, n_head, N), [N], None, None, eps)
-    z = torch.addcmul(ln_b, yn.view(B, T, C), ln_w).view(B, T, n_head, N).addcmul_(bonus, v.view(B, T, n_head, N))
-    return z.view(B, T, C), bonus, yn, mean, rstd
-
-
-def gated_output(y, r, k, v, g, r_k, ln_w, ln_b, w_out, n_head: int, eps: float):
-    """``((group_norm(y) * ln_w + ln_b) + (Σ_head r k r_k) v) * g @ w_outᵀ``: y, r, k, v, g ``[B, T, C]``,
-    r_k ``[H, N]``, ln_w/ln_b ``[C]``, w_out ``[C, C]``."""
-    return _GatedOutput.apply(y, r, k, v, g, r_k, ln_w, ln_b, w_out, n_head, eps)

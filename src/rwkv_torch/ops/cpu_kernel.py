@@ -2,7 +2,8 @@
 (``csrc/wkv_cpu.c``), the WKV-4 recurrence with its backward (``csrc/wkv4_cpu.c``), the whole one-token RWKV-7
 block stack (``csrc/rwkv7_step.c``, driven by ``decode/c_step.py``), and the reductions of a token-shift mix's
 backward and the squared ReLU of the feed-forward (``csrc/mix_cpu.c``, used by ``ops/mix.py``), and the elementwise
-backwards of RWKV-7's WKV inputs and gated output (``csrc/time_mix_cpu.c``, used by ``layers/rwkv7_fused.py``).
+backwards of RWKV-7's WKV inputs and the RWKV-5/6/7 gated output (``csrc/time_mix_cpu.c``, used by
+``layers/rwkv7_fused.py`` and ``layers/gated_output.py``).
 
 The chunked form turns a sequence into many small matrix products and elementwise passes; on a CPU, with 64x64
 head states that stay in L1, the plain spec recurrence in C does less work: one read of the inputs, two passes
@@ -191,8 +192,8 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 
 
 def _ptrs(ts) -> ctypes.Array:
-    """A C array of the tensors' data pointers (a ``const void *const *`` argument)."""
-    return (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
+    """A C array of the tensors' data pointers (a ``const void *const *`` argument; NULL for None)."""
+    return (ctypes.c_void_p * len(ts))(*(None if t is None else t.data_ptr() for t in ts))
 
 
 def _prepare(state: torch.Tensor, *tensors: torch.Tensor):
@@ -366,42 +367,53 @@ def squared_relu_backward(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _squared_relu_bwd_op(z, g)
 
 
-def _gated_output_bwd_impl(dzg: torch.Tensor, y: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           g: torch.Tensor, r_k: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
-                           n_head: int, eps: float) -> list[torch.Tensor]:
+def _gated_output_bwd_impl(dzg: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None, k: torch.Tensor | None,
+                           v: torch.Tensor | None, g: torch.Tensor, r_k: torch.Tensor | None, ln_w: torch.Tensor,
+                           ln_b: torch.Tensor, n_head: int, eps: float) -> list[torch.Tensor]:
     C = y.shape[-1]
     R = y.numel() // C
-    ins = [t.contiguous() for t in (dzg, y, r, k, v, g)] + [t.reshape(C).contiguous() for t in (r_k, ln_w, ln_b)]
-    outs = [torch.empty_like(ins[1]) for _ in range(6)]
+    bonus = r is not None
+    ins = [None if t is None else t.contiguous() for t in (dzg, y, r, k, v, g)]
+    ins += [None if t is None else t.reshape(C).contiguous() for t in (r_k, ln_w, ln_b)]
+    outs = [torch.empty_like(ins[1]) if bonus or i in (0, 4, 5) else None for i in range(6)]
     lib = _load()
     part = y.new_empty(lib.rwkv_time_mix_blocks(R), 3, C)
     err = lib.rwkv_gated_output_backward(R, n_head, C // n_head, _ptrs(ins), eps, _ptrs(outs), _ptr(part),
                                          int(y.dtype == torch.float64), torch.get_num_threads())
     _check(err, "gated output backward")
-    return [*outs, part.sum(0)]
+    return [y.new_empty(0) if t is None else t for t in outs] + [part.sum(0)]
 
 
 def _gated_output_bwd_fake(dzg, y, r, k, v, g, r_k, ln_w, ln_b, n_head, eps):
     C = y.shape[-1]
-    return [torch.empty_like(y) for _ in range(6)] + [y.new_empty(3, C)]
+    return [torch.empty_like(y) if r is not None or i in (0, 4, 5) else y.new_empty(0) for i in range(6)] + [
+        y.new_empty(3, C)]
 
 
 def gated_output_backward(dzg, y, r, k, v, g, r_k, ln_w, ln_b, n_head: int, eps: float) -> list:
-    """The elementwise backward of RWKV-7's gated output ``((group_norm(y) ln_w + ln_b + bonus v) g) @ W_outᵀ``
-    (``layers/rwkv7_fused.py``) in one pass (``csrc/time_mix_cpu.c``): from ``dzg = d_out @ W_out`` and the saved
+    """The elementwise backward of the time mix's gated output ``((group_norm(y) ln_w + ln_b + bonus v) g) @ W_outᵀ``
+    (``layers/gated_output.py``) in one pass (``csrc/time_mix_cpu.c``): from ``dzg = d_out @ W_out`` and the saved
     ``[..., C]`` tensors, returns ``[dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b]`` (``zg = z g``, the projection's
-    input; the last three ``[C]``, summed over fixed row blocks: independent of the thread count). float32 or float64
-    CPU tensors of one dtype."""
-    ts = (dzg, y, r, k, v, g, r_k, ln_w, ln_b)
+    input; the last three ``[C]``, summed over fixed row blocks: independent of the thread count). RWKV-7's bonus
+    ``Σ_head r k r_k`` needs r, k, v and r_k; RWKV-5/6 pass all four as None and get None for dr, dk, dv and dr_k.
+    float32 or float64 CPU tensors of one dtype."""
+    bonus = (r, k, v, r_k)
+    if any(t is None for t in bonus) and any(t is not None for t in bonus):
+        raise ValueError("gated_output_backward: r, k, v and r_k are all given (RWKV-7's bonus) or all None")
+    ts = [t for t in (dzg, y, r, k, v, g, r_k, ln_w, ln_b) if t is not None]
     if y.dtype not in (torch.float32, torch.float64) or any(t.dtype != y.dtype for t in ts):
         raise TypeError(f"gated_output_backward takes float32 or float64 tensors of one dtype, got "
                         f"{sorted({str(t.dtype) for t in ts})}")
     C = y.shape[-1]
-    if any(t.shape != y.shape for t in ts[:6]) or any(t.numel() != C for t in ts[6:]) or C % n_head:
-        raise ValueError(f"gated_output_backward: six tensors shaped like y {tuple(y.shape)}, three of {C} "
-                         f"elements and {n_head} heads dividing {C}, got {[tuple(t.shape) for t in ts]}")
-    *grads, sums = _gated_output_bwd_op(*ts, int(n_head), float(eps))
-    return [*grads, *sums.unbind(0)]
+    rows = [t for t in (dzg, y, r, k, v, g) if t is not None]
+    if any(t.shape != y.shape for t in rows) or any(t.numel() != C for t in ts[len(rows):]) or C % n_head:
+        raise ValueError(f"gated_output_backward: tensors shaped like y {tuple(y.shape)} (dzg, y, g; and r, k, v), "
+                         f"vectors of {C} elements (ln_w, ln_b; and r_k) and {n_head} heads dividing {C}, got "
+                         f"{[tuple(t.shape) for t in ts]}")
+    *grads, sums = _gated_output_bwd_op(dzg, y, r, k, v, g, r_k, ln_w, ln_b, int(n_head), float(eps))
+    if r is None:
+        grads[1:4] = [None] * 3
+    return [*grads, None if r is None else sums[0], sums[1], sums[2]]
 
 
 def _wkv_inputs_bwd_impl(dw: torch.Tensor, dk: torch.Tensor, d_minus_kk: torch.Tensor, db: torch.Tensor,

@@ -1,7 +1,8 @@
-/* The elementwise backwards of RWKV-7's time mix (layers/rwkv7_fused.py), one pass per row each.
+/* The elementwise backwards of the time mix's training form (layers/gated_output.py, layers/rwkv7_fused.py), one pass
+ * per row each.
  *
  * gated_output's, forward per row (token) and head (N channels): yn = (y - mean(y)) * rstd, rstd = 1 / sqrt(var(y) + eps);
- *     z = yn * ln_w + ln_b + bonus * v,  bonus = sum_head r * k * r_k;  out = (z * g) @ W_out^T.
+ *     z = yn * ln_w + ln_b + bonus * v,  bonus = sum_head r * k * r_k (RWKV-7; none in RWKV-5/6);  out = (z * g) @ W_out^T.
  * Given dzg = d_out @ W_out ([R, C]), the backward recomputes the head's statistics, yn, bonus and z, and writes
  *     zg = z * g (the output projection's input, for its weight gradient), dg = dzg * z, dz = dzg * g,
  *     dv = dz * bonus, d_bonus = sum_head dz * v, dr = d_bonus * r_k * k, dk = d_bonus * r_k * r,
@@ -17,7 +18,7 @@
 
 #define TIME_MIX_ROWS 64
 
-#define GATED_BACK(NAME, REAL)                                                                                        \
+#define GATED_BACK(NAME, REAL, BONUS)                                                                                        \
     static int NAME(int64_t R, int64_t H, int64_t N, const REAL *restrict dzg, const REAL *restrict y,                \
                     const REAL *restrict r, const REAL *restrict k, const REAL *restrict v, const REAL *restrict g,   \
                     const REAL *restrict r_k, const REAL *restrict ln_w, const REAL *restrict ln_b, double eps,       \
@@ -46,14 +47,19 @@
                     for (int64_t n = 0; n < N; n++) ss += (y[o + n] - m) * (y[o + n] - m);                            \
                     const REAL rstd = (REAL)(1 / sqrt((double)ss / N + eps));                                         \
                     REAL bonus = 0, d_bonus = 0, sdyn = 0, sdyn_yn = 0;                                               \
-                    for (int64_t n = 0; n < N; n++) bonus += r[o + n] * k[o + n] * r_k[c0 + n];                       \
+                    if (BONUS)                                                                                        \
+                        for (int64_t n = 0; n < N; n++) bonus += r[o + n] * k[o + n] * r_k[c0 + n];                   \
                     for (int64_t n = 0; n < N; n++) {                                                                 \
-                        const REAL x = (y[o + n] - m) * rstd, z = x * ln_w[c0 + n] + ln_b[c0 + n] + bonus * v[o + n]; \
+                        const REAL x = (y[o + n] - m) * rstd;                                                         \
+                        const REAL z = BONUS ? x * ln_w[c0 + n] + ln_b[c0 + n] + bonus * v[o + n]                     \
+                                             : x * ln_w[c0 + n] + ln_b[c0 + n];                                       \
                         const REAL d = dzg[o + n], dz = d * g[o + n], dx = dz * ln_w[c0 + n];                         \
                         zg[o + n] = z * g[o + n];                                                                     \
                         dg[o + n] = d * z;                                                                            \
-                        dv[o + n] = dz * bonus;                                                                       \
-                        d_bonus += dz * v[o + n];                                                                     \
+                        if (BONUS) {                                                                                  \
+                            dv[o + n] = dz * bonus;                                                                   \
+                            d_bonus += dz * v[o + n];                                                                 \
+                        }                                                                                             \
                         pw[c0 + n] += dz * x;                                                                         \
                         pb[c0 + n] += dz;                                                                             \
                         yn[n] = x, dyn[n] = dx;                                                                       \
@@ -61,12 +67,13 @@
                     }                                                                                                 \
                     const REAL a = sdyn / N, b = sdyn_yn / N;                                                         \
                     for (int64_t n = 0; n < N; n++) dy[o + n] = rstd * (dyn[n] - a - yn[n] * b);                      \
-                    for (int64_t n = 0; n < N; n++) {                                                                 \
-                        const REAL t = d_bonus * r_k[c0 + n];                                                         \
-                        dr[o + n] = t * k[o + n];                                                                     \
-                        dk[o + n] = t * r[o + n];                                                                     \
-                        prk[c0 + n] += r[o + n] * k[o + n] * d_bonus;                                                 \
-                    }                                                                                                 \
+                    if (BONUS)                                                                                        \
+                        for (int64_t n = 0; n < N; n++) {                                                             \
+                            const REAL t = d_bonus * r_k[c0 + n];                                                     \
+                            dr[o + n] = t * k[o + n];                                                                 \
+                            dk[o + n] = t * r[o + n];                                                                 \
+                            prk[c0 + n] += r[o + n] * k[o + n] * d_bonus;                                             \
+                        }                                                                                             \
                 }                                                                                                     \
             }                                                                                                         \
             free(buf);                                                                                                \
@@ -74,15 +81,25 @@
         return err;                                                                                                   \
     }
 
-GATED_BACK(gated_back_f32, float)
-GATED_BACK(gated_back_f64, double)
+GATED_BACK(gated_back_f32, float, 1)
+GATED_BACK(gated_back_f64, double, 1)
+GATED_BACK(gated_back_plain_f32, float, 0)
+GATED_BACK(gated_back_plain_f64, double, 0)
 
 int64_t rwkv_time_mix_blocks(int64_t R) { return (R + TIME_MIX_ROWS - 1) / TIME_MIX_ROWS; }
 
 /* dzg, y, r, k, v, g: [R, H * N] contiguous; r_k, ln_w, ln_b: [H * N]; outputs dy, dr, dk, dv, dg, zg: [R, H * N];
- * part: [blocks, 3, H * N] (dr_k, dln_w, dln_b). Returns 1 when out of memory. */
+ * part: [blocks, 3, H * N] (dr_k, dln_w, dln_b). Without the bonus (RWKV-5/6: r, k, v, r_k and dr, dk, dv NULL) the
+ * dr_k row of part stays zero. Returns 1 when out of memory. */
 int rwkv_gated_output_backward(int64_t R, int64_t H, int64_t N, const void *const *in, double eps,
                                void *const *out, void *part, int f64, int threads) {
+    if (!in[2]) {
+        if (f64)
+            return gated_back_plain_f64(R, H, N, in[0], in[1], NULL, NULL, NULL, in[5], NULL, in[7], in[8], eps,
+                                        out[0], NULL, NULL, NULL, out[4], out[5], part, threads);
+        return gated_back_plain_f32(R, H, N, in[0], in[1], NULL, NULL, NULL, in[5], NULL, in[7], in[8], eps, out[0],
+                                    NULL, NULL, NULL, out[4], out[5], part, threads);
+    }
     if (f64)
         return gated_back_f64(R, H, N, in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], in[8], eps, out[0],
                               out[1], out[2], out[3], out[4], out[5], part, threads);
