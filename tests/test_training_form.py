@@ -1,5 +1,6 @@
-"""The training forms: RWKV-7's time mix (layers/rwkv7_fused.py) and the RWKV-6/7 channel mix through ops.mix,
-against the spec form in float64 (outputs, carried states, every gradient), and that they keep fewer tensors."""
+"""The training forms: RWKV-7's time mix (layers/rwkv7_fused.py), the RWKV-5/6/7 output stage
+(layers/gated_output.py) and the channel mixes through ops.mix, against the spec form in float64 (outputs, carried
+states, every gradient), and that they keep fewer tensors."""
 
 import copy
 

@@ -24,8 +24,8 @@ class TimeMix(nn.Module):
     """RWKV-7 attention-like mixer. Parameter names and shapes follow the official checkpoints (spec 4.1).
 
     ``forward`` is the spec form. Under autograd with plain fp32/fp64 weights and no autocast it runs the training
-    form instead (``_forward_fused``: the same values through ``rwkv7_fused``, whose hand-written backwards keep a
-    third of the tensors); set ``fused = False`` on a layer to train through the spec form."""
+    form instead (``_forward_fused``: the same values through ``rwkv7_fused`` and ``gated_output``, whose hand-written
+    backwards keep a third of the tensors); set ``fused = False`` on a layer to train through the spec form."""
 
     fused = True
 
@@ -101,7 +101,7 @@ class TimeMix(nn.Module):
             p.dtype == x.dtype for p in (self.receptance.weight, self.w1, self.ln_x.weight))
 
     def _forward_fused(self, x, shift, wkv_state, v_first, *, backend, cu_seqlens):
-        """The training form of ``forward``: same arguments, same results (see ``rwkv7_fused``)."""
+        """The training form of ``forward``: same arguments, same results (see ``rwkv7_fused``, ``gated_output``)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         mus = [self.x_r, self.x_k, self.x_v, self.x_w, self.x_a, self.x_g]
