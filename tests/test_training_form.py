@@ -173,6 +173,42 @@ def test_mix_backward_pass_in_float32_is_exact_and_thread_independent():
         cpu_kernel.mix_backward(d, mus[:2], xx)
 
 
+def test_data_mix_backward_pass_in_float32_is_exact_and_thread_independent():
+    """RWKV-6's data-dependent mix pass in float32 against float64 torch ops (every output, both overwritten inputs),
+    and bit-equal for 1, 2 and 3 threads; 150 rows span several row blocks."""
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(6)
+    J, shape = 3, (3, 50, 40)
+    d, m = torch.randn(J, *shape, generator=g), torch.randn(J, *shape, generator=g)
+    mus = [torch.rand(40, generator=g) for _ in range(J)]
+    x, xx = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            dn, mn = d.clone(), m.clone()
+            runs.append([*cpu_kernel.data_mix_backward(list(dn.unbind(0)), list(mn.unbind(0)), mus, x, xx), dn, mn])
+    finally:
+        torch.set_num_threads(threads)
+    for run_ in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run_))
+    d64, m64, x64, xx64 = d.double(), m.double(), x.double(), xx.double()
+    mm = torch.stack([mu.double() + m64[j] for j, mu in enumerate(mus)])
+    dxx = (d64 * mm).sum(0)
+    want = [d64.sum(0) - dxx, dxx, (d64 * xx64).sum((1, 2)), d64 * xx64, x64 + xx64 * mm]
+    for name, w, got in zip(("dx", "dxx", "dmu", "d_j xx over d", "lerp over m"), want, runs[0]):
+        assert got.dtype == torch.float32
+        assert_close(name, w, got.double(), 1e-5)
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu_kernel.data_mix_backward(list(d), list(m), mus, x.double(), xx)
+    with pytest.raises(ValueError, match="contiguous gradients"):
+        cpu_kernel.data_mix_backward([t.transpose(1, 2).contiguous().transpose(1, 2) for t in d], list(m), mus, x, xx)
+    with pytest.raises(ValueError, match="contiguous gradients"):
+        cpu_kernel.data_mix_backward(list(d), list(m), mus[:2], x, xx)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_squared_relu_linear_c_pass_gives_the_torch_ops_bits(dtype, monkeypatch):
     """The C passes (forward, and backward with the square recomputed) against the torch-op form: the same bits for

@@ -1,9 +1,9 @@
 """Fused CPU kernels, built from ``csrc/*.c`` on first use: the WKV-7 and WKV-6 recurrences with their backward
 (``csrc/wkv_cpu.c``), the WKV-4 recurrence with its backward (``csrc/wkv4_cpu.c``), the whole one-token RWKV-7
-block stack (``csrc/rwkv7_step.c``, driven by ``decode/c_step.py``), and the reductions of a token-shift mix's
-backward and the squared ReLU of the feed-forward (``csrc/mix_cpu.c``, used by ``ops/mix.py``), and the elementwise
-backwards of RWKV-7's WKV inputs and the RWKV-5/6/7 gated output (``csrc/time_mix_cpu.c``, used by
-``layers/rwkv7_fused.py`` and ``layers/gated_output.py``).
+block stack (``csrc/rwkv7_step.c``, driven by ``decode/c_step.py``), the reductions of a token-shift mix's backward
+(RWKV-6's data-dependent one too) and the squared ReLU of the feed-forward (``csrc/mix_cpu.c``, used by
+``ops/mix.py``), and the elementwise backwards of RWKV-7's WKV inputs and the RWKV-5/6/7 gated output
+(``csrc/time_mix_cpu.c``, used by ``layers/rwkv7_fused.py`` and ``layers/gated_output.py``).
 
 The chunked form turns a sequence into many small matrix products and elementwise passes; on a CPU, with 64x64
 head states that stay in L1, the plain spec recurrence in C does less work: one read of the inputs, two passes
@@ -144,6 +144,8 @@ def _load() -> ctypes.CDLL:
         lib.rwkv_mix_blocks.restype = i64
         lib.rwkv_mix_backward.argtypes = [ctypes.c_int, i64, i64, ptr, ptr] + [ptr] * 4 + [ctypes.c_int] * 2
         lib.rwkv_mix_backward.restype = ctypes.c_int
+        lib.rwkv_data_mix_backward.argtypes = [ctypes.c_int, i64, i64] + [ptr] * 8 + [ctypes.c_int] * 2
+        lib.rwkv_data_mix_backward.restype = None
         lib.rwkv_squared_relu.argtypes = [i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
         lib.rwkv_squared_relu.restype = None
         lib.rwkv_time_mix_blocks.argtypes = [i64]
@@ -324,6 +326,43 @@ def mix_backward(d: list, mus: list, xx: torch.Tensor) -> tuple[torch.Tensor, to
         raise ValueError(f"mix_backward: gradients shaped like xx {tuple(xx.shape)} and as many {C}-vectors, got "
                          f"{[tuple(t.shape) for t in d]} and {[tuple(m.shape) for m in mus]}")
     return _mix_backward_op(list(d), list(mus), xx)
+
+
+def _data_mix_backward_impl(d: list[torch.Tensor], m: list[torch.Tensor], mus: list[torch.Tensor], x: torch.Tensor,
+                            xx: torch.Tensor) -> list[torch.Tensor]:
+    C = xx.shape[-1]
+    R = xx.numel() // C
+    lib = _load()
+    x, xx, mus = x.contiguous(), xx.contiguous(), [t.contiguous() for t in mus]
+    dx, dxx = torch.empty_like(xx), torch.empty_like(xx)
+    part = xx.new_empty(lib.rwkv_mix_blocks(R), len(d), C)
+    lib.rwkv_data_mix_backward(len(d), R, C, _ptrs(d), _ptrs(m), _ptrs(mus), *map(_ptr, (x, xx, dx, dxx, part)),
+                               int(xx.dtype == torch.float64), torch.get_num_threads())
+    return [dx, dxx, part.sum(0)]
+
+
+def _data_mix_backward_fake(d, m, mus, x, xx):
+    return [torch.empty_like(xx), torch.empty_like(xx), xx.new_empty(len(d), xx.shape[-1])]
+
+
+def data_mix_backward(d: list, m: list, mus: list, x: torch.Tensor, xx: torch.Tensor) -> tuple:
+    """The elementwise part of RWKV-6's data-dependent mix backward (``ops/mix.py``, ``data_lerp_linear``) in one pass
+    (``csrc/mix_cpu.c``). ``d``: the projections' input gradients, ``m``: the mixing LoRA's offsets (each shaped like
+    ``xx``, contiguous), ``mus``: the mixing vectors (``C`` elements each), ``x`` and ``xx = x_prev - x``. Returns
+    ``(Σ d_j - dxx, dxx, dmu)`` with ``dxx = Σ d_j (mu_j + m_j)`` and ``dmu`` ``[J, C]`` the per-channel sums of
+    ``d_j xx``, and overwrites ``d_j`` with ``d_j xx`` (the offsets' gradient) and ``m_j`` with the lerp
+    ``x + xx (mu_j + m_j)``. float32 or float64 CPU tensors of one dtype; independent of the thread count."""
+    dtype, C = xx.dtype, xx.shape[-1]
+    ts = (*d, *m, *mus, x)
+    if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype for t in ts):
+        raise TypeError(f"data_mix_backward takes float32 or float64 tensors of one dtype, got "
+                        f"{sorted({str(t.dtype) for t in (*ts, xx)})}")
+    if (not d or not len(d) == len(m) == len(mus) or x.shape != xx.shape
+            or any(t.shape != xx.shape or not t.is_contiguous() for t in (*d, *m)) or any(u.numel() != C for u in mus)):
+        raise ValueError(f"data_mix_backward: as many contiguous gradients and offsets shaped like xx "
+                         f"{tuple(xx.shape)} (and x) as {C}-vectors, got {[tuple(t.shape) for t in d]}, "
+                         f"{[tuple(t.shape) for t in m]} and {[tuple(u.shape) for u in mus]}")
+    return tuple(_data_mix_backward_op(list(d), list(m), list(mus), x, xx))
 
 
 def _squared_relu_pass(z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
@@ -515,6 +554,8 @@ _wkv6_bwd_op = _custom_op("wkv6_recurrent_bwd", _wkv6_bwd_impl, _wkv6_bwd_fake)
 _wkv4_op = _custom_op("wkv4_recurrent_fwd", _wkv4_impl, _wkv4_fake)
 _wkv4_bwd_op = _custom_op("wkv4_recurrent_bwd", _wkv4_bwd_impl, _wkv4_bwd_fake)
 _mix_backward_op = _custom_op("mix_backward", _mix_backward_impl, _mix_backward_fake)
+_data_mix_backward_op = _custom_op("data_mix_backward", _data_mix_backward_impl, _data_mix_backward_fake,
+                                   mutates_args=("d", "m"))
 _wkv_inputs_bwd_op = _custom_op("wkv_inputs_backward", _wkv_inputs_bwd_impl, _wkv_inputs_bwd_fake)
 _gated_output_bwd_op = _custom_op("gated_output_backward", _gated_output_bwd_impl, _gated_output_bwd_fake)
 _squared_relu_op = _custom_op("squared_relu", _squared_relu_impl, _squared_relu_fake)

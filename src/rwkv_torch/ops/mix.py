@@ -167,7 +167,8 @@ def squared_relu_linear(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class _DataLerpLinear(torch.autograd.Function):
     """RWKV-6's data-dependent lerps, each fed into its projection: ``out_j = (x + xx (mu_j + m_j)) @ W_jᵀ`` with
     ``m = einsum(z, w2)`` (the mixing LoRA's second half). Keeps x, the shift row and z (which the LoRA's tanh keeps
-    anyway); m, the lerps and xx are recomputed in the backward."""
+    anyway); m, the lerps and xx are recomputed in the backward, whose elementwise part is one C pass on CPU
+    (``cpu_kernel.data_mix_backward``) when every output has a gradient."""
 
     @staticmethod
     def forward(ctx, x, shift, cu_seqlens, z, w2, n, *tensors):
@@ -182,27 +183,38 @@ class _DataLerpLinear(torch.autograd.Function):
         n, need = ctx.n, ctx.needs_input_grad
         mus, weights = tensors[:n], tensors[n:]
         xx = token_shift(x, shift, cu_seqlens=cu) - x
-        mix = _lora_mix(z, w2)  # [J, B, T, C], each row made mu_j + m_j below
-        dm = torch.zeros_like(mix)
+        mix = _lora_mix(z, w2).contiguous()  # [J, B, T, C], each row made mu_j + m_j (then the lerp) below
         dmus, dws = [None] * n, [None] * n
-        dx = dxx = None
-        for j, (g, mu, w) in enumerate(zip(grads, mus, weights)):
-            if g is None:
-                continue
-            mj = mix[j].add_(mu)
-            if need[6 + n + j]:
-                dws[j] = flat(g).t() @ flat(torch.addcmul(x, xx, mj))
-            dl = g @ w
-            torch.mul(dl, xx, out=dm[j])
-            if need[6 + j]:
-                dmus[j] = channel_sum(dm[j], mu.shape)
-            dx = dl.clone() if dx is None else dx.add_(dl)
-            dxx = dl.mul_(mj) if dxx is None else dxx.add_(dl.mul_(mj))
-        if dx is None:
-            return (None,) * (6 + 2 * n)
+        if all(g is not None for g in grads) and c_pass(x, [*grads, *mus, *weights, z, w2]):
+            # csrc/mix_cpu.c: one pass turns dm's rows from d_j into d_j xx and mix's into the lerps
+            dm = x.new_empty(mix.shape)
+            for j, (g, w) in enumerate(zip(grads, weights)):
+                torch.matmul(g, w, out=dm[j])
+            dx, dxx, dmu = cpu_kernel.data_mix_backward(list(dm.unbind(0)), list(mix.unbind(0)), mus, x, xx)
+            for j, (g, mu) in enumerate(zip(grads, mus)):
+                dws[j] = flat(g).t() @ flat(mix[j]) if need[6 + n + j] else None
+                dmus[j] = dmu[j].view(mu.shape) if need[6 + j] else None
+        else:
+            dm = torch.zeros_like(mix)
+            dx = dxx = None
+            for j, (g, mu, w) in enumerate(zip(grads, mus, weights)):
+                if g is None:
+                    continue
+                mj = mix[j].add_(mu)
+                if need[6 + n + j]:
+                    dws[j] = flat(g).t() @ flat(torch.addcmul(x, xx, mj))
+                dl = g @ w
+                torch.mul(dl, xx, out=dm[j])
+                if need[6 + j]:
+                    dmus[j] = channel_sum(dm[j], mu.shape)
+                dx = dl.clone() if dx is None else dx.add_(dl)
+                dxx = dl.mul_(mj) if dxx is None else dxx.add_(dl.mul_(mj))
+            if dx is None:
+                return (None,) * (6 + 2 * n)
+            dx = dx.sub_(dxx)
         dz = torch.einsum("jbtc,jdc->btjd", dm, w2) if need[3] else None
         dw2 = torch.einsum("btjd,jbtc->jdc", z, dm) if need[4] else None
-        dx, d_shift = _through_token_shift(dx.sub_(dxx), dxx, cu)
+        dx, d_shift = _through_token_shift(dx, dxx, cu)
         return (dx if need[0] else None, d_shift if need[1] else None, None, dz, dw2, None, *dmus, *dws)
 
 

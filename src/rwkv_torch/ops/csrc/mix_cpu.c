@@ -112,3 +112,59 @@ void rwkv_squared_relu(int64_t n, const void *z, void *s, void *g, int f64, int 
     if (f64) sqrelu_f64(n, z, s, g, threads);
     else sqrelu_f32(n, z, s, g, threads);
 }
+
+/* The elementwise half of RWKV-6's data-dependent mix backward (ops/mix.py, data_lerp_linear), one pass.
+ *
+ * The forward feeds J lerps x + xx * (mu_j + m_j) (m_j [R, C] from the mixing LoRA, xx = x_prev - x) into J
+ * projections. Given each projection's input gradient d_j = g_j @ W_j ([R, C] rows), per element
+ *     dxx = sum_j d_j (mu_j + m_j),   dx = sum_j d_j - dxx,   dm_j = d_j xx (written over d_j: m_j's gradient),
+ *     m_j := x + xx (mu_j + m_j)      (written over m_j: the lerp, the input of W_j's weight gradient),
+ * and dmu_j = sum over rows of dm_j, over fixed blocks of MIX_ROWS rows into part ([blocks, J, C]) as in
+ * rwkv_mix_backward: the results do not depend on the thread count. */
+#define DATA_MIX_BACK(NAME, REAL)                                                                              \
+    static void NAME(int J, int64_t R, int64_t C, REAL *const *d, REAL *const *m, const REAL *const *mu,       \
+                     const REAL *x, const REAL *xx, REAL *dx, REAL *dxx, REAL *part, int threads) {            \
+        const int64_t blocks = (R + MIX_ROWS - 1) / MIX_ROWS;                                                  \
+        (void)threads;                                                                                         \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                      \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                                           \
+            REAL *pb = part + blk * J * C;                                                                     \
+            memset(pb, 0, sizeof(REAL) * J * C);                                                               \
+            const int64_t end = (blk + 1) * MIX_ROWS < R ? (blk + 1) * MIX_ROWS : R;                           \
+            for (int64_t r = blk * MIX_ROWS; r < end; r++) {                                                   \
+                const REAL *restrict xr = x + r * C, *restrict xxr = xx + r * C;                               \
+                REAL *restrict g = dx + r * C, *restrict h = dxx + r * C;                                      \
+                for (int j = 0; j < J; j++) {                                                                  \
+                    REAL *restrict dj = d[j] + r * C, *restrict mj = m[j] + r * C, *restrict pj = pb + j * C;  \
+                    const REAL *restrict uj = mu[j];                                                           \
+                    if (j == 0) {                                                                              \
+                        for (int64_t c = 0; c < C; c++) {                                                      \
+                            const REAL v = dj[c], mm = uj[c] + mj[c], dm = v * xxr[c];                         \
+                            g[c] = v, h[c] = v * mm, dj[c] = dm, pj[c] += dm, mj[c] = xr[c] + xxr[c] * mm;     \
+                        }                                                                                      \
+                    } else {                                                                                   \
+                        for (int64_t c = 0; c < C; c++) {                                                      \
+                            const REAL v = dj[c], mm = uj[c] + mj[c], dm = v * xxr[c];                         \
+                            g[c] += v, h[c] += v * mm, dj[c] = dm, pj[c] += dm, mj[c] = xr[c] + xxr[c] * mm;   \
+                        }                                                                                      \
+                    }                                                                                          \
+                }                                                                                              \
+                for (int64_t c = 0; c < C; c++) g[c] -= h[c];                                                  \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+DATA_MIX_BACK(data_mix_back_f32, float)
+DATA_MIX_BACK(data_mix_back_f64, double)
+
+/* d, m: J pointers each to [R, C] rows, overwritten (see above); mu: J pointers to [C]; x, xx: [R, C]; outputs dx,
+ * dxx [R, C], part [blocks, J, C] (blocks = rwkv_mix_blocks(R)). */
+void rwkv_data_mix_backward(int J, int64_t R, int64_t C, void *const *d, void *const *m, const void *const *mu,
+                            const void *x, const void *xx, void *dx, void *dxx, void *part, int f64, int threads) {
+    if (f64)
+        data_mix_back_f64(J, R, C, (double *const *)d, (double *const *)m, (const double *const *)mu, x, xx, dx, dxx,
+                          part, threads);
+    else
+        data_mix_back_f32(J, R, C, (float *const *)d, (float *const *)m, (const float *const *)mu, x, xx, dx, dxx,
+                          part, threads);
+}
