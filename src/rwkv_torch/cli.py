@@ -100,7 +100,7 @@ def _add_train(sub):
     a("--gradient-checkpoint", action="store_true", default=None,
       help="recompute each block in the backward pass: less memory, ~1.3x the compute (RWKV backbones)")
     a("--compile", action="store_true", default=None,
-      help="torch.compile the model (RWKV-7: one graph; ~1.4x faster CPU training after 1-2 minutes of compiling)")
+      help="torch.compile the model (RWKV-7: one graph; 5-10%% faster CPU training after 1-2 minutes of compiling)")
     a("--data", default=None,
       help=".npz episode file or directory, or a text file/directory (default: the Python stdlib sources)")
     a("--max-bytes", type=int, default=None, help="read at most this many bytes of text (default corpus: 8 MB)")
