@@ -407,6 +407,26 @@ def test_rwkv7_forward_traces_into_one_graph(kind):
     dynamo.reset()
 
 
+def test_rwkv6_training_through_torch_compile_matches_eager():
+    # The training form's C passes as custom ops inside a compiled graph: the RWKV-5/6 output stage's backward (no
+    # bonus: None inputs) and RWKV-6's mix backward (in place when eager, new tensors inside the graph).
+    import torch._dynamo as dynamo
+
+    model = perturbed(rt.build(version=6, hidden_size=32, num_layers=2, head_size=16, seed=0, embed_dim=6))
+    x = torch.randn(2, 40, 6, generator=torch.Generator().manual_seed(0))
+    dynamo.reset()
+    results = []
+    for fn in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad()
+        out = fn(x, return_sequence=True)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert_close("compiled", results[0][0], results[1][0], 1e-6)
+    for i, (a, b) in enumerate(zip(results[0][1], results[1][1])):
+        assert_close(f"grad {i}", a, b, 1e-5)
+    dynamo.reset()
+
+
 def test_wkv7_w_min_is_checked():
     from rwkv_torch.ops import wkv7
 

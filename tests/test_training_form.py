@@ -189,7 +189,9 @@ def test_data_mix_backward_pass_in_float32_is_exact_and_thread_independent():
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             dn, mn = d.clone(), m.clone()
-            runs.append([*cpu_kernel.data_mix_backward(list(dn.unbind(0)), list(mn.unbind(0)), mus, x, xx), dn, mn])
+            out = cpu_kernel.data_mix_backward(dn, mn, mus, x, xx)
+            assert out[3] is dn and out[4] is mn  # eager: in place
+            runs.append(out)
     finally:
         torch.set_num_threads(threads)
     for run_ in runs[1:]:
@@ -202,11 +204,11 @@ def test_data_mix_backward_pass_in_float32_is_exact_and_thread_independent():
         assert got.dtype == torch.float32
         assert_close(name, w, got.double(), 1e-5)
     with pytest.raises(TypeError, match="one dtype"):
-        cpu_kernel.data_mix_backward(list(d), list(m), mus, x.double(), xx)
+        cpu_kernel.data_mix_backward(d, m, mus, x.double(), xx)
     with pytest.raises(ValueError, match="contiguous gradients"):
-        cpu_kernel.data_mix_backward([t.transpose(1, 2).contiguous().transpose(1, 2) for t in d], list(m), mus, x, xx)
+        cpu_kernel.data_mix_backward(d.transpose(2, 3).contiguous().transpose(2, 3), m, mus, x, xx)
     with pytest.raises(ValueError, match="contiguous gradients"):
-        cpu_kernel.data_mix_backward(list(d), list(m), mus[:2], x, xx)
+        cpu_kernel.data_mix_backward(d, m, mus[:2], x, xx)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

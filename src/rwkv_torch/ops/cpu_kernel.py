@@ -328,41 +328,54 @@ def mix_backward(d: list, mus: list, xx: torch.Tensor) -> tuple[torch.Tensor, to
     return _mix_backward_op(list(d), list(mus), xx)
 
 
-def _data_mix_backward_impl(d: list[torch.Tensor], m: list[torch.Tensor], mus: list[torch.Tensor], x: torch.Tensor,
+def _data_mix_backward_impl(d: torch.Tensor, m: torch.Tensor, mus: list[torch.Tensor], x: torch.Tensor,
                             xx: torch.Tensor) -> list[torch.Tensor]:
+    """The pass itself, in place on d and m (``[J, ..., C]``, contiguous)."""
     C = xx.shape[-1]
     R = xx.numel() // C
     lib = _load()
     x, xx, mus = x.contiguous(), xx.contiguous(), [t.contiguous() for t in mus]
     dx, dxx = torch.empty_like(xx), torch.empty_like(xx)
     part = xx.new_empty(lib.rwkv_mix_blocks(R), len(d), C)
-    lib.rwkv_data_mix_backward(len(d), R, C, _ptrs(d), _ptrs(m), _ptrs(mus), *map(_ptr, (x, xx, dx, dxx, part)),
-                               int(xx.dtype == torch.float64), torch.get_num_threads())
-    return [dx, dxx, part.sum(0)]
+    lib.rwkv_data_mix_backward(len(d), R, C, _ptrs(d.unbind(0)), _ptrs(m.unbind(0)), _ptrs(mus),
+                               *map(_ptr, (x, xx, dx, dxx, part)), int(xx.dtype == torch.float64),
+                               torch.get_num_threads())
+    return [dx, dxx, part.sum(0), d, m]
+
+
+def _data_mix_backward_copy(d: torch.Tensor, m: torch.Tensor, mus: list[torch.Tensor], x: torch.Tensor,
+                            xx: torch.Tensor) -> list[torch.Tensor]:
+    """The custom op's form: d and m left as they are (a compiled graph cannot take an op that overwrites a list of
+    tensors), the results in new tensors."""
+    return _data_mix_backward_impl(d.clone(), m.clone(), mus, x, xx)
 
 
 def _data_mix_backward_fake(d, m, mus, x, xx):
-    return [torch.empty_like(xx), torch.empty_like(xx), xx.new_empty(len(d), xx.shape[-1])]
+    return [torch.empty_like(xx), torch.empty_like(xx), xx.new_empty(d.shape[0], xx.shape[-1]), torch.empty_like(d),
+            torch.empty_like(m)]
 
 
-def data_mix_backward(d: list, m: list, mus: list, x: torch.Tensor, xx: torch.Tensor) -> tuple:
+def data_mix_backward(d: torch.Tensor, m: torch.Tensor, mus: list, x: torch.Tensor, xx: torch.Tensor) -> tuple:
     """The elementwise part of RWKV-6's data-dependent mix backward (``ops/mix.py``, ``data_lerp_linear``) in one pass
-    (``csrc/mix_cpu.c``). ``d``: the projections' input gradients, ``m``: the mixing LoRA's offsets (each shaped like
-    ``xx``, contiguous), ``mus``: the mixing vectors (``C`` elements each), ``x`` and ``xx = x_prev - x``. Returns
-    ``(Σ d_j - dxx, dxx, dmu)`` with ``dxx = Σ d_j (mu_j + m_j)`` and ``dmu`` ``[J, C]`` the per-channel sums of
-    ``d_j xx``, and overwrites ``d_j`` with ``d_j xx`` (the offsets' gradient) and ``m_j`` with the lerp
-    ``x + xx (mu_j + m_j)``. float32 or float64 CPU tensors of one dtype; independent of the thread count."""
+    (``csrc/mix_cpu.c``). ``d``: the J projections' input gradients, ``m``: the mixing LoRA's offsets (both
+    ``[J, ..., C]``, contiguous, each row shaped like ``xx``), ``mus``: the J mixing vectors (``C`` elements each),
+    ``x`` and ``xx = x_prev - x``. Returns ``(Σ d_j - dxx, dxx, dmu, dm, lerps)`` with ``dxx = Σ d_j (mu_j + m_j)``,
+    ``dmu`` ``[J, C]`` the per-channel sums of ``d_j xx``, ``dm_j = d_j xx`` (the offsets' gradient) and the lerps
+    ``x + xx (mu_j + m_j)``. Eager calls write ``dm`` over ``d`` and the lerps over ``m`` (and return them); inside
+    ``torch.compile`` they are new tensors. float32 or float64 CPU tensors of one dtype; independent of the thread
+    count."""
     dtype, C = xx.dtype, xx.shape[-1]
-    ts = (*d, *m, *mus, x)
+    ts = (d, m, *mus, x)
     if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype for t in ts):
         raise TypeError(f"data_mix_backward takes float32 or float64 tensors of one dtype, got "
                         f"{sorted({str(t.dtype) for t in (*ts, xx)})}")
-    if (not d or not len(d) == len(m) == len(mus) or x.shape != xx.shape
-            or any(t.shape != xx.shape or not t.is_contiguous() for t in (*d, *m)) or any(u.numel() != C for u in mus)):
-        raise ValueError(f"data_mix_backward: as many contiguous gradients and offsets shaped like xx "
-                         f"{tuple(xx.shape)} (and x) as {C}-vectors, got {[tuple(t.shape) for t in d]}, "
-                         f"{[tuple(t.shape) for t in m]} and {[tuple(u.shape) for u in mus]}")
-    return tuple(_data_mix_backward_op(list(d), list(m), list(mus), x, xx))
+    J = d.shape[0] if d.dim() > 1 else 0
+    if (not J or d.shape != m.shape or d.shape[1:] != xx.shape or x.shape != xx.shape or len(mus) != J
+            or not (d.is_contiguous() and m.is_contiguous()) or any(u.numel() != C for u in mus)):
+        raise ValueError(f"data_mix_backward: contiguous gradients and offsets [J, *{tuple(xx.shape)}] (xx's and x's "
+                         f"shape) and J {C}-vectors, got {tuple(d.shape)}, {tuple(m.shape)} and "
+                         f"{[tuple(u.shape) for u in mus]}")
+    return tuple(_data_mix_backward_op(d, m, list(mus), x, xx))
 
 
 def _squared_relu_pass(z: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
@@ -530,17 +543,19 @@ def _wkv6_bwd_fake(r, w, k, v, u, dy, ckpt, dstate, every):
     return [torch.empty_like(r) for _ in range(4)] + [r.new_empty(u.shape), r.new_empty(dstate.shape)]
 
 
-def _custom_op(name, impl, fake, mutates_args=()):
-    """``impl`` as a ``torch.library`` custom op while ``torch.compile`` traces, a plain call otherwise: the op's
-    Python dispatch costs ~70 us a call, as much as a small kernel's work."""
+def _custom_op(name, impl, fake, mutates_args=(), eager=None):
+    """``impl`` as a ``torch.library`` custom op while ``torch.compile`` traces, a plain call otherwise (of ``eager``
+    where given: a form that may reuse its inputs' storage, which an op in a compiled graph cannot): the op's Python
+    dispatch costs ~70 us a call, as much as a small kernel's work."""
+    eager = eager or impl
     if not hasattr(torch.library, "custom_op"):  # pragma: no cover - older torch: plain calls (graph breaks)
-        return impl
+        return eager
     op = torch.library.custom_op(f"rwkv_torch::{name}", mutates_args=mutates_args, device_types="cpu")(impl)
     op.register_fake(fake)
     is_compiling = torch.compiler.is_compiling
 
     def call(*args):
-        return op(*args) if is_compiling() else impl(*args)
+        return op(*args) if is_compiling() else eager(*args)
 
     call.op = op
     return call
@@ -554,8 +569,8 @@ _wkv6_bwd_op = _custom_op("wkv6_recurrent_bwd", _wkv6_bwd_impl, _wkv6_bwd_fake)
 _wkv4_op = _custom_op("wkv4_recurrent_fwd", _wkv4_impl, _wkv4_fake)
 _wkv4_bwd_op = _custom_op("wkv4_recurrent_bwd", _wkv4_bwd_impl, _wkv4_bwd_fake)
 _mix_backward_op = _custom_op("mix_backward", _mix_backward_impl, _mix_backward_fake)
-_data_mix_backward_op = _custom_op("data_mix_backward", _data_mix_backward_impl, _data_mix_backward_fake,
-                                   mutates_args=("d", "m"))
+_data_mix_backward_op = _custom_op("data_mix_backward", _data_mix_backward_copy, _data_mix_backward_fake,
+                                   eager=_data_mix_backward_impl)
 _wkv_inputs_bwd_op = _custom_op("wkv_inputs_backward", _wkv_inputs_bwd_impl, _wkv_inputs_bwd_fake)
 _gated_output_bwd_op = _custom_op("gated_output_backward", _gated_output_bwd_impl, _gated_output_bwd_fake)
 _squared_relu_op = _custom_op("squared_relu", _squared_relu_impl, _squared_relu_fake)

@@ -186,13 +186,13 @@ class _DataLerpLinear(torch.autograd.Function):
         mix = _lora_mix(z, w2).contiguous()  # [J, B, T, C], each row made mu_j + m_j (then the lerp) below
         dmus, dws = [None] * n, [None] * n
         if all(g is not None for g in grads) and c_pass(x, [*grads, *mus, *weights, z, w2]):
-            # csrc/mix_cpu.c: one pass turns dm's rows from d_j into d_j xx and mix's into the lerps
-            dm = x.new_empty(mix.shape)
+            # csrc/mix_cpu.c: one pass from the d_j = g_j W_j and the offsets to dm_j = d_j xx and the lerps
+            d = x.new_empty(mix.shape)
             for j, (g, w) in enumerate(zip(grads, weights)):
-                torch.matmul(g, w, out=dm[j])
-            dx, dxx, dmu = cpu_kernel.data_mix_backward(list(dm.unbind(0)), list(mix.unbind(0)), mus, x, xx)
+                torch.matmul(g, w, out=d[j])
+            dx, dxx, dmu, dm, lerps = cpu_kernel.data_mix_backward(d, mix, mus, x, xx)
             for j, (g, mu) in enumerate(zip(grads, mus)):
-                dws[j] = flat(g).t() @ flat(mix[j]) if need[6 + n + j] else None
+                dws[j] = flat(g).t() @ flat(lerps[j]) if need[6 + n + j] else None
                 dmus[j] = dmu[j].view(mu.shape) if need[6 + j] else None
         else:
             dm = torch.zeros_like(mix)
