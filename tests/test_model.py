@@ -394,9 +394,14 @@ def test_rwkv7_forward_traces_into_one_graph(kind):
     dynamo.reset()
     explained = dynamo.explain(model)(x, return_sequence=True)
     assert explained.graph_break_count == 0, explained.break_reasons
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    assert_compiled_training_matches(model, torch.compile(model, backend="aot_eager", fullgraph=True), x)
+    dynamo.reset()
+
+
+def assert_compiled_training_matches(model, compiled, x):
+    """Values and parameter gradients of ``compiled`` (training through the compiled graph) against ``model``."""
     grads = []
-    for fn in (model, compiled):  # values and parameter gradients (training through the compiled graph)
+    for fn in (model, compiled):
         model.zero_grad()
         out = fn(x, return_sequence=True)
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
@@ -404,7 +409,6 @@ def test_rwkv7_forward_traces_into_one_graph(kind):
     assert_close("compiled", grads[0][0], grads[1][0], 1e-6)
     for i, (a, b) in enumerate(zip(grads[0][1], grads[1][1])):
         assert_close(f"grad {i}", a, b, 1e-5)
-    dynamo.reset()
 
 
 def test_rwkv6_training_through_torch_compile_matches_eager():
@@ -415,15 +419,7 @@ def test_rwkv6_training_through_torch_compile_matches_eager():
     model = perturbed(rt.build(version=6, hidden_size=32, num_layers=2, head_size=16, seed=0, embed_dim=6))
     x = torch.randn(2, 40, 6, generator=torch.Generator().manual_seed(0))
     dynamo.reset()
-    results = []
-    for fn in (model, torch.compile(model, backend="aot_eager")):
-        model.zero_grad()
-        out = fn(x, return_sequence=True)
-        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert_close("compiled", results[0][0], results[1][0], 1e-6)
-    for i, (a, b) in enumerate(zip(results[0][1], results[1][1])):
-        assert_close(f"grad {i}", a, b, 1e-5)
+    assert_compiled_training_matches(model, torch.compile(model, backend="aot_eager"), x)
     dynamo.reset()
 
 

@@ -32,7 +32,7 @@ class _GatedOutput(torch.autograd.Function):
         y, r, k, v, g, r_k, ln_w, ln_b, w_out, bonus = ctx.saved_tensors
         need = ctx.needs_input_grad
         has_bonus = r is not None
-        if c_pass(y, [t for t in (d_out, r, k, v, g, r_k, ln_w, ln_b, w_out) if t is not None]):  # elementwise in C
+        if c_pass(y, [d_out, r, k, v, g, r_k, ln_w, ln_b, w_out]):  # the elementwise part in C
             dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b = cpu_kernel.gated_output_backward(
                 d_out @ w_out, y, r, k, v, g, r_k, ln_w, ln_b, ctx.n_head, ctx.eps)
             dw_out = flat(d_out).t() @ flat(zg) if need[8] else None

@@ -199,7 +199,7 @@ def _ptrs(ts) -> ctypes.Array:
 
 
 def _prepare(state: torch.Tensor, *tensors: torch.Tensor):
-    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(tensors[0].dtype)
     xs = [t.to(dtype).contiguous() for t in tensors]
     return dtype, xs, state.to(dtype, copy=True).contiguous()
 
@@ -511,7 +511,7 @@ def wkv_inputs_backward(dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k
 
 
 def _fake_forward(r, state, every):
-    dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(r.dtype)
     B, T, H, N = r.shape
     return (r.new_empty(r.shape, dtype=dtype), state.new_empty(state.shape, dtype=dtype),
             r.new_empty((B, H, _n_checkpoints(T, every), N, N), dtype=dtype))

@@ -98,9 +98,9 @@ def _through_token_shift(dx: torch.Tensor, dxx: torch.Tensor, cu_seqlens) -> tup
 def c_pass(x: torch.Tensor, others=()) -> bool:
     """Whether an elementwise pass of the training forms runs in C (``csrc/mix_cpu.c`` here, ``csrc/time_mix_cpu.c``
     for ``layers/rwkv7_fused.py`` and ``layers/gated_output.py``): x and the ``others`` float32/float64 CPU tensors
-    of one dtype, with the C kernels built (``cpu_kernel.available``)."""
+    of one dtype (None entries skipped), with the C kernels built (``cpu_kernel.available``)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and all(t.dtype == x.dtype for t in others) and cpu_kernel.available())
+            and all(t is None or t.dtype == x.dtype for t in others) and cpu_kernel.available())
 
 
 def shift_mix_linear(x: torch.Tensor, shift: torch.Tensor | None, mus, weights, *,
