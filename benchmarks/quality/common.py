@@ -26,9 +26,10 @@ STYLES = {"rwkv7": "o-", "rwkv6": "s--", "rwkv5": "v-.", "rwkv4": "^-.", "transf
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny smoke-test settings (< 1 minute); writes to a temp "
-                   "folder unless --out is given")
-    p.add_argument("--out", default=None, help=f"folder for <name>.md and <name>.png (default {RESULTS})")
+    p.add_argument("--quick", action="store_true", help="tiny smoke-test settings (< 1 minute)")
+    p.add_argument("--out", default=None,
+                   help=f"folder for <name>.md and <name>.png (default: a new scratch folder under the system's temp "
+                        f"folder; --out {RESULTS.relative_to(RESULTS.parents[2])} refreshes the committed results)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -43,12 +44,12 @@ def quick_defaults(p: argparse.ArgumentParser, args, **values) -> None:
 
 
 def out_dir(args) -> Path:
+    """``--out``, else a new scratch folder (the committed ``results/`` change only when ``--out`` names them)."""
     if args.out is not None:
         d = Path(args.out)
-    elif args.quick:
-        d = Path(tempfile.mkdtemp(prefix="rwkv-quality-"))
     else:
-        d = RESULTS
+        d = Path(tempfile.mkdtemp(prefix="rwkv-quality-"))
+        print(f"writing to the scratch folder {d} (--out {RESULTS} refreshes the committed results)", flush=True)
     d.mkdir(parents=True, exist_ok=True)
     return d
 

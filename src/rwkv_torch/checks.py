@@ -47,3 +47,13 @@ def input_files(path, suffix: str, what: str) -> list[Path]:
     if path.is_file():
         return [path]
     raise ValueError(f"{path}: no such file or directory")
+
+
+def check_threads(threads, flag: str = "--threads") -> int | None:
+    """A CPU thread count (``--threads`` of ``demo``, ``check``, ``stream-bench``): None (torch's choice) or an int
+    >= 1; else a ValueError naming the flag (torch's own error is a RuntimeError without it)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"{flag} must be >= 1 (leave it out for torch's choice), got {threads}")
+    return threads

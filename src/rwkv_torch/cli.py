@@ -3,6 +3,7 @@
 can fix (a missing file, a bad option), printed as ``rwkv-torch COMMAND: error: ...``."""
 
 import argparse
+import re
 import sys
 
 from .demo import (  # noqa: F401  (bench_stream, DEMO_PROMPT: re-exported for scripts written against cli)
@@ -24,7 +25,33 @@ from .train import BACKBONES
 
 def _command(p, call, ok=lambda result: True, errors=()):
     """``call(args)`` runs subcommand ``p``; ``ok(result)`` False exits 1; an exception in ``errors`` exits 2."""
-    p.set_defaults(call=call, ok=ok, errors=errors)
+    p.set_defaults(call=call, ok=ok, errors=errors, flags=_flags(p))
+
+
+# Library names that are not a flag's dest but stand for one (generate's stop_tokens list is --stop-token).
+FLAG_ALIASES = {"stop_tokens": "--stop-token"}
+
+
+def _flags(p) -> dict:
+    """``{config field: flag}`` of parser ``p``: each option's dest (``lora_rank``) -> its long flag
+    (``--lora-rank``)."""
+    out = dict(FLAG_ALIASES)
+    for action in p._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest not in ("help", "version"):
+            out[action.dest] = longs[0]
+    return out
+
+
+def flag_message(message: str, flags: dict) -> str:
+    """An error message of the library in the terms of the command line: ``lora_rank=0: must be None or >= 1`` ->
+    ``--lora-rank 0: must be >= 1`` (also ``RWKVConfig.hidden_size=0``), for every ``field=value`` whose field is
+    one of ``flags`` (``{config field: flag}``); anything else is left as it is."""
+    def flag(m):
+        return f"{flags[m.group(1)]} " if m.group(1) in flags else m.group(0)
+
+    out = re.sub(r"(?<![\w.-])(?:RWKVConfig\.|TrainConfig\.)?([a-z][a-z0-9_]*)=(?!=)", flag, message)
+    return out.replace("must be None or ", "must be ") if out != message else out
 
 
 def _add_demo(sub):
@@ -71,7 +98,8 @@ def _add_export(sub):
     p = sub.add_parser("export", help="export the recurrent step to ONNX (state as explicit inputs/outputs)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--model", default=None, help="a model directory written by rt.save (default: a fresh backbone)")
-    p.add_argument("--embed-dim", type=int, default=64, help="embed_dim of the fresh backbone when --model is absent")
+    p.add_argument("--embed-dim", type=int, default=None,
+                   help="embed_dim of the fresh backbone (default 64); not with --model, which has its own")
     p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (default: dynamic)")
     p.add_argument("--int8", action="store_true", help="dynamic int8 weight quantization (onnxruntime)")
     _command(p, lambda a: export(a.out, a.model, a.embed_dim, a.batch_size, a.int8),
@@ -221,9 +249,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.call(args)
-    except args.errors as e:  # a bad file or option: the message names it
-        print(f"rwkv-torch {args.command}: error: {e}", file=sys.stderr)
+    except args.errors as e:  # a bad file or option: the message names it (the flag, where the library names a field)
+        print(f"rwkv-torch {args.command}: error: {flag_message(str(e), args.flags)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (loading data, a benchmark): one line, 130
+        print(f"rwkv-torch {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     if isinstance(result, dict) and result.get("interrupted"):  # the shell's convention: 130 for Ctrl-C, 143 TERM
         return 128 + int(result.get("signal") or 2)  # (no signal here: another torchrun rank's; SIGINT's code)
     return 0 if args.ok(result) else 1

@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 
 from .checkpoints import describe, load, save, save_official
-from .checks import check_device, check_output_file
+from .checks import check_device, check_output_file, check_threads
 from .export import OnnxStep, export_onnx, state_names
-from .generate import full_state, stream_text
+from .generate import check_limits, full_state, stream_text
 from .model import build
 from .quantize import weight_format
 from .state import RWKVState
 from .stream import Stream
 from .tokenizer import _BY_VOCAB, ByteTokenizer, get_tokenizer
 from .train import adamw, train
+from .train.units import summary_line
 
 DEMO_PROMPT = "class Parser:\n    def __init__(self"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,7 +52,7 @@ def demo(seconds: float = 60.0, out: str | None = None, prompt: str = DEMO_PROMP
     _positive(steps=steps)
     if max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {max_tokens}")
-    if threads:
+    if check_threads(threads):
         torch.set_num_threads(threads)
     out = out or tempfile.mkdtemp(prefix="rwkv-demo-")
     budget = f"{seconds:g} s" if steps is None else f"{steps} steps"
@@ -131,7 +132,7 @@ def check(frames: int = 1000, embed_dim: int = 64, seed: int = 0, threads: int |
     report whether they agree and the per-frame step latency. Returns ``rel_error``, ``agree``, ``p50_ms``,
     ``p99_ms`` and ``frames`` (the frames stepped and timed)."""
     _positive(frames=frames, embed_dim=embed_dim)
-    if threads:
+    if check_threads(threads):
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build(embed_dim=embed_dim, seed=seed).eval()
@@ -174,7 +175,7 @@ def stream_bench(frames: int = 10_000, embed_dim: int = 288, hidden_size: int = 
     """Per-frame latency p50/p99 of the streaming step in PyTorch and onnxruntime against the 60 FPS budget: one
     row per runtime, ``runtime`` plus the keys of ``bench_stream``."""
     _positive(frames=frames, embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers)
-    if threads:
+    if check_threads(threads):
         torch.set_num_threads(threads)
     model = build(embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers, version=version,
                   seed=0).eval()
@@ -195,12 +196,16 @@ def stream_bench(frames: int = 10_000, embed_dim: int = 288, hidden_size: int = 
     return rows
 
 
-def export(out: str, model: str | None = None, embed_dim: int = 64, batch_size: int | None = None,
+def export(out: str, model: str | None = None, embed_dim: int | None = None, batch_size: int | None = None,
            int8: bool = False) -> str:
-    """Export the one-step function of a saved model (or of the default backbone) to ONNX."""
+    """Export the one-step function of a saved model (or of the default backbone, ``embed_dim`` features per frame,
+    default 64) to ONNX. ``embed_dim`` with ``model`` is refused: the model's own sizes are exported."""
+    if model and embed_dim is not None:
+        raise ValueError(f"--embed-dim is for the fresh backbone; --model {model} is exported at its own sizes "
+                         f"(drop --embed-dim)")
     check_output_file(out, f"--out {out}")
     _positive(embed_dim=embed_dim, batch_size=batch_size)
-    m = load(model) if model else build(embed_dim=embed_dim, seed=0)
+    m = load(model) if model else build(embed_dim=64 if embed_dim is None else embed_dim, seed=0)
     export_onnx(m.eval(), out, batch_size=batch_size, quantize_int8=int8)
     c = m.config
     print(f"wrote {out}: RWKV-{c.version} step, inputs x_t + {len(state_names(c.num_layers))} state tensors "
@@ -212,10 +217,11 @@ def export(out: str, model: str | None = None, embed_dim: int = 64, batch_size: 
 def train_and_report(args) -> dict:
     """``train(args)`` (a dict, TrainConfig or argparse Namespace), then rank 0 prints the final step, loss,
     validation loss and checkpoint. Returns the trainer's summary."""
+    given = args if isinstance(args, dict) else getattr(args, "__dict__", {})
+    _positive(max_bytes=given.get("max_bytes"))  # before the data loads: 0 would read as "no sources found"
     res = train(args)
     if res["rank"] == 0:  # under torchrun, rank 0 reports
-        val = f", val_loss {res['val_loss']:.4f}" if res["val_loss"] is not None else ""
-        print(f"step {res['step']}: loss {res['loss']:.4f}{val}; checkpoint {res['checkpoint']}")
+        print(summary_line(res))
     return res
 
 
@@ -228,6 +234,8 @@ def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float 
     after every token (prompt and generated); ``weights`` ("int8", "bf16") quantizes the model as it loads (see
     ``rt.load``). Returns the ``generate.Generation``."""
     check_device(device)
+    check_limits(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 penalty_decay=penalty_decay)  # before the model loads (seconds for a large one)
     if state_out:
         check_output_file(state_out, f"--state-out {state_out}")
     m = load(model, device=device, weights=weights)
@@ -299,6 +307,12 @@ def merge(run: str, dst: str, overwrite: bool = False) -> str:
     from .train import load_task_model
 
     _refuse_taken(dst, overwrite)
+    r = Path(run)
+    if r.is_dir() and next(r.glob("ckpt-*.pt"), None) is None:
+        raise ValueError(f"{run}: no training run here (no ckpt-*.pt checkpoint); merge takes the folder of a "
+                         f"run written by rwkv-torch train (its --out)")
+    if not r.exists():
+        raise ValueError(f"{run}: no such run folder or checkpoint file")
     model, ckpt = load_task_model(run)
     if not model.lm or not ckpt["config"]["backbone"].startswith("rwkv"):
         raise ValueError(f"{run}: a {ckpt['config']['backbone']} model with task heads "

@@ -99,6 +99,24 @@ def _where(keep: torch.Tensor, old: RWKVState, new: RWKVState) -> RWKVState:
     return RWKVState(*([pick(o, n) for o, n in zip(getattr(old, f), getattr(new, f))] for f in fields), dict(new.meta))
 
 
+# Each sampling option's limit: (test, what it must be). One message per option (``name=value: must be ...``).
+LIMITS = {
+    "max_tokens": (lambda v: v >= 0, "must be >= 0"),
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 is greedy)"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0 is off)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 is off)"),
+    "penalty_decay": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+}
+
+
+def check_limits(**values) -> None:
+    """ValueError for the first option of ``values`` outside its ``LIMITS``, naming it and its limit."""
+    for name, v in values.items():
+        ok, rule = LIMITS[name]
+        if not ok(v):
+            raise ValueError(f"{name}={v!r}: {rule}")
+
+
 def stream(model: RWKV, prompt, *, state: RWKVState | None = None, max_tokens: int = 256, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
            penalty_decay: float = 1.0, stop_tokens=(), seed: int | torch.Generator | None = None,
@@ -119,13 +137,15 @@ def stream(model: RWKV, prompt, *, state: RWKVState | None = None, max_tokens: i
     if not isinstance(model, RWKV) or not model.is_token_model:
         raise TypeError("generation needs a token model (rt.build(vocab_size=...) or rt.load(...))")
     rows = _rows(prompt)
-    if max_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or not 0 <= penalty_decay <= 1:
-        raise ValueError(f"need max_tokens >= 0, temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
-                         f"0 <= penalty_decay <= 1; got {max_tokens}, {temperature}, {top_k}, {top_p}, {penalty_decay}")
+    check_limits(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  penalty_decay=penalty_decay)
     V, stop_tokens = model.config.vocab_size, [int(t) for t in stop_tokens]
-    bad = [t for r in rows for t in r if not 0 <= t < V] + [t for t in stop_tokens if not 0 <= t < V]
+    bad = [t for r in rows for t in r if not 0 <= t < V]
     if bad:
         raise ValueError(f"token ids must be in [0, {V}), got {bad[:8]}")
+    bad = [t for t in stop_tokens if not 0 <= t < V]
+    if bad:
+        raise ValueError(f"stop_tokens={bad[:8]}: token ids must be in [0, {V}) (the model's vocabulary)")
     if state is not None:
         model._check_state(state, len(rows))
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)

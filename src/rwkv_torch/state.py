@@ -1,6 +1,7 @@
 """The recurrent state of an RWKV model: a small typed object passed in and returned, never kept on the model."""
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,15 @@ from .config import RWKVConfig
 
 STATE_FORMAT = "rwkv-torch-state"
 STATE_FORMAT_VERSION = 1
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, then the file's mode set as the process's other outputs get it (``0o666``
+    less the umask, as ``open(path, "w")``): ``save_file`` itself creates it owner-only (``0o600``)."""
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 @dataclass
@@ -91,7 +101,7 @@ class RWKVState:
     def save(self, path) -> None:
         """Write a versioned safetensors file (format name and version, model shape in the metadata)."""
         meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION), "model": json.dumps(self.meta)}
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, str(path), metadata=meta)
+        save_safetensors({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, path, meta)
 
     @classmethod
     def load(cls, path, device=None) -> "RWKVState":

@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import RWKVConfig
 from ..model import RWKV
 from ..quantize import WEIGHT_FORMATS, quantize, quantized_like, weight_format
+from ..state import save_safetensors
 from .keymap import _listing
 from .official import _assign, _dominant_dtype, _meta_model, _unwrap, load_official
 
@@ -39,7 +40,7 @@ def save(model: RWKV, directory) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = d / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(version)})
+    save_safetensors(tensors, tmp, {"format": FORMAT, "format_version": str(version)})
     tmp.replace(d / "model.safetensors")
     meta = {"format": FORMAT, "format_version": version, "config": model.config.to_dict()}
     if weights != "fp32":

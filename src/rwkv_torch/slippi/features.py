@@ -26,6 +26,13 @@ Integer ids (embedded by the model with learned tables, ``ids_<name>``):
 | ``ids_stage`` | ``[T]`` | 64 | stage id |
 | ``ids_item`` | ``[T, 4]`` | 256 | item type + 1 of the 4 item slots (0 = empty) |
 
+Every feature source (replays, ``slippi.live``, any other) passes its ids through ``known_ids``: a value outside a
+table (libmelee's ``UnknownAnimation`` -1, ``UNKNOWN_CHARACTER`` 255, a stage or item type this table does not
+hold, NaN) becomes that table's ``UNKNOWN_ID``, its last row: action 511 and stage 63 (no Melee action or stage has
+them), character 32 (Sandbag, never in a 1v1 game), item 255 (item types stop below 254). So a policy never sees an
+id outside its tables. Replays only ever hold ids inside the tables or above them, which mapped to the last row
+before ``known_ids`` too: the tables and ``FEATURE_VERSION`` are unchanged.
+
 Differences from ExPhil (``embed_dim: 287``): the replay has no platform geometry or projectile owner history, so
 those columns are absent; ExPhil's one-hot action states are the ``ids_action`` embedding here.
 """
@@ -39,10 +46,25 @@ ITEM_SLOTS = 4
 ITEM_FEATURES = ("present", "x", "y", "vx", "vy", "mine")
 FRAME_WIDTH = 4 * len(PLAYER_FEATURES) + len(CONTROLLER_FEATURES) + ITEM_SLOTS * len(ITEM_FEATURES)
 ID_CLASSES = {"action": 512, "character": 33, "stage": 64, "item": 256}
-FEATURE_VERSION = 2  # bump when a column changes: cached episodes are keyed by it
+# The id every value outside a table maps to (see the module doc): the table's last row.
+UNKNOWN_ID = {name: classes - 1 for name, classes in ID_CLASSES.items()}
+FEATURE_VERSION = 2  # bump when a column or an id table changes: cached episodes are keyed by it
 # Melee's damage (hitstun) action states, DAMAGE_HIGH_1 (0x4B) to DAMAGE_FLY_ROLL (0x5B): "in hitstun" is read from
 # the action state, which replays and live game states (libmelee) both carry.
 HITSTUN_ACTIONS = (0x4B, 0x5B)
+
+
+def known_ids(name: str, values) -> np.ndarray:
+    """``values`` (ids of table ``name`` of ``ID_CLASSES``, any shape, ints or floats) as int64 in
+    ``[0, ID_CLASSES[name])``: every value outside it (negative, too large, NaN) becomes ``UNKNOWN_ID[name]``.
+
+    The one place where ids are made safe for the model's embedding tables: every feature source calls it."""
+    a = np.asarray(values)
+    if a.dtype.kind == "f":
+        ok = np.isfinite(a) & (a >= 0) & (a < ID_CLASSES[name]) & (a == np.trunc(a))
+        return np.where(ok, np.nan_to_num(a), UNKNOWN_ID[name]).astype(np.int64)
+    a = a.astype(np.int64)
+    return np.where((a >= 0) & (a < ID_CLASSES[name]), a, UNKNOWN_ID[name])
 
 
 def player_block(c: dict | None, n: int) -> np.ndarray:
@@ -87,14 +109,15 @@ def item_block(items: list | None, x: np.ndarray, y: np.ndarray, port: int) -> t
         k = len(near)
         feats[t, :k] = np.stack([np.ones(k), it["x"][near] / 100, it["y"][near] / 100, it["vx"][near] / 3,
                                  it["vy"][near] / 3, (it["owner"][near] == port - 1)], axis=-1)
-        types[t, :k] = np.minimum(it["type"][near].astype(np.int64) + 1, ID_CLASSES["item"] - 1)
+        raw = np.asarray(it["type"][near]).astype(np.int64)
+        types[t, :k] = np.where(raw >= 0, raw + 1, -1)  # -1 (an unknown type): known_ids makes it UNKNOWN_ID
     return feats.reshape(n, -1), types
 
 
 def action_ids(c: dict | None, n: int) -> np.ndarray:
     if c is None:
         return np.zeros(n, dtype=np.int64)
-    return np.minimum(np.asarray(c["action"]).astype(np.int64), ID_CLASSES["action"] - 1)
+    return np.asarray(c["action"])
 
 
 def game_features(me, opp, stage: int, items: list | None) -> tuple[np.ndarray, dict]:
@@ -109,9 +132,8 @@ def game_features(me, opp, stage: int, items: list | None) -> tuple[np.ndarray, 
     ids = {
         "action": np.stack([action_ids(lead, n), action_ids(me.follower, n), action_ids(opp.leader, n),
                             action_ids(opp.follower, n)], axis=-1),
-        "character": np.minimum(np.stack([np.asarray(lead["character"]), np.asarray(opp.leader["character"])],
-                                         axis=-1).astype(np.int64), ID_CLASSES["character"] - 1),
-        "stage": np.full(n, min(max(stage, 0), ID_CLASSES["stage"] - 1), dtype=np.int64),
+        "character": np.stack([np.asarray(lead["character"]), np.asarray(opp.leader["character"])], axis=-1),
+        "stage": np.full(n, stage),
         "item": item_ids,
     }
-    return frames, ids
+    return frames, {name: known_ids(name, v) for name, v in ids.items()}

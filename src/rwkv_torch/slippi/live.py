@@ -9,8 +9,11 @@ from it.
 
 libmelee differences handled here: sticks are 0..1 there (0.5 neutral), -1..1 in replays; ``facing`` is a bool;
 ``stage`` is libmelee's internal stage id (only the six legal stages), mapped back to the replay's stage id;
-projectile owners are 1-based ports (0 or -1: none). One difference is not undone: for some action states libmelee
-re-indexes ``action_frame`` from 1, so the action-state age can read one frame (1/60 of the column) higher live.
+projectile owners are 1-based ports (0 or -1: none). What a game sends outside the id tables (``UnknownAnimation``
+-1, ``UNKNOWN_CHARACTER``, an unknown projectile type, a stage other than the six) becomes the table's unknown id
+(``features.known_ids``), so ``Policy.act`` takes every row this module gives. One difference is not undone: for some
+action states libmelee re-indexes ``action_frame`` from 1, so the action-state age can read one frame (1/60 of the
+column) higher live.
 """
 
 import numpy as np
@@ -72,6 +75,6 @@ def gamestate_features(gamestate, port: int) -> tuple[np.ndarray, dict]:
     if len(players) != 2:
         raise ValueError(f"{len(players)} players in the game state; the features are 1v1 (self, opponent)")
     opp = next(q for q in players if q != port)
-    stage = STAGE_FROM_LIBMELEE.get(_value(gamestate.stage), 0)
+    stage = STAGE_FROM_LIBMELEE.get(_value(gamestate.stage), -1)  # another stage: features.UNKNOWN_ID
     frames, ids = game_features(_player(port, players[port]), _player(opp, players[opp]), stage, _items(gamestate))
     return frames[0], {k: v[0] for k, v in ids.items()}

@@ -98,11 +98,28 @@ def _items(frames, order: np.ndarray) -> list | None:
     return [{k: v[offsets[i]:offsets[i + 1]] for k, v in cols.items()} for i in order]
 
 
+# Every .slp file starts with this UBJSON header (an object whose first key is "raw", an array of bytes).
+SLP_MAGIC = b"{U\x03raw[$U#l"
+
+
+def _check_magic(path: str) -> None:
+    """ValueError when ``path`` does not start as a Slippi replay (a text file renamed ``.slp``, ...)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SLP_MAGIC))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if head != SLP_MAGIC:
+        what = "it is empty" if not head else f"it starts with {head!r}, not the Slippi header {SLP_MAGIC!r}"
+        raise ValueError(f"{path} is not a Slippi replay ({what})")
+
+
 def read_replay(path) -> Replay:
     """Parse ``path`` (a ``.slp`` file). Raises ValueError naming the file and the reason it is refused, ImportError
     naming the ``melee`` extra when peppi-py is missing."""
     raw, Start, dc_from_json = _peppi()
     path = str(path)
+    _check_magic(path)
     try:
         game = raw.read_slippi(path, False)
         start = dc_from_json(Start, game.start)

@@ -20,6 +20,9 @@ import torch.nn as nn
 from ..train.model import TaskModel
 from .targets import BUTTONS, SHOULDER_VALUES, STICK_VALUES, STICKS
 
+# Each of the policy's buttons (``targets.BUTTONS``) -> the name of its ``melee.Button`` member (libmelee).
+LIBMELEE_BUTTONS = {b: f"BUTTON_{b}" for b in BUTTONS}
+
 
 @dataclass
 class Controller:
@@ -33,9 +36,27 @@ class Controller:
     shoulder: float = 0.0
 
     def as_libmelee(self) -> dict:
-        """Sticks in libmelee's 0..1 convention (0.5 = neutral), for ``melee.Controller.tilt_analog`` and friends."""
-        return dict(buttons=dict(self.buttons), main=((self.main_x + 1) / 2, (self.main_y + 1) / 2),
-                    c=((self.c_x + 1) / 2, (self.c_y + 1) / 2), shoulder=self.shoulder)
+        """The controller in libmelee's terms: ``buttons`` ``{melee.Button: pressed}`` (``BUTTON_A`` ...
+        ``BUTTON_D_UP``), sticks ``main``/``c`` as (x, y) in libmelee's 0..1 convention (0.5 = neutral) and the
+        analog ``shoulder`` in 0..1, for ``melee.Controller``::
+
+            for button, pressed in pad["buttons"].items():
+                ctrl.press_button(button) if pressed else ctrl.release_button(button)
+            ctrl.tilt_analog(melee.Button.BUTTON_MAIN, *pad["main"])
+            ctrl.tilt_analog(melee.Button.BUTTON_C, *pad["c"])
+            ctrl.press_shoulder(melee.Button.BUTTON_L, pad["shoulder"])
+
+        Without libmelee installed the button keys are the names of those ``melee.Button`` members
+        (``LIBMELEE_BUTTONS``: "A" -> "BUTTON_A", ..., "D_UP" -> "BUTTON_D_UP")."""
+        try:
+            from melee import Button
+        except ImportError:
+            key = LIBMELEE_BUTTONS.get
+        else:
+            key = lambda b: getattr(Button, LIBMELEE_BUTTONS[b])  # noqa: E731
+        return dict(buttons={key(b): bool(v) for b, v in self.buttons.items()},
+                    main=((self.main_x + 1) / 2, (self.main_y + 1) / 2), c=((self.c_x + 1) / 2, (self.c_y + 1) / 2),
+                    shoulder=self.shoulder)
 
 
 @dataclass

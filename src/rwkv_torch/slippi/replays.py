@@ -1,5 +1,5 @@
 """Replays to training episodes: ``load_replay`` (one file) and ``load_replays`` (a folder, cached, with a
-progress bar and one warning line per unusable file).
+progress bar and one line on stderr per unusable file).
 
 An episode is the dict of arrays an episode ``.npz`` holds (``np.savez(f, **episode)`` writes a file that
 ``rwkv-torch train`` reads): ``frames`` ``[T, 113]`` float32 and the ``ids_*`` arrays of ``features``, the
@@ -12,7 +12,7 @@ analysis only); online play adds frames of delay, which a larger ``--action-dela
 
 import hashlib
 import os
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +77,11 @@ def _perspectives(replay, port: int | None, delay: int) -> list[tuple[int, dict]
 
 
 def cache_dir() -> Path:
-    """``$RWKV_TORCH_CACHE/slippi``, else ``$XDG_CACHE_HOME/rwkv-torch/slippi`` (``~/.cache`` by default)."""
+    """``$RWKV_TORCH_CACHE/slippi``, else ``$XDG_CACHE_HOME/rwkv_torch/slippi`` (``~/.cache`` by default): the
+    folder the compiled kernels use too (``ops.cpu_kernel``)."""
     root = os.environ.get("RWKV_TORCH_CACHE")
     if root is None:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkv-torch"
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkv_torch"
     return Path(root) / "slippi"
 
 
@@ -102,8 +103,11 @@ def _cached(path: Path, delay: int, cache: Path | None) -> list[tuple[int, dict]
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **{f"P{p}__{k}": v for p, e in out for k, v in e.items()})
-        os.replace(tmp, file)
+        try:
+            np.savez(tmp, **{f"P{p}__{k}": v for p, e in out for k, v in e.items()})
+            os.replace(tmp, file)
+        finally:  # Ctrl-C while it writes: no half-written file left in the cache
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -114,7 +118,7 @@ def load_replays(path, action_delay: int = DEFAULT_ACTION_DELAY, *, cache: bool 
     ``name`` is ``<file>:P<port>``; ``game`` is the file, so a split by game keeps both sides of a game together.
     Each file is parsed once: its episodes are cached (``cache_dir()``, or the folder ``cache``) under the hash of
     its content, the feature version and the delay; ``cache=False`` turns that off. In a folder an unusable file
-    is skipped with one warning line naming it and the reason, and a count at the end; a folder with no usable
+    is skipped with one line on stderr naming it and the reason, and a count at the end; a folder with no usable
     replay, or a single bad file, raises ValueError.
     """
     delay = _check_delay(action_delay)
@@ -131,12 +135,19 @@ def load_replays(path, action_delay: int = DEFAULT_ACTION_DELAY, *, cache: bool 
             if len(files) == 1:
                 raise
             skipped.append(str(e))
-            warnings.warn(f"skipping {e}", stacklevel=2)
+            _say(f"skipping {e}")
             continue
         out.extend((f"{f}:P{port}", ep, str(f)) for port, ep in eps)
     if not out:
         raise ValueError(f"{path}: no usable replay among {len(files)} .slp files ({len(skipped)} refused: "
                          + "; ".join(skipped[:3]) + ")")
     if skipped:
-        warnings.warn(f"{path}: skipped {len(skipped)} of {len(files)} replay files", stacklevel=2)
+        _say(f"{path}: skipped {len(skipped)} of {len(files)} replay files")
     return out
+
+
+def _say(line: str) -> None:
+    """One line on stderr, above the progress bar (``tqdm.write``: the bar is cleared and drawn again below it)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(" ".join(line.split()), file=sys.stderr)
