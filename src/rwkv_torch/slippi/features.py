@@ -28,10 +28,10 @@ Integer ids (embedded by the model with learned tables, ``ids_<name>``):
 
 Every feature source (replays, ``slippi.live``, any other) passes its ids through ``known_ids``: a value outside a
 table (libmelee's ``UnknownAnimation`` -1, ``UNKNOWN_CHARACTER`` 255, a stage or item type this table does not
-hold, NaN) becomes that table's ``UNKNOWN_ID``, its last row: action 511 and stage 63 (no Melee action or stage has
-them), character 32 (Sandbag, never in a 1v1 game), item 255 (item types stop below 254). So a policy never sees an
-id outside its tables. Replays only ever hold ids inside the tables or above them, which mapped to the last row
-before ``known_ids`` too: the tables and ``FEATURE_VERSION`` are unchanged.
+hold, NaN) becomes that table's ``UNKNOWN_ID``, its last row: action 511 and stage 63 (above every Melee action
+state and every versus stage), character 32 (Sandbag, never in a 1v1 game), item 255 (item types stop below 254).
+So a policy never sees an id outside its tables. Replays only ever hold ids inside the tables or above them, which
+mapped to the last row before ``known_ids`` too: the tables and ``FEATURE_VERSION`` are unchanged.
 
 Differences from ExPhil (``embed_dim: 287``): the replay has no platform geometry or projectile owner history, so
 those columns are absent; ExPhil's one-hot action states are the ``ids_action`` embedding here.
@@ -95,7 +95,8 @@ def controller_block(c: dict) -> np.ndarray:
 
 def item_block(items: list | None, x: np.ndarray, y: np.ndarray, port: int) -> tuple[np.ndarray, np.ndarray]:
     """``([n, 24] float, [n, 4] type ids)`` for the 4 items nearest to (x, y) on each frame (``owner`` is the
-    0-based port of the owner, -1 for none)."""
+    0-based port of the owner, -1 for none). Type ids are type + 1 (0: empty slot) and -1 for a negative (unknown)
+    type: ``known_ids("item", ...)``, which ``game_features`` applies, makes every id valid."""
     n = len(x)
     feats = np.zeros((n, ITEM_SLOTS, len(ITEM_FEATURES)), dtype=np.float32)
     types = np.zeros((n, ITEM_SLOTS), dtype=np.int64)
@@ -115,6 +116,7 @@ def item_block(items: list | None, x: np.ndarray, y: np.ndarray, port: int) -> t
 
 
 def action_ids(c: dict | None, n: int) -> np.ndarray:
+    """A player's raw action states (0 for an absent player); ``known_ids`` maps them into the table."""
     if c is None:
         return np.zeros(n, dtype=np.int64)
     return np.asarray(c["action"])
