@@ -108,6 +108,8 @@ def saved_storage_bytes(fn, params) -> int:
 def test_training_form_keeps_fewer_tensors():
     """The training form keeps about 0.6x the spec form's activation bytes in float32, and no more than that under
     bf16 autocast or with LoRA-wrapped projections (whose inputs are rebuilt, not kept)."""
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler here: the WKV op would be the chunk form, which keeps its own intermediates")
     layer = perturbed_layer(1).float()
     B, T = 4, 32
     x, v_first = torch.randn(B, T, C, requires_grad=True), torch.randn(B, T, C)

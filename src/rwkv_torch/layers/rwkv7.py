@@ -33,10 +33,10 @@ class TimeMix(nn.Module):
     Two forms, the same values: ``forward_spec``, one op per term as the spec writes it (about 28 ``[B, T, C]``
     tensors kept per layer under autograd), and ``forward_train``, the training form: the lerps into their projections
     (``ops.wkv7.fused_mix``), the WKV inputs (``ops.wkv7.fused_inputs``) and the output stage (``ops.gated_output``) as
-    autograd functions with hand-written backwards, keeping about a third fewer tensors (tested against the spec form
-    in float64: outputs, states and every gradient). ``forward`` is the training form whenever autograd records (fp32,
-    fp64, bf16 autocast; plain, LoRA-wrapped or quantized projections alike) and the spec form otherwise (inference,
-    tracing for export).
+    autograd functions with hand-written backwards, keeping about 0.6x the spec form's activations (tested against
+    it in float64: outputs, states and every gradient). ``forward`` is the training form whenever autograd records
+    (fp32, fp64, bf16 autocast; plain, LoRA-wrapped or quantized projections alike) and the spec form otherwise
+    (inference, tracing for export).
 
     The projections (``receptance``, ``key``, ``value``, ``output``) may be any linear modules: a plain bias-free
     ``nn.Linear`` is multiplied through its weight, anything else (``train.finetune.LoRALinear``,
@@ -130,7 +130,7 @@ class TimeMix(nn.Module):
         else:
             v = torch.lerp(v, v_first.to(v.dtype), torch.sigmoid(F.linear(xv1[0], self.v2.t(), self.v0)).to(v.dtype))
         w, k, minus_kk, b = wkv_inputs(k0, w_raw, a_raw, self.k_k, self.k_a, H)  # in k0's dtype
-        heads = lambda t: t.to(r.dtype).view(B, T, H, N)  # noqa: E731  (the same dtype but for a mixed-dtype LoRA)
+        heads = lambda t: t.to(r.dtype).view(B, T, H, N)  # noqa: E731  (no casts unless projections' dtypes differ)
         y, wkv_state = wkv7_unchecked(heads(r), heads(w), heads(k), heads(v), heads(minus_kk), heads(b), wkv_state,
                                       backend=backend, w_min=W_MIN, cu_seqlens=cu_seqlens)
         ln = self.ln_x
