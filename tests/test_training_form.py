@@ -1,5 +1,6 @@
-"""The training forms: RWKV-7's time mix (layers/rwkv7_fused.py), the RWKV-5/6/7 output stage
-(layers/gated_output.py) and the channel mixes through ops.mix, against the spec form in float64 (outputs, carried
+"""The training forms: RWKV-7's time mix (layers/rwkv7.py's forward_train through ops/wkv7/fused_mix.py and
+fused_inputs.py; fp32, bf16 autocast and LoRA projections), the RWKV-5/6/7 output stage (ops/gated_output.py) and the
+channel mixes through ops.mix, against the spec form in float64 (outputs, carried
 states, every gradient), and that they keep fewer tensors."""
 
 import copy
@@ -13,7 +14,7 @@ from rwkv_torch.layers.rwkv7 import TimeMix
 from rwkv_torch.ops import cpu_kernel
 from rwkv_torch.ops.mix import shift_mix_linear
 from rwkv_torch.ops.token_shift import token_shift, token_shift_backward
-from tests.utils import assert_close
+from tests.utils import assert_close, rel_rms
 
 C, H = 32, 4
 
@@ -32,13 +33,14 @@ def perturbed_layer(layer_id: int, seed: int = 0) -> TimeMix:
 
 def run(layer, fused: bool, inputs: dict, backend: str, cu_seqlens=None):
     """Forward through one form, then the gradients of a random projection of every output."""
-    layer.fused = fused
+    form = layer.forward_train if fused else layer.forward_spec
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
-    out, shift, state, v_first = layer(leaves["x"], leaves["shift"], leaves["state"], leaves.get("v_first"),
+    out, shift, state, v_first = form(leaves["x"], leaves["shift"], leaves["state"], leaves.get("v_first"),
                                        backend=backend, cu_seqlens=cu_seqlens)
     g = torch.Generator().manual_seed(7)
-    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (out, shift, state, v_first))
-    params = dict(layer.named_parameters())
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum()
+               for t in (out, shift, state, v_first))
+    params = {k: p for k, p in layer.named_parameters() if p.requires_grad}
     grads = torch.autograd.grad(loss, [*leaves.values(), *params.values()], allow_unused=True)
     names = [f"d{k}" for k in leaves] + [f"d{k}" for k in params]
     return {"out": out, "shift": shift, "state": state, "v_first": v_first, **dict(zip(names, grads))}
@@ -67,17 +69,26 @@ def test_training_form_equals_spec_form_in_float64(layer_id, backend, packed):
         assert_close(name, r, got[name], 1e-12)
 
 
-def test_training_form_runs_only_where_it_applies():
-    layer = perturbed_layer(1).float()
-    x = torch.randn(1, 4, C)
-    assert layer._use_fused(x)
-    with torch.no_grad():
-        assert not layer._use_fused(x)
-    assert not layer._use_fused(x.double())  # dtype differs from the weights: the spec form casts
+def test_forward_is_the_training_form_under_autograd_and_the_spec_form_otherwise(monkeypatch):
+    layer = perturbed_layer(0).float()
+    x, shift, state = torch.randn(1, 4, C), torch.zeros(1, C), torch.zeros(1, H, C // H, C // H)
+    calls = []
+    for name in ("forward_train", "forward_spec"):
+        real = getattr(layer, name)
+        monkeypatch.setattr(layer, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+
+    def form():
+        calls.clear()
+        layer(x, shift, state, None)
+        return calls[-1]
+
+    assert form() == "forward_train"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer._use_fused(x)
-    layer.receptance = nn.Sequential(layer.receptance)  # a wrapped projection (LoRA, quantized): the spec form
-    assert not layer._use_fused(x)
+        assert form() == "forward_train"
+    layer.receptance = nn.Sequential(layer.receptance)  # a wrapped projection (LoRA, quantized): the training form
+    assert form() == "forward_train"
+    with torch.no_grad():
+        assert form() == "forward_spec"
 
 
 def saved_storage_bytes(fn, params) -> int:
@@ -95,17 +106,117 @@ def saved_storage_bytes(fn, params) -> int:
 
 
 def test_training_form_keeps_fewer_tensors():
+    """The training form keeps about 0.6x the spec form's activation bytes in float32, and no more than that under
+    bf16 autocast or with LoRA-wrapped projections (whose inputs are rebuilt, not kept)."""
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler here: the WKV op would be the chunk form, which keeps its own intermediates")
     layer = perturbed_layer(1).float()
     B, T = 4, 32
     x, v_first = torch.randn(B, T, C, requires_grad=True), torch.randn(B, T, C)
     shift, state = torch.zeros(B, C), torch.zeros(B, H, C // H, C // H)
 
-    def saved(fused):
-        layer.fused = fused
-        return saved_storage_bytes(lambda: layer(x, shift, state, v_first)[0].sum(), layer.parameters())
+    def saved(layer, fused, autocast=False):
+        form = layer.forward_train if fused else layer.forward_spec
+        vf = v_first.bfloat16() if autocast else v_first
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return saved_storage_bytes(lambda: form(x, shift, state, vf)[0].float().sum(), layer.parameters())
 
-    fused, spec = saved(True), saved(False)
+    fused, spec = saved(layer, True), saved(layer, False)
     assert fused < 0.65 * spec, (fused, spec)  # 18.5 against 31.9 [B, T, C] tensors here
+    lora = with_lora(layer)
+    rank = lora.key.rank
+    allowance = 4 * 2 * B * T * rank * 4  # a LoRA's own [B, T, rank] tensors, two per projection, were they kept
+    auto, auto_spec = saved(layer, True, autocast=True), saved(layer, False, autocast=True)
+    assert auto <= fused and auto < 0.7 * auto_spec, (auto, fused, auto_spec)
+    lora_fused, lora_spec = saved(lora, True), saved(lora, False)
+    assert lora_fused <= fused + allowance and lora_fused < 0.6 * lora_spec, (lora_fused, fused, lora_spec)
+    assert saved(lora, True, autocast=True) <= auto + allowance
+
+
+def with_lora(layer: TimeMix, seed: int = 5) -> TimeMix:
+    """``layer`` with its four projections LoRA-wrapped as fine-tuning does (``train.finetune.LoRALinear``, the base
+    frozen), B away from its zero init so the low-rank update carries signal."""
+    from rwkv_torch.train.finetune import LoRALinear
+
+    layer = copy.deepcopy(layer)
+    g = torch.Generator().manual_seed(seed)
+    for name in ("receptance", "key", "value", "output"):
+        lora = LoRALinear(getattr(layer, name), rank=3, alpha=6.0)
+        with torch.no_grad():
+            lora.lora_B.copy_(0.2 * torch.randn(lora.lora_B.shape, generator=g, dtype=lora.lora_B.dtype))
+        setattr(layer, name, lora)
+    return layer
+
+
+@pytest.mark.parametrize("layer_id", [0, 2])
+@pytest.mark.parametrize("packed", [False, True])
+def test_lora_training_form_equals_spec_form_in_float64(layer_id, packed):
+    """LoRA-wrapped projections through the training form (called, and called again in the backward) against the
+    spec form: outputs, states and every gradient (the LoRA factors' and the layer's own; the bases are frozen)."""
+    g = torch.Generator().manual_seed(11)
+    B, T = (1, 13) if packed else (2, 11)
+    S = 3 if packed else B
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    inputs = dict(x=rand(B, T, C), shift=rand(S, C), state=0.3 * rand(S, H, C // H, C // H),
+                  v_first=rand(B, T, C) if layer_id else None)
+    cu = torch.tensor([0, 4, 4, T]) if packed else None
+    layer = with_lora(perturbed_layer(layer_id))
+    backend = "recurrent" if cpu_kernel.available() else "naive"
+    ref, got = run(layer, False, inputs, backend, cu), run(layer, True, inputs, backend, cu)
+    assert {"dreceptance.lora_A", "doutput.lora_B", "dx_r"} <= set(ref) and "dkey.base.weight" not in ref
+    for name, r in ref.items():
+        if r is None:
+            assert got[name] is None, name
+            continue
+        assert got[name] is not None, f"{name}: no gradient in the training form"
+        assert_close(name, r, got[name], 1e-12)
+
+
+def test_quantized_projections_train_through_the_training_form():
+    """Frozen int8 projections (``quantize.QuantLinear``, with the layer's vectors or a state training on top): the
+    training form calls them as modules; values and gradients as the spec form's, in float32."""
+    from rwkv_torch.quantize import QuantLinear
+
+    layer = perturbed_layer(1).float()
+    for name in ("receptance", "key", "value", "output"):
+        setattr(layer, name, QuantLinear.from_linear(getattr(layer, name), "int8"))
+    g = torch.Generator().manual_seed(12)
+    inputs = dict(x=torch.randn(2, 9, C, generator=g), shift=torch.randn(2, C, generator=g),
+                  state=0.3 * torch.randn(2, H, C // H, C // H, generator=g), v_first=torch.randn(2, 9, C, generator=g))
+    ref, got = run(layer, False, inputs, "naive"), run(layer, True, inputs, "naive")
+    assert "dreceptance.weight" not in ref and ref["dx_k"] is not None
+    for name, r in ref.items():
+        if r is not None:
+            assert_close(name, r, got[name], 1e-5)
+
+
+@pytest.mark.parametrize("layer_id", [0, 2])
+def test_bf16_autocast_training_form_matches_the_spec_form(layer_id):
+    """Under bf16 autocast both forms run the projections in bf16 and the elementwise terms in float32 (the training
+    form widens its bf16 inputs to float32). Against the float64 spec form, every output and gradient of the training
+    form is within bf16 tolerances (3%) and no worse than the spec form's own autocast error (1.5x, plus 1e-3)."""
+    g = torch.Generator().manual_seed(13)
+    B, T = 2, 24
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    inputs = dict(x=rand(B, T, C), shift=rand(B, C), state=0.3 * rand(B, H, C // H, C // H),
+                  v_first=rand(B, T, C) if layer_id else None)
+    layer = perturbed_layer(layer_id)
+    exact = run(layer, False, inputs, "naive")
+    layer = layer.float()
+    f32 = {k: None if v is None else v.float() for k, v in inputs.items()}
+    if layer_id:  # layer 0's value, made under autocast: bf16
+        f32["v_first"] = f32["v_first"].bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        spec, train = run(layer, False, f32, "naive"), run(layer, True, f32, "naive")
+    assert train["out"].dtype == spec["out"].dtype == torch.bfloat16
+    for name, t in train.items():  # every gradient in its leaf's dtype, as autograd of the spec form gives
+        if t is not None and name.startswith("d"):
+            assert t.dtype == spec[name].dtype, name
+    for name, r in exact.items():
+        if r is None:
+            continue
+        e_spec, e_train = rel_rms(r, spec[name]), rel_rms(r, train[name])
+        assert e_train < 0.03 and e_train <= 1.5 * e_spec + 1e-3, (name, e_train, e_spec)
 
 
 @pytest.mark.parametrize("one_pass", [True, False], ids=["C-pass", "torch-ops"])
@@ -248,8 +359,8 @@ def _time_mix_case(name: str, g: torch.Generator):
     """(function of the leaves, the leaves in float64) for one of the time mix's training-form groups (RWKV-7's
     gated_output and wkv_inputs, RWKV-5/6's gated_output without the bonus): 3 x 50 rows of 2 heads of 16, several
     of the C passes' row blocks."""
-    from rwkv_torch.layers import rwkv7_fused
-    from rwkv_torch.layers.gated_output import gated_output
+    from rwkv_torch.ops.gated_output import gated_output
+    from rwkv_torch.ops.wkv7 import fused_inputs
 
     B, T, Hh, N = 3, 50, 2, 16
     Cg = Hh * N
@@ -264,7 +375,7 @@ def _time_mix_case(name: str, g: torch.Generator):
     k0 = rand(B, T, Cg)
     k0[0, 0, :N] = 0  # a head whose norm is below eps: normalize's clamp, no projection term
     ins = [k0, rand(B, T, Cg), rand(B, T, Cg), rand(Cg), rand(Cg)]
-    return lambda *xs: list(rwkv7_fused.wkv_inputs(*xs, Hh)), ins
+    return lambda *xs: list(fused_inputs.wkv_inputs(*xs, Hh)), ins
 
 
 @pytest.mark.parametrize("name", ["gated_output", "gated_output_no_bonus", "wkv_inputs"])
@@ -383,7 +494,7 @@ def test_time_mix_through_the_recomputing_ops_equals_the_modules(version, packed
         for p in plain.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     wrapped = copy.deepcopy(plain)
-    for name in ("key", "value", "receptance", "gate", "output"):  # RWKV-5/6's output stage: layers/gated_output.py
+    for name in ("key", "value", "receptance", "gate", "output"):  # RWKV-5/6's output stage: ops/gated_output.py
         if hasattr(wrapped, name):
             setattr(wrapped, name, nn.Sequential(getattr(wrapped, name)))
     B, T = (1, 12) if packed else (2, 9)

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
+from ..ops.gated_output import gated_output
 from ..ops.mix import data_lerp_linear, plain_form, shift_mix_linear, squared_relu_linear
 from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
-from .gated_output import gated_output
 
 
 def _ratios(layer_id: int, num_layers: int):

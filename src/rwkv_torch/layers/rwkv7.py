@@ -8,26 +8,40 @@ import torch.nn.functional as F
 from ..config import RWKVConfig
 from ..ops import token_shift
 from ..ops._common import compute_dtype
-from ..ops.mix import plain_form, shift_mix_linear, squared_relu_linear
+from ..ops.gated_output import gated_output
+from ..ops.mix import shift_mix_linear, squared_relu_linear
 from ..ops.token_shift import last_token
 from ..ops.wkv7 import wkv7_unchecked
+from ..ops.wkv7.fused_inputs import DECAY_SCALE, wkv_inputs
+from ..ops.wkv7.fused_mix import shift_mix_project
 from ._init import orthogonal_scaled as _ortho
-from .gated_output import gated_output
-from .rwkv7_fused import DECAY_SCALE, wkv_inputs
 
 # DECAY_SCALE = exp(-0.5): the soft clamp w = -softplus(-w_raw) - 0.5 gives log decay -e^{-0.5} * sigmoid(w_raw).
 # A lower bound on the log decay -DECAY_SCALE * sigmoid(.), with room for rounding to bf16/fp16.
 W_MIN = -1.01 * DECAY_SCALE
 
 
+def _projection(m: nn.Module):
+    """A projection as the training form's ops take it: a plain bias-free ``nn.Linear`` as its weight (multiplied
+    directly), any other linear module as itself (called)."""
+    return m.weight if type(m) is nn.Linear and m.bias is None else m
+
+
 class TimeMix(nn.Module):
     """RWKV-7 attention-like mixer. Parameter names and shapes follow the official checkpoints (spec 4.1).
 
-    ``forward`` is the spec form. Under autograd with plain fp32/fp64 weights and no autocast it runs the training
-    form instead (``_forward_fused``: the same values through ``rwkv7_fused`` and ``gated_output``, whose hand-written
-    backwards keep a third of the tensors); set ``fused = False`` on a layer to train through the spec form."""
+    Two forms, the same values: ``forward_spec``, one op per term as the spec writes it (about 28 ``[B, T, C]``
+    tensors kept per layer under autograd), and ``forward_train``, the training form: the lerps into their projections
+    (``ops.wkv7.fused_mix``), the WKV inputs (``ops.wkv7.fused_inputs``) and the output stage (``ops.gated_output``) as
+    autograd functions with hand-written backwards, keeping about 0.6x the spec form's activations (tested against
+    it in float64: outputs, states and every gradient). ``forward`` is the training form whenever autograd records
+    (fp32, fp64, bf16 autocast; plain, LoRA-wrapped or quantized projections alike) and the spec form otherwise
+    (inference, tracing for export).
 
-    fused = True
+    The projections (``receptance``, ``key``, ``value``, ``output``) may be any linear modules: a plain bias-free
+    ``nn.Linear`` is multiplied through its weight, anything else (``train.finetune.LoRALinear``,
+    ``quantize.QuantLinear``) is called, and called again in the backward for its own gradients (one more product
+    with its frozen weight, instead of keeping its input)."""
 
     def __init__(self, config: RWKVConfig, layer_id: int):
         super().__init__()
@@ -57,8 +71,12 @@ class TimeMix(nn.Module):
 
         Returns (out [B, T, C], new shift [B, C], new wkv_state, v_first).
         """
-        if self._use_fused(x):
-            return self._forward_fused(x, shift, wkv_state, v_first, backend=backend, cu_seqlens=cu_seqlens)
+        form = self.forward_train if torch.is_grad_enabled() and not torch.jit.is_tracing() else self.forward_spec
+        return form(x, shift, wkv_state, v_first, backend=backend, cu_seqlens=cu_seqlens)
+
+    def forward_spec(self, x, shift, wkv_state, v_first, *, backend="auto", cu_seqlens=None):
+        """The spec form (one op per term, spec 4.2-4.4): the reference of the training form, and the form without
+        autograd. Same arguments and results as ``forward``."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         xx = token_shift(x, shift, cu_seqlens=cu_seqlens) - x
@@ -93,36 +111,31 @@ class TimeMix(nn.Module):
         y = torch.addcmul(y, bonus.to(y.dtype), heads(v).to(y.dtype)).view(B, T, C)
         return self.output(y * g), last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
-    def _use_fused(self, x) -> bool:
-        if not self.fused or plain_form(x):
-            return False
-        plain = all(type(m) is nn.Linear for m in (self.receptance, self.key, self.value, self.output))
-        return plain and type(self.ln_x) is nn.GroupNorm and x.dtype in (torch.float32, torch.float64) and all(
-            p.dtype == x.dtype for p in (self.receptance.weight, self.w1, self.ln_x.weight))
-
-    def _forward_fused(self, x, shift, wkv_state, v_first, *, backend, cu_seqlens):
-        """The training form of ``forward``: same arguments, same results (see ``rwkv7_fused``, ``gated_output``)."""
+    def forward_train(self, x, shift, wkv_state, v_first, *, backend="auto", cu_seqlens=None):
+        """The training form of ``forward`` (see the class): same arguments, same results."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         mus = [self.x_r, self.x_k, self.x_v, self.x_w, self.x_a, self.x_g]
-        weights = [self.receptance.weight, self.key.weight, self.value.weight, self.w1.t(), self.a1.t(), self.g1.t()]
+        projections = [_projection(self.receptance), _projection(self.key), _projection(self.value), self.w1.t(),
+                       self.a1.t(), self.g1.t()]
         if self.layer_id > 0:
             mus.append(self.x_v)
-            weights.append(self.v1.t())
-        r, k0, v, xw1, xa1, xg1, *xv1 = shift_mix_linear(x, shift, mus, weights, cu_seqlens=cu_seqlens)
+            projections.append(self.v1.t())
+        r, k0, v, xw1, xa1, xg1, *xv1 = shift_mix_project(x, shift, mus, projections, cu_seqlens=cu_seqlens)
         w_raw = F.linear(torch.tanh(xw1), self.w2.t(), self.w0)
         a_raw = F.linear(xa1, self.a2.t(), self.a0)
         g = torch.sigmoid(xg1) @ self.g2
         if self.layer_id == 0:
             v_first = v
         else:
-            v = torch.lerp(v, v_first, torch.sigmoid(F.linear(xv1[0], self.v2.t(), self.v0)))
-        w, k, minus_kk, b = wkv_inputs(k0, w_raw, a_raw, self.k_k, self.k_a, H)
-        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+            v = torch.lerp(v, v_first.to(v.dtype), torch.sigmoid(F.linear(xv1[0], self.v2.t(), self.v0)).to(v.dtype))
+        w, k, minus_kk, b = wkv_inputs(k0, w_raw, a_raw, self.k_k, self.k_a, H)  # in k0's dtype
+        heads = lambda t: t.to(r.dtype).view(B, T, H, N)  # noqa: E731  (no casts unless projections' dtypes differ)
         y, wkv_state = wkv7_unchecked(heads(r), heads(w), heads(k), heads(v), heads(minus_kk), heads(b), wkv_state,
                                       backend=backend, w_min=W_MIN, cu_seqlens=cu_seqlens)
-        out = gated_output(y.reshape(B, T, C), r, k, v, g, self.r_k, self.ln_x.weight, self.ln_x.bias,
-                           self.output.weight, H, self.ln_x.eps)
+        ln = self.ln_x
+        out = gated_output(y.reshape(B, T, C), r, k, v, g, self.r_k, ln.weight, ln.bias, _projection(self.output), H,
+                           ln.eps)
         return out, last_token(x, shift, cu_seqlens=cu_seqlens), wkv_state, v_first
 
     @torch.no_grad()
