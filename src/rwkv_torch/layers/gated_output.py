@@ -5,13 +5,13 @@ the output projection (spec 3.2, 4.4).
 Autograd of the spec form keeps the group norm's input and output, the gated product's two factors and the
 projection's input; this keeps the WKV output and the gate only (and RWKV-7's r, k, v, which its other ops keep
 anyway). ``ln_x``'s statistics, the bonus, ``z * g`` and the projection's input are recomputed in the backward, on CPU
-in one C pass (``cpu_kernel.gated_output_backward``). The forward runs the spec form's kernels, so both forms give the
+in one C pass (``time_mix_cpu.gated_output_backward``). The forward runs the spec form's kernels, so both forms give the
 same bits.
 """
 
 import torch
 
-from ..ops import cpu_kernel
+from ..ops import time_mix_cpu
 from ..ops.mix import c_pass, channel_sum, flat
 
 
@@ -33,7 +33,7 @@ class _GatedOutput(torch.autograd.Function):
         need = ctx.needs_input_grad
         has_bonus = r is not None
         if c_pass(y, [d_out, r, k, v, g, r_k, ln_w, ln_b, w_out]):  # the elementwise part in C
-            dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b = cpu_kernel.gated_output_backward(
+            dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b = time_mix_cpu.gated_output_backward(
                 d_out @ w_out, y, r, k, v, g, r_k, ln_w, ln_b, ctx.n_head, ctx.eps)
             dw_out = flat(d_out).t() @ flat(zg) if need[8] else None
             grads = (dy, dr, dk, dv, dg, dr_k.view(r_k.shape) if has_bonus else None, dln_w, dln_b)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..ops import cpu_kernel
+from ..ops import time_mix_cpu
 from ..ops.mix import c_pass, channel_sum
 
 DECAY_SCALE = math.exp(-0.5)  # the log decay is -DECAY_SCALE * sigmoid(w_raw) (rwkv7.py)
@@ -49,7 +49,7 @@ class _WKVInputs(torch.autograd.Function):
         zero = lambda g: torch.zeros_like(k0) if g is None else g  # noqa: E731
         dw, dk, d_minus_kk, db = map(zero, (dw, dk, d_minus_kk, db))
         if c_pass(k0, [dw, dk, d_minus_kk, db, a, norm, w, minus_kk, k_k, k_a]):  # in C, one pass
-            dk0, dw_raw, da_raw, dk_k, dk_a = cpu_kernel.wkv_inputs_backward(
+            dk0, dw_raw, da_raw, dk_k, dk_a = time_mix_cpu.wkv_inputs_backward(
                 dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k_a, DECAY_SCALE, NORM_EPS)
             grads = (dk0, dw_raw, da_raw, dk_k.view(k_k.shape), dk_a.view(k_a.shape))
             return (*(t if n else None for t, n in zip(grads, need)), None)
