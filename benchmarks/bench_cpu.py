@@ -180,9 +180,9 @@ def resident_mb(path: Path, weights: str | None) -> tuple[float, float]:
     imports and C kernels are already loaded, MB of the model's tensors). The pages of a memory-mapped ``.pth`` that
     were read count as well; what quantizing frees may stay in the allocator's heap."""
     code = ("import resource, sys, torch, rwkv_torch as rt\n"
-            "from rwkv_torch.ops import cpu_kernel\n"
+            "from rwkv_torch.ops import cpu_lib\n"
             "from rwkv_torch.checkpoints import official, native\n"
-            "cpu_kernel.available()\n"
+            "cpu_lib.available()\n"
             "def rss():\n"
             "    return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()\n"
             "base = rss()\n"

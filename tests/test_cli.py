@@ -184,11 +184,11 @@ def test_version_and_a_light_import():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(SRC)))
     assert run.stdout == "False\n", run
-    from rwkv_torch.ops import cpu_kernel
+    from rwkv_torch.ops import cpu_lib
 
     # what torch.compiler.assume_constant_result would set, set without importing torch._dynamo
     assert getattr(torch.compiler.assume_constant_result(lambda: 0), "_dynamo_marked_constant", False)
-    assert cpu_kernel.available._dynamo_marked_constant is True
+    assert cpu_lib.available._dynamo_marked_constant is True
 
 
 @pytest.mark.parametrize("signum,code", [(2, 130), (15, 143), (None, 130)])

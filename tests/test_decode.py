@@ -8,11 +8,11 @@ import torch
 import rwkv_torch as rt
 from rwkv_torch import decode
 from rwkv_torch.decode import c_step
-from rwkv_torch.ops import cpu_kernel
+from rwkv_torch.ops import cpu_lib
 from tests.test_model import assert_states_close, perturbed, run_steps
 from tests.utils import assert_close
 
-pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler for the CPU kernels here")
+pytestmark = pytest.mark.skipif(not cpu_lib.available(), reason="no C compiler for the CPU kernels here")
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_decode_weights_are_typed_and_named_like_the_c_table():
     assert (layer0.n_lora, layer1.n_lora) == (3, 4)  # layer 0 has no value-residual LoRA
     assert layer1.w_r.data_ptr() == model.blocks[1].att.receptance.weight.data_ptr()  # a view, not a copy
     assert torch.equal(layer1.one_minus_k_a, 1 - model.blocks[1].att.k_a)
-    c_fields = cpu_kernel.library().rwkv7_step_fields().decode().split(",")
+    c_fields = cpu_lib.library().rwkv7_step_fields().decode().split(",")
     assert c_fields == decode.RWKV7LayerWeights.tensor_fields() == [f for f in c_fields if hasattr(layer0, f)]
 
 

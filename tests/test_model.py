@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rwkv_torch as rt
-from rwkv_torch.ops import cpu_kernel
+from rwkv_torch.ops import cpu_lib
 from tests.utils import assert_close
 
 SMALL = dict(hidden_size=64, num_layers=2, head_size=16)
@@ -480,11 +480,42 @@ def test_no_value_read_back_per_layer_or_per_token(version, kind, monkeypatch):
         monkeypatch.undo()
         return train_reads, counter.count
 
-    per_layer = 1 if version in (5, 6) and not cpu_kernel.available() else 0
+    per_layer = 1 if version in (5, 6) and not cpu_lib.available() else 0
     assert reads(1, checks=False) == (per_layer, 0)
     assert reads(3, checks=False) == (3 * per_layer, 0)
     train_reads, step_reads = reads(3, checks=True)
     assert train_reads <= 1 + 3 * per_layer and step_reads <= 5, (train_reads, step_reads)
+
+
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
+@pytest.mark.parametrize("backend", ["auto", "chunk"])
+def test_one_read_back_per_packed_forward(version, backend, monkeypatch):
+    """With cu_seqlens the offsets are read back once, at the model's edge (``PackedOffsets``), and every layer and
+    op gets them from there: one read-back for a packed training step (forward + backward) whatever the depth, also
+    past ``CPU_SEGMENT_LEN`` (the pieces' local offsets are made from the host copy); none when the caller passes
+    ``PackedOffsets``. The one exception is the chunked WKV-6 (RWKV-5/6 on ``chunk``), which reads its decays' span
+    once per layer (see above)."""
+    from rwkv_torch.model import CPU_SEGMENT_LEN
+    from rwkv_torch.ops.packing import packed_offsets
+
+    def reads(num_layers: int, T: int = 20, packed: bool = False) -> int:
+        torch.manual_seed(0)
+        model = rt.build(embed_dim=8, hidden_size=32, num_layers=num_layers, head_size=16, version=version)
+        model.set_input_checks(False)
+        x = torch.randn(1, T, 8)
+        cu = torch.tensor([0, 7, 12, T - 3, T])
+        cu = packed_offsets(cu) if packed else cu
+        counter = _ReadBacks(monkeypatch)
+        model(x, cu_seqlens=cu, return_sequence=True, backend=backend).sum().backward()
+        monkeypatch.undo()
+        return counter.count
+
+    per_layer = 1 if version in (5, 6) and (backend == "chunk" or not cpu_lib.available()) else 0
+    assert reads(1) == 1 + per_layer
+    assert reads(4) == 1 + 4 * per_layer
+    assert reads(2, packed=True) == 2 * per_layer
+    if backend == "auto":
+        assert reads(2, T=CPU_SEGMENT_LEN + 40) == 1 + 2 * 2 * per_layer  # two pieces
 
 
 def test_input_checks_can_be_turned_off():

@@ -12,12 +12,12 @@ import rwkv_torch as rt
 from rwkv_torch import cli, decode
 from rwkv_torch.checkpoints import describe, save_official
 from rwkv_torch.generate import generate
-from rwkv_torch.ops import cpu_kernel
+from rwkv_torch.ops import cpu_lib
 from rwkv_torch.quantize import ERROR_BOUNDS, QuantLinear, quantize_int8
 from tests.test_model import perturbed, run_steps
 from tests.utils import assert_close, rel_rms
 
-needs_c = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler for the CPU kernels here")
+needs_c = pytest.mark.skipif(not cpu_lib.available(), reason="no C compiler for the CPU kernels here")
 FORMATS = ["bf16", "int8"]
 
 

@@ -330,7 +330,7 @@ def test_readme_generate_snippet_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_one_cache_folder_name():
-    from rwkv_torch.ops import cpu_kernel
+    from rwkv_torch.ops import cpu_lib
     from rwkv_torch.slippi import cache_dir
 
     env = {k: v for k, v in os.environ.items() if k not in ("RWKV_TORCH_CACHE", "XDG_CACHE_HOME")}
@@ -342,7 +342,7 @@ def test_one_cache_folder_name():
     finally:
         os.environ.clear()
         os.environ.update(old)
-    src = Path(cpu_kernel.__file__).read_text()
+    src = Path(cpu_lib.__file__).read_text()
     assert '"rwkv_torch")' in src
     text = README.read_text() + "".join(p.read_text() for p in Path(rt.__file__).parent.rglob("*.py"))
     assert ".cache/rwkv-torch" not in text and "/ \"rwkv-torch\"" not in text

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from rwkv_torch.config import RWKVConfig
 from rwkv_torch.layers.rwkv7 import TimeMix
-from rwkv_torch.ops import cpu_kernel
+from rwkv_torch.ops import cpu_lib, mix_cpu, time_mix_cpu
 from rwkv_torch.ops.mix import shift_mix_linear
 from rwkv_torch.ops.token_shift import token_shift, token_shift_backward
 from tests.utils import assert_close, rel_rms
@@ -108,7 +108,7 @@ def saved_storage_bytes(fn, params) -> int:
 def test_training_form_keeps_fewer_tensors():
     """The training form keeps about 0.6x the spec form's activation bytes in float32, and no more than that under
     bf16 autocast or with LoRA-wrapped projections (whose inputs are rebuilt, not kept)."""
-    if not cpu_kernel.available():
+    if not cpu_lib.available():
         pytest.skip("no C compiler here: the WKV op would be the chunk form, which keeps its own intermediates")
     layer = perturbed_layer(1).float()
     B, T = 4, 32
@@ -161,7 +161,7 @@ def test_lora_training_form_equals_spec_form_in_float64(layer_id, packed):
                   v_first=rand(B, T, C) if layer_id else None)
     cu = torch.tensor([0, 4, 4, T]) if packed else None
     layer = with_lora(perturbed_layer(layer_id))
-    backend = "recurrent" if cpu_kernel.available() else "naive"
+    backend = "recurrent" if cpu_lib.available() else "naive"
     ref, got = run(layer, False, inputs, backend, cu), run(layer, True, inputs, backend, cu)
     assert {"dreceptance.lora_A", "doutput.lora_B", "dx_r"} <= set(ref) and "dkey.base.weight" not in ref
     for name, r in ref.items():
@@ -225,8 +225,8 @@ def test_shift_mix_linear_equals_the_lerps_then_the_projections(one_pass, used, 
     """Both backwards (the C pass over the reductions and its torch fallback) against autograd of the lerps; 140 rows
     span several of the C pass's row blocks."""
     if not one_pass:
-        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
-    elif not cpu_kernel.available():
+        monkeypatch.setattr(cpu_lib, "available", lambda: False)
+    elif not cpu_lib.available():
         pytest.skip("no C compiler here: the one-pass backward cannot be built")
     g = torch.Generator().manual_seed(3)
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
@@ -256,7 +256,7 @@ def test_shift_mix_linear_equals_the_lerps_then_the_projections(one_pass, used, 
 
 def test_mix_backward_pass_in_float32_is_exact_and_thread_independent():
     """The C pass in float32 against float64 sums, and bit-equal for 1, 2 and 3 threads."""
-    if not cpu_kernel.available():
+    if not cpu_lib.available():
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(4)
     d = [torch.randn(3, 100, 40, generator=g) for _ in range(3)]
@@ -267,7 +267,7 @@ def test_mix_backward_pass_in_float32_is_exact_and_thread_independent():
         runs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            runs.append(cpu_kernel.mix_backward(d, mus, xx))
+            runs.append(mix_cpu.mix_backward(d, mus, xx))
     finally:
         torch.set_num_threads(threads)
     for run_ in runs[1:]:
@@ -279,15 +279,15 @@ def test_mix_backward_pass_in_float32_is_exact_and_thread_independent():
         assert got.dtype == torch.float32
         assert_close(name, want, got.double(), 1e-5)
     with pytest.raises(TypeError, match="one dtype"):
-        cpu_kernel.mix_backward(d, mus64, xx)
+        mix_cpu.mix_backward(d, mus64, xx)
     with pytest.raises(ValueError, match="shaped like xx"):
-        cpu_kernel.mix_backward(d, mus[:2], xx)
+        mix_cpu.mix_backward(d, mus[:2], xx)
 
 
 def test_data_mix_backward_pass_in_float32_is_exact_and_thread_independent():
     """RWKV-6's data-dependent mix pass in float32 against float64 torch ops (every output, both overwritten inputs),
     and bit-equal for 1, 2 and 3 threads; 150 rows span several row blocks."""
-    if not cpu_kernel.available():
+    if not cpu_lib.available():
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(6)
     J, shape = 3, (3, 50, 40)
@@ -300,7 +300,7 @@ def test_data_mix_backward_pass_in_float32_is_exact_and_thread_independent():
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             dn, mn = d.clone(), m.clone()
-            out = cpu_kernel.data_mix_backward(dn, mn, mus, x, xx)
+            out = mix_cpu.data_mix_backward(dn, mn, mus, x, xx)
             assert out[3] is dn and out[4] is mn  # eager: in place
             runs.append(out)
     finally:
@@ -315,18 +315,18 @@ def test_data_mix_backward_pass_in_float32_is_exact_and_thread_independent():
         assert got.dtype == torch.float32
         assert_close(name, w, got.double(), 1e-5)
     with pytest.raises(TypeError, match="one dtype"):
-        cpu_kernel.data_mix_backward(d, m, mus, x.double(), xx)
+        mix_cpu.data_mix_backward(d, m, mus, x.double(), xx)
     with pytest.raises(ValueError, match="contiguous gradients"):
-        cpu_kernel.data_mix_backward(d.transpose(2, 3).contiguous().transpose(2, 3), m, mus, x, xx)
+        mix_cpu.data_mix_backward(d.transpose(2, 3).contiguous().transpose(2, 3), m, mus, x, xx)
     with pytest.raises(ValueError, match="contiguous gradients"):
-        cpu_kernel.data_mix_backward(d, m, mus[:2], x, xx)
+        mix_cpu.data_mix_backward(d, m, mus[:2], x, xx)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_squared_relu_linear_c_pass_gives_the_torch_ops_bits(dtype, monkeypatch):
     """The C passes (forward, and backward with the square recomputed) against the torch-op form: the same bits for
     outputs and both gradients, NaN propagating, over more elements than one of the C pass's blocks."""
-    if not cpu_kernel.available():
+    if not cpu_lib.available():
         pytest.skip("no C compiler here")
     from rwkv_torch.ops.mix import squared_relu_linear
 
@@ -344,15 +344,15 @@ def test_squared_relu_linear_c_pass_gives_the_torch_ops_bits(dtype, monkeypatch)
         return [out, *torch.autograd.grad((out.nan_to_num() * proj).sum(), [zs, ws]), dw_only]
 
     got = run()
-    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    monkeypatch.setattr(cpu_lib, "available", lambda: False)
     want = run()
     for name, a, b in zip(("out", "dz", "dw", "dw alone"), want, got):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
     assert got[1][0, 0, 0].isnan() and not got[1][0, 0, 1:3].isnan().any()
     with pytest.raises(TypeError, match="one dtype"):
-        cpu_kernel.squared_relu_backward(z, z.float() if dtype == torch.float64 else z.double())
+        mix_cpu.squared_relu_backward(z, z.float() if dtype == torch.float64 else z.double())
     with pytest.raises(ValueError, match="contiguous CPU tensors of one shape"):
-        cpu_kernel.squared_relu(z.transpose(1, 2))
+        mix_cpu.squared_relu(z.transpose(1, 2))
 
 
 def _time_mix_case(name: str, g: torch.Generator):
@@ -382,7 +382,7 @@ def _time_mix_case(name: str, g: torch.Generator):
 def test_time_mix_c_backward_equals_the_torch_ops(name):
     """The time mix's training-form groups: the C backward pass against its torch-op form in float64 (every
     gradient), float32 against float64, and bit-equal for 1, 2 and 3 threads."""
-    if not cpu_kernel.available():
+    if not cpu_lib.available():
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(8)
     fn, ins = _time_mix_case(name, g)
@@ -402,7 +402,7 @@ def test_time_mix_c_backward_equals_the_torch_ops(name):
     c64 = grads(torch.float64)
     runs = [grads(torch.float32, n) for n in (1, 2, 3)]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_kernel, "available", lambda: False)
+        mp.setattr(cpu_lib, "available", lambda: False)
         ops64 = grads(torch.float64)
     for i, (want, got) in enumerate(zip(ops64, c64)):
         assert_close(f"float64 result {i}", want, got, 1e-12)
@@ -413,22 +413,22 @@ def test_time_mix_c_backward_equals_the_torch_ops(name):
 
 
 def test_time_mix_c_backward_errors():
-    if not cpu_kernel.available():
+    if not cpu_lib.available():
         pytest.skip("no C compiler here")
     x, c = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     with pytest.raises(TypeError, match="one dtype"):
-        cpu_kernel.gated_output_backward(x, x, x, x, x, x, c, c, c.float(), 2, 1e-5)
+        time_mix_cpu.gated_output_backward(x, x, x, x, x, x, c, c, c.float(), 2, 1e-5)
     with pytest.raises(ValueError, match="heads dividing"):
-        cpu_kernel.gated_output_backward(x, x, x, x, x, x, c, c, c, 3, 1e-5)
+        time_mix_cpu.gated_output_backward(x, x, x, x, x, x, c, c, c, 3, 1e-5)
     with pytest.raises(ValueError, match="heads dividing"):
-        cpu_kernel.gated_output_backward(x, x, None, None, None, x[:1], None, c, c, 2, 1e-5)
+        time_mix_cpu.gated_output_backward(x, x, None, None, None, x[:1], None, c, c, 2, 1e-5)
     with pytest.raises(ValueError, match="all given .* or all None"):
-        cpu_kernel.gated_output_backward(x, x, x, x, None, x, c, c, c, 2, 1e-5)
+        time_mix_cpu.gated_output_backward(x, x, x, x, None, x, c, c, c, 2, 1e-5)
     norm = torch.ones(2, 5, 2, 1, dtype=torch.float64)
     with pytest.raises(TypeError, match="one dtype"):
-        cpu_kernel.wkv_inputs_backward(x, x, x, x, x, x, norm.float(), x, x, c, c, 0.6, 1e-12)
+        time_mix_cpu.wkv_inputs_backward(x, x, x, x, x, x, norm.float(), x, x, c, c, 0.6, 1e-12)
     with pytest.raises(ValueError, match="H dividing"):
-        cpu_kernel.wkv_inputs_backward(x, x, x, x, x, x, norm[..., :1, :], x, x, c, c[:4], 0.6, 1e-12)
+        time_mix_cpu.wkv_inputs_backward(x, x, x, x, x, x, norm[..., :1, :], x, x, c, c[:4], 0.6, 1e-12)
 
 
 @pytest.mark.parametrize("cu", [None, [0, 3, 3, 7, 9], [0, 0, 9]])

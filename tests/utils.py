@@ -25,9 +25,9 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, rtol: float) -
 
 def needs_c_kernel():
     """A skipif mark for tests of the C recurrence (``backend="recurrent"`` on CPU); builds it on first use."""
-    from rwkv_torch.ops import cpu_kernel
+    from rwkv_torch.ops import cpu_lib
 
-    return pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler for the CPU kernel here")
+    return pytest.mark.skipif(not cpu_lib.available(), reason="no C compiler for the CPU kernel here")
 
 
 def _tensors(state) -> list[torch.Tensor]:

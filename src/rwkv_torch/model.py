@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from . import decode
 from .config import RWKVConfig, config_for
 from .layers import rwkv4, rwkv5, rwkv6, rwkv7
-from .ops._common import check_cu_seqlens
+from .ops.packing import PackedOffsets, check_cu_seqlens, packed_offsets
 from .state import RWKVState, state_meta, zero_state
 
 _LAYERS = {4: rwkv4, 5: rwkv5, 6: rwkv6, 7: rwkv7}
@@ -42,7 +42,8 @@ class Block(nn.Module):
 
     def forward(self, x, shift_att, shift_ffn, wkv, v_first, *, backend="auto", cu_seqlens=None):
         """x: [B, T, C]; the layer's state in, the new one out: (x, shift_att, shift_ffn, wkv, v_first).
-        ``cu_seqlens`` (int64 [S+1] on x's device, B = 1): S sequences packed along T, the states one row each."""
+        ``cu_seqlens`` (``PackedOffsets``, or an int64 [S+1] tensor on x's device; B = 1): S sequences packed along
+        T, the states one row each."""
         att, shift_att, wkv, v_first = self.att(self.ln1(x), shift_att, wkv, v_first, backend=backend,
                                                 cu_seqlens=cu_seqlens)
         x = x + self.drop(att)
@@ -246,18 +247,21 @@ class RWKV(nn.Module):
             h, state.shift_att[l], state.shift_ffn[l], state.wkv[l], v_first = out
         return h
 
-    def _packed_blocks(self, h, state, cs, cu, backend):
-        """h [1, T, C], the sequences at offsets ``cs`` (``cu``: the same on h's device), through the blocks; ``state``
-        (one row per sequence) is updated. On CPU in pieces of ``CPU_SEGMENT_LEN`` tokens as ``forward``: each piece
-        runs the rows of the sequences it touches, and a sequence cut by a piece edge carries its state across."""
+    def _packed_blocks(self, h, state, packed: PackedOffsets, backend):
+        """h [1, T, C], the sequences at offsets ``packed`` (read back already, its tensor on h's device), through the
+        blocks, which pass it on to every op as their ``cu_seqlens`` (no further read-back); ``state`` (one row per
+        sequence) is updated. On CPU in pieces of ``CPU_SEGMENT_LEN`` tokens as ``forward``: each piece runs the rows
+        of the sequences it touches, and a sequence cut by a piece edge carries its state across."""
         T = h.shape[1]
         if h.device.type != "cpu" or T <= CPU_SEGMENT_LEN:
-            return self._blocks(h, state, backend, cu)
+            return self._blocks(h, state, backend, packed)
+        cs = packed.offsets
         outs = []
         for p0 in range(0, T, CPU_SEGMENT_LEN):
             p1 = min(p0 + CPU_SEGMENT_LEN, T)
             a, b = bisect.bisect_right(cs, p0) - 1, bisect.bisect_left(cs, p1)  # sequences a .. b-1 touch [p0, p1)
-            local = torch.tensor([0] + [c - p0 for c in cs[a + 1 : b]] + [p1 - p0], device=h.device)
+            offsets = (0, *(c - p0 for c in cs[a + 1 : b]), p1 - p0)
+            local = PackedOffsets(torch.tensor(offsets, device=h.device), offsets)
             part = state.select(slice(a, b))
             outs.append(self._blocks(h[:, p0:p1], part, backend, local))
             for rows, new in ((state.shift_att, part.shift_att), (state.shift_ffn, part.shift_ffn),
@@ -282,7 +286,8 @@ class RWKV(nn.Module):
         return F.linear(h, self.head.weight, self.head.bias)
 
     def forward(self, x, state: RWKVState | None = None, *, return_sequence: bool | None = None,
-                return_state: bool = False, backend: str = "auto", cu_seqlens: torch.Tensor | None = None):
+                return_state: bool = False, backend: str = "auto",
+                cu_seqlens: torch.Tensor | PackedOffsets | None = None):
         """Parallel form over a sequence (on CPU in pieces of ``CPU_SEGMENT_LEN`` tokens, the state carried).
 
         Args:
@@ -297,7 +302,8 @@ class RWKV(nn.Module):
                 ``x`` of batch 1 (``[1, T]`` / ``[1, T, embed_dim]``). Each sequence runs exactly as if alone, from
                 its own state row: token shift and wkv state restart at every offset. ``state`` (given or returned)
                 then has one row per sequence (batch S); ``return_sequence=False`` gives each sequence's last
-                position, ``[S, out]``; all positions stay ``[1, T, out]``. One read-back of ``cu_seqlens`` per call.
+                position, ``[S, out]``; all positions stay ``[1, T, out]``. One read-back of ``cu_seqlens`` per call,
+                here, whatever the depth (``ops.packing.PackedOffsets``, already read back: none).
 
         Returns:
             ``out`` or ``(out, state)``; ``out`` has ``config.output_size`` features.
@@ -309,19 +315,20 @@ class RWKV(nn.Module):
             (torch.Size([2, 32]), 2)
         """
         h = self._embed(x, time_axis=True)
-        cs = None if cu_seqlens is None else _check_packing(cu_seqlens, x.shape[0], x.shape[1])
-        rows = x.shape[0] if cs is None else len(cs) - 1
+        packed = None if cu_seqlens is None else _check_packing(cu_seqlens, x.shape[0], x.shape[1])
+        rows = x.shape[0] if packed is None else packed.num_sequences
         if state is None:
             state = self.init_state(rows, device=h.device, dtype=h.dtype)
         else:
-            self._check_state(state, rows, packed=cs is not None)
+            self._check_state(state, rows, packed=packed is not None)
             state = state.fork()
         if return_sequence is None:
             return_sequence = self.is_token_model
-        if cs is not None:
-            cu = cu_seqlens.to(device=h.device, dtype=torch.long)
-            h = self._packed_blocks(h, state, cs, cu, backend)
-            out = self._head(h if return_sequence else h[0].index_select(0, cu[1:] - 1))  # [1, T, C] or [S, C]
+        if packed is not None:
+            packed = packed_offsets(packed, device=h.device)
+            h = self._packed_blocks(h, state, packed, backend)
+            last = packed.tensor[1:] - 1
+            out = self._head(h if return_sequence else h[0].index_select(0, last))  # [1, T, C] or [S, C]
             return (out, state) if return_state else out
         pieces = h.split(CPU_SEGMENT_LEN, dim=1) if h.device.type == "cpu" else (h,)
         outs = []
@@ -390,15 +397,16 @@ class RWKV(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _check_packing(cu_seqlens, batch: int, total: int) -> list[int]:
-    """cu_seqlens valid for ``forward`` (the op rules, and no empty sequence: it would have no last position), as a
-    list: the one read-back of a packed forward."""
-    cs = check_cu_seqlens(cu_seqlens, batch, total)
+def _check_packing(cu_seqlens, batch: int, total: int) -> PackedOffsets:
+    """cu_seqlens valid for ``forward`` (the op rules, and no empty sequence: it would have no last position), as
+    ``PackedOffsets``: the one read-back of a packed forward."""
+    packed = check_cu_seqlens(cu_seqlens, batch, total)
+    cs = packed.offsets
     for i, (s, e) in enumerate(zip(cs[:-1], cs[1:])):
         if s == e:
             raise ValueError(f"cu_seqlens holds an empty sequence (sequence {i}: offsets {i} and {i + 1} are both "
                              f"{s}); drop empty sequences before packing")
-    return cs
+    return packed
 
 
 def _autocast_enabled(device_type: str) -> bool:

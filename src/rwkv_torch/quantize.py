@@ -24,13 +24,12 @@ How each path reads them:
   dequantize-then-linear in plain torch ops.
 """
 
-import ctypes
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import cpu_kernel
+from .ops import cpu_lib
+from .ops.cpu_lib import I64, INT, PTR, WEIGHT_FORMAT_CODES, Kernel, ptr
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 # The documented accuracy of each format: relative error ||q - f|| / ||f|| of the logits against the fp32 model.
@@ -39,7 +38,8 @@ WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 # max 2.0e-2 at C256-L6, 3.3e-2 at 0.1B (greedy agreement 100% / 98.7% bf16, 100% / 94.5% int8).
 ERROR_BOUNDS = {"bf16": 1e-2, "int8": 5e-2}
 _DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
-_WFMT = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+# wfmt, weight, scale, bias, x, y; rows, out, in; threads (ops/csrc/rwkv7_step.c)
+_QGEMV = Kernel("rwkv_qgemv", [INT] + [PTR] * 5 + [I64] * 3 + [INT])
 # Up to this many rows a linear layer runs the C matrix-vector product (each weight row read once for all rows);
 # beyond it, widening to fp32 + MKL's GEMM. Batch-1 steps are the case that matters; the crossover is not tuned.
 C_ROWS = 4
@@ -104,7 +104,7 @@ class QuantLinear(nn.Module):
             return False
         if torch.is_grad_enabled() and x.requires_grad or _autocast_bf16(x):
             return False
-        return cpu_kernel.available()
+        return cpu_lib.available()
 
     def _c_forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).contiguous()
@@ -112,18 +112,13 @@ class QuantLinear(nn.Module):
         w = self.weight.contiguous()
         scale = None if self.scale is None else self.scale.float().contiguous()
         bias = None if self.bias is None else self.bias.float().contiguous()
-        cpu_kernel.library().rwkv_qgemv(
-            _WFMT[w.dtype], _ptr(w), _ptr(scale), _ptr(bias), _ptr(x2), _ptr(y), x2.shape[0], self.out_features,
-            self.in_features, torch.get_num_threads())
+        _QGEMV(WEIGHT_FORMAT_CODES[w.dtype], ptr(w), ptr(scale), ptr(bias), ptr(x2), ptr(y), x2.shape[0],
+               self.out_features, self.in_features, torch.get_num_threads())
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weights={self.weight_format}")
-
-
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
 
 
 def _exporting() -> bool:

@@ -1,5 +1,6 @@
-"""The C recurrence (backend="recurrent" on CPU tensors, ops/cpu_kernel.py) against independent float64 recurrences, the
-naive spec and the other backends; when ``auto`` picks it; its errors, fallback and build cache."""
+"""The C recurrence (backend="recurrent" on CPU tensors: ops/wkv7/recurrent_cpu.py, ops/wkv6/recurrent_cpu.py, built
+by ops/cpu_lib.py) against independent float64 recurrences, the naive spec and the other backends; when ``auto``
+picks it; its errors, fallback and build cache."""
 
 import warnings
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import rwkv_torch as rt
-from rwkv_torch.ops import _common, cpu_kernel, wkv6, wkv7
+from rwkv_torch.ops import _common, cpu_lib, wkv6, wkv7
 from tests.ops import test_wkv6 as t6
 from tests.ops import test_wkv7 as t7
 from tests.utils import (
@@ -34,7 +35,7 @@ def _no_interpreter(monkeypatch):
 def unloaded(monkeypatch):
     """The kernel as before its first use in this process: not loaded, no error or warning yet (restored after)."""
     for name, value in (("_lib", None), ("_error", None), ("_warned", False)):
-        monkeypatch.setattr(cpu_kernel, name, value)
+        monkeypatch.setattr(cpu_lib, name, value)
 
 
 SHAPES = [(1, 1, 1, 4), (2, 37, 3, 16), (1, 20, 2, 32), (3, 50, 2, 64), (1, 19, 5, 5)]  # N=16/32/64: the vector loops
@@ -257,7 +258,7 @@ def test_clear_errors():
 
 
 def test_without_a_compiler_auto_falls_back_and_recurrent_explains(monkeypatch, unloaded):
-    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_lib, "_compiler", lambda: None)
     xs, h0 = t7.make_inputs(1, 20, 2, 8)
     with pytest.warns(RuntimeWarning, match="C compiler"):
         out, ht = wkv7(*xs, h0)
@@ -272,7 +273,7 @@ def test_without_a_compiler_auto_falls_back_and_recurrent_explains(monkeypatch, 
 
 def test_turned_off_by_environment(monkeypatch, unloaded):
     monkeypatch.setenv("RWKV_TORCH_CPU_KERNEL", "0")
-    assert not cpu_kernel.available()
+    assert not cpu_lib.available()
     assert _common.resolve_backend("wkv7", "auto", torch.device("cpu"), 10, grad=False) == "chunk"
     with pytest.raises(RuntimeError, match="RWKV_TORCH_CPU_KERNEL=0"):
         _common.resolve_backend("wkv7", "recurrent", torch.device("cpu"), 10, grad=False)
@@ -280,8 +281,8 @@ def test_turned_off_by_environment(monkeypatch, unloaded):
 
 def test_build_cache_is_keyed_and_leaves_no_temporary_files(monkeypatch, tmp_path):
     monkeypatch.setenv("RWKV_TORCH_CACHE", str(tmp_path))
-    first = cpu_kernel._build(cpu_kernel._compiler())
+    first = cpu_lib._build(cpu_lib._compiler())
     assert first.parent == tmp_path / "kernels" and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert cpu_kernel._build(cpu_kernel._compiler()) == first and first.stat().st_mtime_ns == mtime  # reused
+    assert cpu_lib._build(cpu_lib._compiler()) == first and first.stat().st_mtime_ns == mtime  # reused
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_torch.ops import _common, cpu_kernel, wkv6, wkv7
+from rwkv_torch.ops import _common, wkv6, wkv7
+from rwkv_torch.ops.wkv6.recurrent_cpu import wkv6_c
+from rwkv_torch.ops.wkv7.recurrent_cpu import wkv7_c
 from tests.ops import test_wkv6 as t6
 from tests.ops import test_wkv7 as t7
 from tests.utils import (
@@ -266,7 +268,7 @@ def test_recurrent_on_cpu_without_the_interpreter_runs_the_c_kernel(monkeypatch)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _forget_kernels()
     cpu = torch.device("cpu")
-    for fn, make, c_kernel in ((wkv7, inputs7, cpu_kernel.wkv7_c), (wkv6, inputs6, cpu_kernel.wkv6_c)):
+    for fn, make, c_kernel in ((wkv7, inputs7, wkv7_c), (wkv6, inputs6, wkv6_c)):
         xs, h0 = make(1, 4, 2, 8, torch.float32)
         xs, h0 = [x.detach() for x in xs], h0.detach()
         assert _common.resolve_backend(fn.__name__, "recurrent", cpu, 4, grad=False) == "c"

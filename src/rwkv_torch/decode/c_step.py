@@ -11,7 +11,8 @@ import ctypes
 
 import torch
 
-from ..ops import cpu_kernel
+from ..ops import cpu_lib
+from ..ops.cpu_lib import WEIGHT_FORMAT_CODES as WEIGHT_FORMATS
 from .weights import DecodeWeights, RWKV7LayerWeights
 
 _checked = []
@@ -19,7 +20,7 @@ _checked = []
 
 def _library() -> ctypes.CDLL:
     """The C library, with its pointer-table layout checked once against ``RWKV7LayerWeights``."""
-    lib = cpu_kernel.library()
+    lib = cpu_lib.library()
     if not _checked:
         c_fields = lib.rwkv7_step_fields().decode().split(",")
         if c_fields != RWKV7LayerWeights.tensor_fields():
@@ -28,10 +29,6 @@ def _library() -> ctypes.CDLL:
                                "order")
         _checked.append(True)
     return lib
-
-
-# The C step's weight formats (wfmt): the dtype of the six large matrices of every layer.
-WEIGHT_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 def _table_ok(layers: list[RWKV7LayerWeights]) -> bool:
@@ -75,7 +72,7 @@ def applies(model, h: torch.Tensor, state) -> bool:
         return False
     if not all(t.dtype == torch.float32 and t.is_contiguous() for t in state.tensors().values()):
         return False
-    return cpu_kernel.available()
+    return cpu_lib.available()
 
 
 def _ptrs(tensors) -> ctypes.Array:

@@ -1,15 +1,21 @@
-"""Shared by the WKV ops: backend names and resolution, compute dtype, input checks, variable-length packing."""
+"""Shared by the WKV ops: backend names and resolution, compute dtype, input checks, the checkpoint interval of the
+fused recurrences."""
 
 import importlib.util
 import math
 import os
-import warnings
 
 import torch
 
+from . import cpu_lib
+from .packing import check_cu_seqlens
+
 BACKENDS = ("auto", "naive", "chunk", "recurrent")
-# Old names, accepted with a DeprecationWarning for one release: what each ran is now named by its algorithm.
-DEPRECATED_BACKENDS = {"step": "naive", "cpu": "recurrent", "triton": "recurrent"}
+# The fused recurrences (C and Triton) keep the state before every CHECKPOINT_EVERY-th token for the backward, which
+# recomputes the states of one such span at a time: 32 states of 16 kB at N = 64 in fp32, about one core's L2 (the
+# Triton backward keeps one span of states in scratch). Measured (C, fwd + bwd of one op, 1 thread): 32 is 2-10%
+# faster than 16 and keeps half the checkpoints (1/32 of the input bytes per head).
+CHECKPOINT_EVERY = 32
 TRITON_INSTALL_HINT = "pip install rwkv-torch[gpu]"
 
 
@@ -33,14 +39,10 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _canonical(backend: str) -> str:
-    if backend in DEPRECATED_BACKENDS:
-        new = DEPRECATED_BACKENDS[backend]
-        warnings.warn(f"backend={backend!r} is deprecated and will be removed in the next release; use "
-                      f"backend={new!r}", DeprecationWarning, stacklevel=4)
-        return new
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of ``BACKENDS``, else a ValueError naming the valid ones."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     return backend
 
 
@@ -60,9 +62,7 @@ def recurrent_kernel(op: str, device: torch.device, grad: bool, *, c_kernel: boo
         raise ValueError(f"backend='recurrent' runs on CPU (C) or CUDA (Triton) tensors, got {device.type} tensors")
     if not c_kernel:
         raise ValueError(f"backend='recurrent' has no CPU kernel for {op}; use 'chunk' or 'naive'")
-    from . import cpu_kernel as ck
-
-    ck.library()  # a clear error when it cannot be built here
+    cpu_lib.library()  # a clear error when it cannot be built here
     return "c"
 
 
@@ -75,18 +75,15 @@ def resolve_backend(op: str, backend: str, device: torch.device, T: int, grad: b
     here; not while tracing for export; with autograd too: its C backward trains 2.5-4.5x faster than the chunked
     form's, benchmarks/RESULTS.md), else chunk for T > 1 and the naive loop for T == 1 (one token is one step of the
     spec). Explicit choices are checked with clear errors."""
-    backend = _canonical(backend)
+    backend = check_backend(backend)
     if backend == "recurrent":
         return recurrent_kernel(op, device, grad, c_kernel=c_kernel, triton=triton)
     if backend != "auto":
         return backend
     if triton and device.type == "cuda" and triton_importable():
         return "triton"
-    if T > 1 and c_kernel and device.type == "cpu" and not _tracing_for_export():
-        from . import cpu_kernel as ck
-
-        if ck.available():
-            return "c"
+    if T > 1 and c_kernel and device.type == "cpu" and not _tracing_for_export() and cpu_lib.available():
+        return "c"
     return "chunk" if T > 1 else "naive"
 
 
@@ -135,46 +132,12 @@ def check_log_decay(w: torch.Tensor, w_min: float | None = None) -> None:
         raise ValueError(f"w must be >= w_min={w_min:.6g} as promised; got min {w_lo:.6g}")
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int) -> list[int]:
-    """Validate cu_seqlens ([S+1], 0 first, B*T last, non-decreasing, B == 1); return it as a list."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("cu_seqlens must be an int32 or int64 tensor [S+1]")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
-    if batch != 1:
-        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={batch}")
-    cs = cu_seqlens.tolist()
-    if cs[0] != 0 or cs[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {cs[0]} ... {cs[-1]}")
-    if any(x > y for x, y in zip(cs[:-1], cs[1:])):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    return cs
-
-
-def pack_to_batch(cs: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """[1, T, ...] packed rows -> [S, T_max, ...] zero-padded at the end of each sequence."""
-    lens = [y - x for x, y in zip(cs[:-1], cs[1:])]
-    t_max = max(max(lens), 1)
-    out = []
-    for t in tensors:
-        buf = t.new_zeros((len(lens), t_max) + tuple(t.shape[2:]))
-        for i, (s, n) in enumerate(zip(cs[:-1], lens)):
-            buf[i, :n] = t[0, s : s + n]
-        out.append(buf)
-    return out
-
-
-def unpack_from_batch(cs: list[int], padded: torch.Tensor) -> torch.Tensor:
-    """[S, T_max, ...] -> [1, T, ...] keeping each sequence's first len rows."""
-    parts = [padded[i, : y - x] for i, (x, y) in enumerate(zip(cs[:-1], cs[1:]))]
-    return torch.cat(parts, dim=0).unsqueeze(0)
-
-
-def check_seq_and_state(r: torch.Tensor, cu_seqlens, state, layout: str) -> list[int] | None:
-    """Validate cu_seqlens and the [B or S, H, N, N] float32/64 state of a head-wise op; return cu_seqlens as a list."""
+def check_seq_and_state(r: torch.Tensor, cu_seqlens, state, layout: str):
+    """Validate cu_seqlens and the [B or S, H, N, N] float32/64 state of a head-wise op; return cu_seqlens as
+    ``PackedOffsets`` (its one read-back), or None."""
     B, T, H, N = r.shape
     cs = check_cu_seqlens(cu_seqlens, B, T) if cu_seqlens is not None else None
-    n_states = B if cs is None else len(cs) - 1
+    n_states = B if cs is None else len(cs.offsets) - 1
     if state is not None:
         if not isinstance(state, torch.Tensor) or state.shape != (n_states, H, N, N):
             got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__

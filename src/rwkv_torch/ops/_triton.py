@@ -6,7 +6,8 @@ Imports Triton; only the ``triton_recurrent`` modules import this file, and only
 import torch
 import triton
 
-CHECKPOINT_EVERY = 32  # tokens between stored states; the backward keeps one chunk of states in scratch
+from .packing import offsets_list, offsets_tensor
+
 BLOCK_V = 32  # value rows (WKV-7) or columns (WKV-6) per program: B*H*N/BLOCK_V programs
 # 8 warps: the backward holds three state tiles; with 4 warps it spills registers at N = 64 (sm_90 cubin, ptxas)
 BWD_NUM_WARPS = 8
@@ -14,16 +15,17 @@ BWD_NUM_WARPS = 8
 
 def sequence_layout(B: int, T: int, device, cu_seqlens, chunk: int):
     """The sequences (rows of B, or the cu_seqlens packing) as int64 offsets: (first token of each [S+1],
-    first checkpoint of each [S+1], S, number of checkpoints)."""
+    first checkpoint of each [S+1], S, number of checkpoints). ``cu_seqlens``: a tensor (read back here) or
+    ``PackedOffsets`` (no read-back)."""
     if cu_seqlens is None:
         n_ck = triton.cdiv(T, chunk)
         steps = torch.arange(B + 1, device=device, dtype=torch.int64)
         return steps * T, steps * n_ck, B, B * n_ck
-    cs = cu_seqlens.tolist()
+    cs = offsets_list(cu_seqlens)
     ck = [0]
     for x, y in zip(cs[:-1], cs[1:]):
         ck.append(ck[-1] + triton.cdiv(y - x, chunk))
-    seq = cu_seqlens.to(device=device, dtype=torch.int64)
+    seq = offsets_tensor(cu_seqlens).to(device=device, dtype=torch.int64)
     return seq, torch.tensor(ck, device=device, dtype=torch.int64), len(cs) - 1, ck[-1]
 
 

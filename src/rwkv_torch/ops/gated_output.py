@@ -5,7 +5,7 @@ the output projection (spec 3.2, 4.4).
 Autograd of the spec form keeps the group norm's input and output, the gated product's two factors and the
 projection's input; this keeps the WKV output and the gate only (and RWKV-7's r, k, v, which its other ops keep
 anyway). ``ln_x``'s statistics, the bonus, ``z * g`` and the projection's input are recomputed in the backward, on CPU
-in one C pass (``cpu_kernel.gated_output_backward``). The forward runs the spec form's kernels, so both forms give the
+in one C pass (``time_mix_cpu.gated_output_backward``). The forward runs the spec form's kernels, so both forms give the
 same bits.
 
 The projection is a weight ``[C_out, C]`` (a plain ``nn.Linear``'s, multiplied here) or any module (a LoRA-wrapped or
@@ -17,7 +17,7 @@ gradients come back in each input's dtype.
 
 import torch
 
-from . import cpu_kernel
+from . import time_mix_cpu
 from ._common import compute_dtype
 from .mix import c_pass, channel_sum, flat
 
@@ -90,7 +90,7 @@ class _GatedOutput(torch.autograd.Function):
             return (flat(d_out.to(pd)).t() @ flat(zg.to(pd))).to(w_out.dtype)
 
         if c_pass(y, [dzg, r, k, v, g, r_k, ln_w, ln_b]):  # the elementwise part in C
-            dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b = cpu_kernel.gated_output_backward(
+            dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b = time_mix_cpu.gated_output_backward(
                 dzg, y, r, k, v, g, r_k, ln_w, ln_b, H, eps)
             dw_out = weight_grad(zg)
             dr_k = dr_k.view(r_k.shape) if has_bonus else None

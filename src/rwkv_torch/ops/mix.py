@@ -5,17 +5,19 @@ Autograd of the plain form keeps every lerp output (the input of its linear) plu
 per RWKV-7 layer. Here only ``x`` (and the carried shift row) is kept; the backward rebuilds ``xx`` and each lerp (one
 ``addcmul`` each) where its weight gradient needs it, and uses each output's gradient where it arrives:
 ``dx = Σ dxm_i``, ``dxx = Σ dxm_i mu_i``, ``dmu_i = Σ_{b,t} dxm_i xx``. On CPU those three reductions are one C pass
-over the ``dxm_i`` (``cpu_kernel.mix_backward``; about ten torch passes per lerp otherwise, the fallback where the C
+over the ``dxm_i`` (``mix_cpu.mix_backward``; about ten torch passes per lerp otherwise, the fallback where the C
 kernels cannot be built).
 
 ``squared_relu_linear``: ``relu(z)² Wᵀ`` keeping z only; on CPU the activation is one C pass forward and one
-backward (``cpu_kernel.squared_relu``: the square recomputed and z's gradient made in the same pass).
+backward (``mix_cpu.squared_relu``: the square recomputed and z's gradient made in the same pass).
 """
 
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernel
+from . import cpu_lib
+from .mix_cpu import data_mix_backward, mix_backward, squared_relu, squared_relu_backward
+from .packing import offsets_tensor
 from .token_shift import token_shift, token_shift_backward
 
 
@@ -67,7 +69,7 @@ class _ShiftMixLinear(torch.autograd.Function):
             return (None,) * (4 + n + len(weights))
         mus = [tensors[m] for m in used]
         if c_pass(x, [*dxms, *mus]):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
-            dx, dxx, dmu_rows = cpu_kernel.mix_backward(dxms, mus, xx)
+            dx, dxx, dmu_rows = mix_backward(dxms, mus, xx)
             for m, dmu in zip(used, dmu_rows):
                 if need[4 + m]:
                     dmu = dmu.view(tensors[m].shape)
@@ -97,10 +99,10 @@ def _through_token_shift(dx: torch.Tensor, dxx: torch.Tensor, cu_seqlens) -> tup
 
 def c_pass(x: torch.Tensor, others=()) -> bool:
     """Whether an elementwise pass of the training forms runs in C (``csrc/mix_cpu.c`` here, ``csrc/time_mix_cpu.c``
-    for ``layers/rwkv7_fused.py`` and ``layers/gated_output.py``): x and the ``others`` float32/float64 CPU tensors
-    of one dtype (None entries skipped), with the C kernels built (``cpu_kernel.available``)."""
+    for the time mix's training form, ``time_mix_cpu.py``): x and the ``others`` float32/float64 CPU tensors of one
+    dtype (None entries skipped), with the C kernels built (``cpu_lib.available``)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and all(t is None or t.dtype == x.dtype for t in others) and cpu_kernel.available())
+            and all(t is None or t.dtype == x.dtype for t in others) and cpu_lib.available())
 
 
 def shift_mix_linear(x: torch.Tensor, shift: torch.Tensor | None, mus, weights, *,
@@ -117,12 +119,13 @@ def shift_mix_linear(x: torch.Tensor, shift: torch.Tensor | None, mus, weights, 
         return tuple(torch.addcmul(x, xx, mu) @ w.t() for mu, w in zip(mus, weights))
     distinct = list({id(mu): mu for mu in mus}.values())  # a vector may feed several projections
     which = tuple(next(j for j, d in enumerate(distinct) if d is mu) for mu in mus)
-    return _ShiftMixLinear.apply(x, shift, cu_seqlens, which, *distinct, *weights)
+    cu = None if cu_seqlens is None else offsets_tensor(cu_seqlens)  # saved for the backward: the tensor
+    return _ShiftMixLinear.apply(x, shift, cu, which, *distinct, *weights)
 
 
 class _SquaredReluLinear(torch.autograd.Function):
     """``relu(z)² Wᵀ``, saving only z: the activation is recomputed in the backward (on CPU one C pass each way,
-    ``cpu_kernel.squared_relu``; torch ops otherwise, with the same bits)."""
+    ``mix_cpu.squared_relu``; torch ops otherwise, with the same bits)."""
 
     @staticmethod
     def forward(ctx, z, weight):
@@ -138,7 +141,7 @@ class _SquaredReluLinear(torch.autograd.Function):
             s = _squared_relu(z)
         elif c_pass(z, [g, weight]):  # d relu(z)² / dz = 2 relu(z), applied in place, the square made in that pass
             dz = g @ weight
-            s = cpu_kernel.squared_relu_backward(z.contiguous(), dz)
+            s = squared_relu_backward(z.contiguous(), dz)
         else:
             r = torch.relu(z)
             s = r * r
@@ -149,7 +152,7 @@ class _SquaredReluLinear(torch.autograd.Function):
 
 def _squared_relu(z: torch.Tensor) -> torch.Tensor:
     if c_pass(z):
-        return cpu_kernel.squared_relu(z.contiguous())
+        return squared_relu(z.contiguous())
     r = torch.relu(z)
     return r.mul_(r)  # mul, not square: pow is several times slower on CPU
 
@@ -168,7 +171,7 @@ class _DataLerpLinear(torch.autograd.Function):
     """RWKV-6's data-dependent lerps, each fed into its projection: ``out_j = (x + xx (mu_j + m_j)) @ W_jᵀ`` with
     ``m = einsum(z, w2)`` (the mixing LoRA's second half). Keeps x, the shift row and z (which the LoRA's tanh keeps
     anyway); m, the lerps and xx are recomputed in the backward, whose elementwise part is one C pass on CPU
-    (``cpu_kernel.data_mix_backward``) when every output has a gradient."""
+    (``mix_cpu.data_mix_backward``) when every output has a gradient."""
 
     @staticmethod
     def forward(ctx, x, shift, cu_seqlens, z, w2, n, *tensors):
@@ -190,7 +193,7 @@ class _DataLerpLinear(torch.autograd.Function):
             d = x.new_empty(mix.shape)
             for j, (g, w) in enumerate(zip(grads, weights)):
                 torch.matmul(g, w, out=d[j])
-            dx, dxx, dmu, dm, lerps = cpu_kernel.data_mix_backward(d, mix, mus, x, xx)
+            dx, dxx, dmu, dm, lerps = data_mix_backward(d, mix, mus, x, xx)
             for j, (g, mu) in enumerate(zip(grads, mus)):
                 dws[j] = flat(g).t() @ flat(lerps[j]) if need[6 + n + j] else None
                 dmus[j] = dmu[j].view(mu.shape) if need[6 + j] else None
@@ -244,4 +247,5 @@ def data_lerp_linear(x: torch.Tensor, shift: torch.Tensor | None, z: torch.Tenso
     tensors = (x, shift, z, w2, *mus, *weights)
     if plain_form(x) or not any(t is not None and t.requires_grad for t in tensors):
         return _data_lerps(x, shift, cu_seqlens, z, w2, mus, weights)
-    return _DataLerpLinear.apply(x, shift, cu_seqlens, z, w2, len(mus), *mus, *weights)
+    cu = None if cu_seqlens is None else offsets_tensor(cu_seqlens)  # saved for the backward: the tensor
+    return _DataLerpLinear.apply(x, shift, cu, z, w2, len(mus), *mus, *weights)

@@ -1,7 +1,10 @@
 """Token shift: x_prev[t] = x[t-1], with the carried last row of the previous call at t = 0, and with ``cu_seqlens``
-(S sequences packed along T, B = 1) restarting at every sequence's first token from that sequence's own row."""
+(S sequences packed along T, B = 1) restarting at every sequence's first token from that sequence's own row.
+``cu_seqlens`` is a tensor or ``PackedOffsets``; nothing here reads it back."""
 
 import torch
+
+from .packing import offsets_tensor
 
 
 def token_shift(x: torch.Tensor, shift_state: torch.Tensor | None = None, *,
@@ -14,7 +17,7 @@ def token_shift(x: torch.Tensor, shift_state: torch.Tensor | None = None, *,
         first = x.new_zeros(x.shape[0], 1, x.shape[2]) if shift_state is None else shift_state.unsqueeze(1).to(x.dtype)
         return torch.cat([first, x[:, :-1]], dim=1)
     T, C = x.shape[1], x.shape[2]
-    cu = cu_seqlens.long()
+    cu = offsets_tensor(cu_seqlens).long()
     first = x.new_zeros(cu.numel() - 1, C) if shift_state is None else shift_state.to(x.dtype)  # [S, C]
     # An empty sequence has no first token: its write goes to a spare row T, dropped below, so that no two writes
     # land on one real row (which one wins would be undefined).
@@ -30,7 +33,7 @@ def last_token(x: torch.Tensor, shift_state: torch.Tensor | None = None, *,
     empty sequence keeping its ``shift_state`` row (zeros if None). No device-to-host read."""
     if cu_seqlens is None:
         return x[:, -1]
-    cu = cu_seqlens.long()
+    cu = offsets_tensor(cu_seqlens).long()
     last = x[0].index_select(0, (cu[1:] - 1).clamp(min=0))  # [S, C]
     old = torch.zeros_like(last) if shift_state is None else shift_state.to(x.dtype)
     return torch.where((cu[1:] > cu[:-1]).unsqueeze(1), last, old)
@@ -42,7 +45,7 @@ def token_shift_backward(d_prev: torch.Tensor, *, cu_seqlens: torch.Tensor | Non
     if cu_seqlens is None:
         return torch.cat([d_prev[:, 1:], d_prev.new_zeros(d_prev.shape[0], 1, d_prev.shape[2])], dim=1), d_prev[:, 0]
     T, C = d_prev.shape[1], d_prev.shape[2]
-    cu = cu_seqlens.long()
+    cu = offsets_tensor(cu_seqlens).long()
     starts = torch.where(cu[1:] > cu[:-1], cu[:-1], T)  # an empty sequence reads the spare zero row T
     padded = torch.cat([d_prev, d_prev.new_zeros(1, 1, C)], dim=1)  # [1, T + 1, C]
     d_shift = padded[0].index_select(0, starts)

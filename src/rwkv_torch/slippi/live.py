@@ -20,12 +20,12 @@ import numpy as np
 
 from .features import game_features
 from .parse import Player
+from .targets import BUTTON_BITS as _REPLAY_BUTTON_BITS
 
 # libmelee's Stage enum values (internal stage ids) -> the replay's (external) stage ids.
 STAGE_FROM_LIBMELEE = {0x12: 3, 0x06: 8, 0x08: 2, 0x18: 31, 0x19: 32, 0x1A: 28}
-# libmelee Button enum names -> the replay's physical button bits (slippi.targets.BUTTON_BITS order and values).
-BUTTON_BITS = {"BUTTON_A": 0x0100, "BUTTON_B": 0x0200, "BUTTON_X": 0x0400, "BUTTON_Y": 0x0800, "BUTTON_Z": 0x0010,
-               "BUTTON_L": 0x0040, "BUTTON_R": 0x0020, "BUTTON_D_UP": 0x0008}
+# libmelee Button enum names (BUTTON_A, ..., BUTTON_D_UP) -> the replay's physical button bits (targets.BUTTON_BITS).
+BUTTON_BITS = {f"BUTTON_{name}": bit for name, bit in _REPLAY_BUTTON_BITS.items()}
 
 
 def _value(x) -> int:

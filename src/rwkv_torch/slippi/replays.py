@@ -78,7 +78,7 @@ def _perspectives(replay, port: int | None, delay: int) -> list[tuple[int, dict]
 
 def cache_dir() -> Path:
     """``$RWKV_TORCH_CACHE/slippi``, else ``$XDG_CACHE_HOME/rwkv_torch/slippi`` (``~/.cache`` by default): the
-    folder the compiled kernels use too (``ops.cpu_kernel``)."""
+    folder the compiled kernels use too (``ops.cpu_lib``)."""
     root = os.environ.get("RWKV_TORCH_CACHE")
     if root is None:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkv_torch"

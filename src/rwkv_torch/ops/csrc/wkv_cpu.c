@@ -1,4 +1,4 @@
-/* Fused CPU forward kernels of the WKV recurrences (rwkv_torch.ops.cpu_kernel compiles and loads this file).
+/* Fused CPU forward kernels of the WKV recurrences (rwkv_torch.ops.cpu_lib compiles and loads this file).
  *
  * The naive spec loop of ops/wkv7/naive.py and ops/wkv6/naive.py, one (batch, head) pair per work item, the state
  * held in cache for the whole sequence; and its exact reverse-time backward (see the BACKWARD section below).

@@ -5,6 +5,7 @@ import torch
 from .._common import check_float, check_log_decay, check_same, compute_dtype, resolve_backend
 from .chunk import DEFAULT_CHUNK_SIZE, wkv4_chunk
 from .naive import PP_INIT, empty_state, wkv4_naive, wkv4_step
+from .recurrent_cpu import wkv4_c
 
 __all__ = [
     "wkv4", "wkv4_unchecked", "wkv4_naive", "wkv4_chunk", "wkv4_step", "empty_state", "PP_INIT", "DEFAULT_CHUNK_SIZE",
@@ -58,7 +59,7 @@ def wkv4(w, u, k, v, state=None, *, backend: str = "auto", chunk_size: int | Non
         backend: ``"auto"`` (the C recurrence on CPU for T > 1 where it builds, else chunk for T > 1 and naive
             for one token), ``"naive"`` (the spec loop), ``"chunk"``, ``"recurrent"`` (the C loop on CPU,
             ``ops/csrc/wkv4_cpu.c``, with a C backward that keeps only the inputs and the initial state; no GPU
-            kernel yet) (``"step"``: a deprecated alias of naive).
+            kernel yet). Any other name is a ValueError.
         chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``).
 
     Returns:
@@ -91,9 +92,7 @@ def wkv4_unchecked(w, u, k, v, state=None, *, backend: str = "auto", chunk_size:
     cd = compute_dtype(k.dtype)
     be = resolve_backend("wkv4", backend, k.device, k.shape[1], False, triton=False)
     if be == "c":
-        from .. import cpu_kernel
-
-        out, final = cpu_kernel.wkv4_c(w, u, k, v, state)
+        out, final = wkv4_c(w, u, k, v, state)
     elif be == "chunk":
         out, final = wkv4_chunk(w, u, k, v, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
     else:

@@ -9,10 +9,9 @@ from .._common import (
     check_seq_and_state,
     compute_dtype,
     needs_grad,
-    pack_to_batch,
     resolve_backend,
-    unpack_from_batch,
 )
+from ..packing import pack_to_batch, packed_offsets, unpack_from_batch
 from .chunk import DEFAULT_CHUNK_SIZE, wkv6_chunk
 from .naive import wkv6_naive, wkv6_step
 from .recurrent import wkv6_recurrent
@@ -48,13 +47,14 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
             scale is applied.
         u: the bonus ``[H, N]`` (``time_faaaa``, used linearly), in r's dtype or float32.
         state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
-        cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
-            at every boundary and one final state per sequence is returned.
+        cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1), or the same as
+            ``ops.packing.PackedOffsets`` (read back already: no device-to-host read here); the state restarts at
+            every boundary and one final state per sequence is returned.
         backend: ``"naive"`` (the spec loop), ``"chunk"`` (the parallel form, autograd backward), ``"recurrent"``
             (the fused recurrence with its reverse-time backward: Triton on CUDA, ``pip install rwkv-torch[gpu]``;
-            C on CPU, built on first use: ``ops/cpu_kernel.py``) or ``"auto"`` (recurrent on CUDA when Triton is
-            installed and on CPU for T > 1; otherwise chunk for T > 1, naive for one token). ``"step"``, ``"cpu"``
-            and ``"triton"`` are deprecated aliases of naive, recurrent and recurrent.
+            C on CPU, built on first use: ``ops/wkv6/recurrent_cpu.py``) or ``"auto"`` (recurrent on CUDA when Triton
+            is installed and on CPU for T > 1; otherwise chunk for T > 1, naive for one token). Any other name is a
+            ValueError.
         chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for the recurrent backend,
             the interval of the state checkpoints kept for the backward (default 32, C and Triton).
 
@@ -78,7 +78,7 @@ def wkv6(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str = "auto", c
     _check_bonus(u, r)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_seq_and_state(r, cu_seqlens, state, "N_k, N_v")
+    cu_seqlens = check_seq_and_state(r, cu_seqlens, state, "N_k, N_v")  # read back once, then passed on
     return wkv6_unchecked(r, w, k, v, u, state, cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size)
 
 
@@ -87,21 +87,20 @@ def wkv6_unchecked(r, w, k, v, u, state=None, *, cu_seqlens=None, backend: str =
     """``wkv6`` without its value checks: the layers' entry, whose inputs are valid by construction (the model
     checks its own inputs once, at its edge). Same arguments and results as ``wkv6``."""
     cd = compute_dtype(r.dtype)
-    cs = cu_seqlens.tolist() if cu_seqlens is not None else None
+    if cu_seqlens is not None:
+        cu_seqlens = packed_offsets(cu_seqlens)  # a tensor is read back here, once (PackedOffsets: never)
     be = resolve_backend("wkv6", backend, r.device, r.shape[1], needs_grad(r, w, k, v, u, state))
     if be in ("c", "triton"):
-        out, final = wkv6_recurrent(be, r, w, k, v, u, state, cu_seqlens=cu_seqlens, cs=cs, chunk_size=chunk_size)
+        out, final = wkv6_recurrent(be, r, w, k, v, u, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
         return out.to(r.dtype), final.to(cd)
-    if cs is not None:
-        # Zero padding at the end of a sequence (w = 0, k = 0) leaves its state unchanged.
-        packed = pack_to_batch(cs, r, w, k, v)
-        out, final = _run(be, *packed, u, state, chunk_size)
+    if be == "chunk":  # packed or not: the chunked form takes the packed row as it is
+        out, final = wkv6_chunk(r, w, k, v, u, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+                                cu_seqlens=cu_seqlens)
+        return out.to(r.dtype), final.to(cd)
+    if cu_seqlens is not None:
+        cs = cu_seqlens.offsets
+        # The spec loop over a batch: zero padding at the end of a sequence (w = 0, k = 0) leaves its state unchanged.
+        out, final = wkv6_naive(*pack_to_batch(cs, r, w, k, v), u, state)
         return unpack_from_batch(cs, out).to(r.dtype), final.to(cd)
-    out, final = _run(be, r, w, k, v, u, state, chunk_size)
+    out, final = wkv6_naive(r, w, k, v, u, state)
     return out.to(r.dtype), final.to(cd)
-
-
-def _run(be, r, w, k, v, u, state, chunk_size):
-    if be == "naive":
-        return wkv6_naive(r, w, k, v, u, state)
-    return wkv6_chunk(r, w, k, v, u, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .._common import compute_dtype
+from ..packing import chunk_layout, chunk_scan, from_chunk_rows, offsets_list, to_chunk_rows
 
 DEFAULT_CHUNK_SIZE = 32
 MIN_FACTOR_CHUNK = 8  # chunks are halved down to this length while the factorised form does not fit
@@ -49,13 +50,22 @@ def _pair_scores_exact(r, k, G, Gm):
     return torch.einsum("...ic,...ijc,...jc->...ij", r, d, k)
 
 
-def wkv6_chunk(r, w, k, v, u, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """r, w, k, v: [B, T, H, N]; u: [H, N]; state: [B, H, N_k, N_v] or None. Returns (out [B, T, H, N], state)."""
+def wkv6_chunk(r, w, k, v, u, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE, cu_seqlens=None):
+    """r, w, k, v: [B, T, H, N]; u: [H, N]; state: [B, H, N_k, N_v] (``[S, ...]`` with ``cu_seqlens``) or None.
+    Returns (out [B, T, H, N], state). ``cu_seqlens`` (a tensor or ``PackedOffsets``, B = 1): the packed row runs as
+    it is, every sequence starting a new chunk (``packing.ChunkLayout``) and its state restarting there."""
     B, T, H, N = r.shape
     cd = compute_dtype(r.dtype)
     L = int(chunk_size)
     args = (r, w, k, v, u, state)
-    h = r.new_zeros(B, H, N, N, dtype=cd) if state is None else state.to(cd)
+    layout = None
+    if cu_seqlens is not None:
+        cu_seqlens = offsets_list(cu_seqlens)  # read back at most once, not again at a shorter chunk length
+        layout = chunk_layout(cu_seqlens, L, r.device)
+        r, w, k, v = to_chunk_rows(layout, *(t.to(cd) for t in (r, w, k, v)))  # [1, n_chunks * L, H, N]
+        T = r.shape[1]
+    n_states = B if layout is None else layout.num_sequences
+    h = r.new_zeros(n_states, H, N, N, dtype=cd) if state is None else state.to(cd)
     if T == 0:
         return r.new_zeros(B, 0, H, N, dtype=cd), h
 
@@ -77,7 +87,7 @@ def wkv6_chunk(r, w, k, v, u, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     if span > _FACTOR_SPAN[cd] and L > MIN_FACTOR_CHUNK:
         # Decays too strong for the factorised form at this length: shorter chunks (the same result) before the
         # elementwise pair tensor, which costs L x the memory and ~3x the time in training.
-        return wkv6_chunk(*args, chunk_size=max(MIN_FACTOR_CHUNK, L // 2))
+        return wkv6_chunk(*args, chunk_size=max(MIN_FACTOR_CHUNK, L // 2), cu_seqlens=cu_seqlens)
     pair_scores = _pair_scores_factored if span <= _FACTOR_SPAN[cd] else _pair_scores_exact
     strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
     A = torch.where(strict, pair_scores(r, k, G, Gm), r.new_zeros(()))
@@ -89,6 +99,8 @@ def wkv6_chunk(r, w, k, v, u, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     D = G_last.exp().to(cd).transpose(-1, -2)  # [B, H, nc, K, 1]
     R = (k * (G_last - G).exp().to(cd)).transpose(-1, -2) @ v  # [B, H, nc, K, V]
 
+    if layout is not None:
+        return _varlen_scan(layout, P, Q, D, R, h)
     # 5. The only sequential part: carry the state across chunks, keeping the state entering each chunk.
     h_in = []
     for c in range(nc):
@@ -97,3 +109,15 @@ def wkv6_chunk(r, w, k, v, u, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
     out = P @ torch.stack(h_in, dim=2) + Q  # [B, H, nc, L, V]
     out = out.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
     return out, h
+
+
+def _varlen_scan(layout, P, Q, D, R, h0):
+    """Step 5 on a ``ChunkLayout`` ([1, H, n_chunks, ...] terms): each sequence from its own state ``h0[s]``."""
+    P, Q, D, R = (t[0].transpose(0, 1) for t in (P, Q, D, R))  # [n_chunks, H, ...]
+
+    def step(ids, h):
+        return P[ids] @ h + Q[ids], D[ids] * h + R[ids]
+
+    out, h = chunk_scan(layout, h0, step)  # out [n_chunks, H, L, V]
+    nc, H, L, N = out.shape
+    return from_chunk_rows(layout, out.transpose(1, 2).reshape(1, nc * L, H, N)), h

@@ -4,21 +4,22 @@ Both keep the state every few tokens in the forward and walk back in time in the
 from its checkpoint: C (``ops/csrc/wkv_cpu.c``) and Triton (``triton_recurrent.py``, imported only when asked for).
 """
 
-from .._common import pack_to_batch, unpack_from_batch
+from .._common import CHECKPOINT_EVERY
+from ..packing import offsets_list, pack_to_batch, unpack_from_batch
+from .recurrent_cpu import wkv6_c
 
 
-def wkv6_recurrent(kernel: str, r, w, k, v, u, state, *, cu_seqlens=None, cs=None, chunk_size=None):
+def wkv6_recurrent(kernel: str, r, w, k, v, u, state, *, cu_seqlens=None, chunk_size=None):
     """``kernel``: ``"c"`` or ``"triton"``. r, w, k, v: [B, T, H, N]; u: [H, N]; state [B or S, H, N_k, N_v] or None;
-    ``cs``: cu_seqlens as a list. Returns (out [B, T, H, N], final state)."""
+    ``cu_seqlens``: a tensor or ``PackedOffsets``. Returns (out [B, T, H, N], final state)."""
     if kernel == "triton":
-        from .triton_recurrent import CHECKPOINT_EVERY, wkv6_triton
+        from .triton_recurrent import wkv6_triton
 
         return wkv6_triton(r, w, k, v, u, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or CHECKPOINT_EVERY)
-    from ..cpu_kernel import CHECKPOINT_EVERY, wkv6_c
-
     every = chunk_size or CHECKPOINT_EVERY
-    if cs is None:
+    if cu_seqlens is None:
         return wkv6_c(r, w, k, v, u, state, every=every)
     # Zero padding at the end of a sequence (w = 0, k = 0) leaves its state unchanged.
+    cs = offsets_list(cu_seqlens)
     out, final = wkv6_c(*pack_to_batch(cs, r, w, k, v), u, state, every=every)
     return unpack_from_batch(cs, out), final

@@ -9,10 +9,9 @@ from .._common import (
     check_seq_and_state,
     compute_dtype,
     needs_grad,
-    pack_to_batch,
     resolve_backend,
-    unpack_from_batch,
 )
+from ..packing import pack_to_batch, packed_offsets, unpack_from_batch
 from .chunk import DEFAULT_CHUNK_SIZE, wkv7_chunk
 from .naive import wkv7_naive, wkv7_step
 from .recurrent import wkv7_recurrent
@@ -33,13 +32,14 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
             ``w`` is the log decay (finite, <= 0; RWKV-7 passes ``-0.6065306597 * sigmoid(w_raw)``),
             ``a = -kk`` and ``b = kk * a_rate``. No ``1/sqrt(N)`` scale is applied.
         state: ``[B, H, N, N]`` (``[S, H, N, N]`` with ``cu_seqlens``), float32 (or float64), or None for zeros.
-        cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1); the state restarts
-            at every boundary and one final state per sequence is returned.
+        cu_seqlens: int ``[S+1]`` offsets of S sequences packed into one row (B must be 1), or the same as
+            ``ops.packing.PackedOffsets`` (read back already: no device-to-host read here); the state restarts at
+            every boundary and one final state per sequence is returned.
         backend: ``"naive"`` (the spec loop), ``"chunk"`` (the parallel form, autograd backward), ``"recurrent"``
             (the fused recurrence with its reverse-time backward: Triton on CUDA, ``pip install rwkv-torch[gpu]``;
-            C on CPU, built on first use: ``ops/cpu_kernel.py``) or ``"auto"`` (recurrent on CUDA when Triton is
-            installed and on CPU for T > 1; otherwise chunk for T > 1, naive for one token). ``"step"``, ``"cpu"``
-            and ``"triton"`` are deprecated aliases of naive, recurrent and recurrent.
+            C on CPU, built on first use: ``ops/wkv7/recurrent_cpu.py``) or ``"auto"`` (recurrent on CUDA when Triton
+            is installed and on CPU for T > 1; otherwise chunk for T > 1, naive for one token). Any other name is a
+            ValueError.
         chunk_size: chunk length of the chunk backend (default ``DEFAULT_CHUNK_SIZE``); for the recurrent backend,
             the interval of the state checkpoints kept for the backward (default 32, C and Triton).
         w_min: optional lower bound on ``w`` (checked like the other input rules; RWKV-7 layers pass
@@ -63,7 +63,7 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
     check_float("r", r)
     check_same("r", r, w=w, k=k, v=v, a=a, b=b)
     check_log_decay(w, w_min)
-    check_seq_and_state(r, cu_seqlens, state, "N_v, N_k")
+    cu_seqlens = check_seq_and_state(r, cu_seqlens, state, "N_v, N_k")  # read back once, then passed on
     return wkv7_unchecked(r, w, k, v, a, b, state, cu_seqlens=cu_seqlens, backend=backend, chunk_size=chunk_size,
                           w_min=w_min)
 
@@ -71,27 +71,27 @@ def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto"
 def wkv7_unchecked(r, w, k, v, a, b, state=None, *, cu_seqlens=None, backend: str = "auto",
                    chunk_size: int | None = None, w_min: float | None = None):
     """``wkv7`` without its value checks: the layers' entry, whose inputs are valid by construction (the model
-    checks its own inputs once, at its edge). No device-to-host read when ``w_min`` is given and there is no
-    ``cu_seqlens``; same arguments and results as ``wkv7``."""
+    checks its own inputs once, at its edge). No device-to-host read when ``w_min`` is given and ``cu_seqlens`` is
+    None or ``PackedOffsets``; same arguments and results as ``wkv7``."""
     T = r.shape[1]
     cd = compute_dtype(r.dtype)
-    cs = cu_seqlens.tolist() if cu_seqlens is not None else None
+    if cu_seqlens is not None:
+        cu_seqlens = packed_offsets(cu_seqlens)  # a tensor is read back here, once (PackedOffsets: never)
     grad = needs_grad(r, w, k, v, a, b, state)
     be = resolve_backend("wkv7", backend, r.device, T, grad)
     if be in ("c", "triton"):
-        out, final = wkv7_recurrent(be, r, w, k, v, a, b, state, cu_seqlens=cu_seqlens, cs=cs,
-                                    chunk_size=chunk_size, grad=grad)
+        out, final = wkv7_recurrent(be, r, w, k, v, a, b, state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                                    grad=grad)
         return out.to(r.dtype), final.to(cd)
-    if cs is not None:
-        # Zero padding at the end of a sequence (w = 0, k = b = 0) leaves its state unchanged.
-        packed = pack_to_batch(cs, r, w, k, v, a, b)
-        out, final = _run(be, *packed, state, chunk_size, w_min)
+    if be == "chunk":  # packed or not: the chunked form takes the packed row as it is
+        out, final = wkv7_chunk(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, w_min=w_min,
+                                cu_seqlens=cu_seqlens)
+        return out.to(r.dtype), final.to(cd)
+    if cu_seqlens is not None:
+        cs = cu_seqlens.offsets
+        # The spec loop over a batch: zero padding at the end of a sequence (w = 0, k = b = 0) leaves its state
+        # unchanged.
+        out, final = wkv7_naive(*pack_to_batch(cs, r, w, k, v, a, b), state)
         return unpack_from_batch(cs, out).to(r.dtype), final.to(cd)
-    out, final = _run(be, r, w, k, v, a, b, state, chunk_size, w_min)
+    out, final = wkv7_naive(r, w, k, v, a, b, state)
     return out.to(r.dtype), final.to(cd)
-
-
-def _run(be, r, w, k, v, a, b, state, chunk_size, w_min=None):
-    if be == "naive":
-        return wkv7_naive(r, w, k, v, a, b, state)
-    return wkv7_chunk(r, w, k, v, a, b, state, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, w_min=w_min)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .._common import compute_dtype
+from ..packing import chunk_layout, chunk_scan, from_chunk_rows, offsets_list, to_chunk_rows
 
 DEFAULT_CHUNK_SIZE = 64  # measured: benchmarks/bench_ops.py (RESULTS.md)
 # Largest total |log decay| of one chunk for the factorised form: every valid factor then stays within e^{±span}.
@@ -61,14 +62,26 @@ def _pair_matrices_exact(r, k, a, b, G, Gm):
     return A_qk, A_qb, A_ak, A_ab
 
 
-def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE, w_min: float | None = None):
-    """r, w, k, v, a, b: [B, T, H, N]; state: [B, H, N_v, N_k] or None. Returns (out [B, T, H, N], state).
+def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZE, w_min: float | None = None,
+               cu_seqlens=None):
+    """r, w, k, v, a, b: [B, T, H, N]; state: [B, H, N_v, N_k] (``[S, ...]`` with ``cu_seqlens``) or None. Returns
+    (out [B, T, H, N], state).
 
     ``w_min``: a lower bound on ``w`` that the caller guarantees (RWKV-7 layers: ``-exp(-0.5)``); the pair form is
-    then chosen from it without reading ``w`` back (no device sync, no graph break under ``torch.compile``)."""
+    then chosen from it without reading ``w`` back (no device sync, no graph break under ``torch.compile``).
+    ``cu_seqlens`` (a tensor or ``PackedOffsets``, B = 1): the packed row runs as it is, every sequence starting a
+    new chunk (``packing.ChunkLayout``) and its state restarting there: no padding of the sequences into a batch."""
     B, T, H, N = r.shape
     cd = compute_dtype(r.dtype)
     L = int(chunk_size)
+    layout = None
+    if cu_seqlens is not None:
+        layout = chunk_layout(offsets_list(cu_seqlens), L, r.device)
+        h0 = r.new_zeros(layout.num_sequences, H, N, N, dtype=cd) if state is None else state.to(cd)
+        if layout.n_chunks == 0:
+            return r.new_zeros(B, T, H, N, dtype=cd), h0
+        r, w, k, v, a, b = to_chunk_rows(layout, *(t.to(cd) for t in (r, w, k, v, a, b)))
+        T = r.shape[1]
     pad = (-T) % L
     nc = (T + pad) // L
     # Padding with w = 0 and k = b = 0 leaves the state unchanged through the tail.
@@ -104,6 +117,8 @@ def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZ
     M = torch.diag_embed(decay_all) + bg.transpose(-1, -2) @ W  # h' = M h + R
     R = kg.transpose(-1, -2) @ v + bg.transpose(-1, -2) @ U
 
+    if layout is not None:
+        return _varlen_scan(layout, P, Q, M, R, h0)
     h = r.new_zeros(B, H, N, N) if state is None else state.to(cd).transpose(-1, -2)
     outs = []
     for c in range(nc):
@@ -112,3 +127,15 @@ def wkv7_chunk(r, w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK_SIZ
     out = torch.stack(outs, dim=2)  # [B, H, nc, L, V]
     out = out.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
     return out, h.transpose(-1, -2)
+
+
+def _varlen_scan(layout, P, Q, M, R, h0):
+    """The loop over chunks on a ``ChunkLayout`` ([1, H, n_chunks, ...] terms): each sequence from its own state."""
+    P, Q, M, R = (t[0].transpose(0, 1) for t in (P, Q, M, R))  # [n_chunks, H, ...]
+
+    def step(ids, h):
+        return P[ids] @ h + Q[ids], M[ids] @ h + R[ids]
+
+    out, h = chunk_scan(layout, h0.transpose(-1, -2), step)  # out [n_chunks, H, L, V]
+    nc, H, L, N = out.shape
+    return from_chunk_rows(layout, out.transpose(1, 2).reshape(1, nc * L, H, N)), h.transpose(-1, -2)

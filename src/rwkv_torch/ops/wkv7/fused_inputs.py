@@ -3,7 +3,7 @@ with a hand-written backward: a piece of the time mix's training form (``layers/
 
 Autograd of the spec form keeps every intermediate of ``w``, ``kk``, ``k`` and ``b``; this keeps only the key
 projection, ``a`` and the norm of ``k * k_k`` per head, plus its own outputs ``w`` and ``-kk``, which the WKV op
-keeps anyway (one storage for both). The backward is one C pass on CPU (``cpu_kernel.wkv_inputs_backward``) or a few
+keeps anyway (one storage for both). The backward is one C pass on CPU (``time_mix_cpu.wkv_inputs_backward``) or a few
 torch passes with in-place updates where a value is not needed again.
 
 Dtypes: the values are computed in the compute dtype (``compute_dtype``: float32, float64 for float64) and returned
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .. import cpu_kernel
+from .. import time_mix_cpu
 from .._common import compute_dtype
 from ..mix import c_pass, channel_sum
 
@@ -55,7 +55,7 @@ class _WKVInputs(torch.autograd.Function):
         dw, dk, d_minus_kk, db = map(zero, (dw, dk, d_minus_kk, db))
         k0, a, w, minus_kk = (t.to(cd) for t in (k0, a, w, minus_kk))  # widened copies where they were narrower
         if c_pass(k0, [dw, dk, d_minus_kk, db, a, norm, w, minus_kk, k_k, k_a]):  # in C, one pass
-            dk0, dw_raw, da_raw, dk_k, dk_a = cpu_kernel.wkv_inputs_backward(
+            dk0, dw_raw, da_raw, dk_k, dk_a = time_mix_cpu.wkv_inputs_backward(
                 dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k_a, DECAY_SCALE, NORM_EPS)
             dk_k, dk_a = dk_k.view(k_k.shape), dk_a.view(k_a.shape)
         else:

@@ -8,7 +8,7 @@ keeps ``x`` and the shift row, and the backward rebuilds each lerp (one ``addcmu
 gradient, or to call a module again for its own backward (``gated_output.projection_vjp``; for a LoRA layer that costs
 one more product with its frozen base weight, the price of not keeping its input). The reductions
 ``dx = Σ dxm_i``, ``dxx = Σ dxm_i mu_i``, ``dmu_i = Σ_{b,t} dxm_i xx`` are one C pass on CPU
-(``cpu_kernel.mix_backward``).
+(``mix_cpu.mix_backward``).
 
 Under autocast the lerps are made in x's dtype (float32, as in the spec form) and a weight's product runs in the
 autocast dtype, as ``nn.Linear`` under autocast would (the backward too: bf16 products, gradients cast back), so the
@@ -17,7 +17,7 @@ values are the spec form's.
 
 import torch
 
-from .. import cpu_kernel
+from .. import mix_cpu
 from ..gated_output import autocast_dtype, module_params, projection_vjp
 from ..mix import c_pass, channel_sum, flat
 from ..token_shift import token_shift, token_shift_backward
@@ -73,7 +73,7 @@ class _ShiftMixProject(torch.autograd.Function):
             return (None,) * (8 + n + ctx.n_rest)
         used_mus = [mus[m] for m in used]
         if c_pass(x, [*dxms, *used_mus]):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
-            dx, dxx, dmu_rows = cpu_kernel.mix_backward(dxms, used_mus, xx)
+            dx, dxx, dmu_rows = mix_cpu.mix_backward(dxms, used_mus, xx)
             for m, dmu in zip(used, dmu_rows):
                 if need[8 + m]:
                     dmu = dmu.view(mus[m].shape)

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import compute_dtype
-from .._triton import BWD_NUM_WARPS, CHECKPOINT_EVERY, check_checkpoint_interval, sequence_layout, state_blocks
+from .._common import CHECKPOINT_EVERY, compute_dtype
+from .._triton import BWD_NUM_WARPS, check_checkpoint_interval, sequence_layout, state_blocks
 
 STEP_BLOCK_V = 16  # the decode kernel: small value blocks spread one token over many SMs
 
