@@ -40,14 +40,16 @@ class _ShiftMixProject(torch.autograd.Function):
             xm = torch.addcmul(x, xx, mus[m])
             outs.append(_times(xm, rest[a], autocast) if mod is None else mod(xm))
         weights = [rest[a] if mod is None else None for mod, (a, _) in zip(modules, slices)]
-        ctx.save_for_backward(x, shift, cu_seqlens, *mus, *[t for t in weights if t is not None])
+        ctx.save_for_backward(x, shift, *mus, *[t for t in weights if t is not None])
         ctx.which, ctx.modules, ctx.slices, ctx.autocast, ctx.n = which, modules, slices, autocast, n
+        ctx.cu_seqlens = cu_seqlens  # a tensor or PackedOffsets (not a saved tensor: it is never modified)
         ctx.n_rest = len(rest)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, shift, cu, *saved = ctx.saved_tensors
+        x, shift, *saved = ctx.saved_tensors
+        cu = ctx.cu_seqlens
         which, modules, slices, ac, n = ctx.which, ctx.modules, ctx.slices, ctx.autocast, ctx.n
         mus, weights = saved[:n], iter(saved[n:])
         need = ctx.needs_input_grad
