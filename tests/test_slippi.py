@@ -1,4 +1,4 @@
-"""Slippi replays -> episodes -> training, on the real replays of ../shared/data/slippi (skipped only when
+"""Slippi replays -> episodes -> training, on the small real replays of tests/data/slippi (skipped only when
 peppi-py, the `melee` extra, is not installed)."""
 
 import warnings
@@ -14,18 +14,25 @@ from rwkv_torch.slippi.targets import NEUTRAL, STICK_VALUES, stick_class  # noqa
 from rwkv_torch.train import train  # noqa: E402
 from rwkv_torch.train.data import load_episodes, split_by_sequence  # noqa: E402
 
-SLP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "slippi"
-if not SLP.is_dir():
-    SLP = Path("/work/shared/data/slippi")
+SLP = Path(__file__).resolve().parent / "data" / "slippi"  # copies of slippi-js test fixtures (see its README)
 SMALL = ["unranked_game1.slp", "unranked_game2.slp", "KirbyVMario-nB.slp"]
+
+
+def truncated_replay(folder: Path) -> Path:
+    """``incomplete.slp`` in ``folder``: the first half of a real replay (the parser fails to fill its buffer)."""
+    raw = (SLP / "unranked_game1.slp").read_bytes()
+    path = folder / "incomplete.slp"
+    path.write_bytes(raw[:len(raw) // 2])
+    return path
 
 
 @pytest.fixture
 def small_dir(tmp_path):
     d = tmp_path / "replays"
     d.mkdir()
-    for name in SMALL + ["incomplete.slp"]:
+    for name in SMALL:
         (d / name).symlink_to((SLP / name).resolve())
+    truncated_replay(d)
     return d
 
 
@@ -61,9 +68,9 @@ def test_stick_buckets():
     assert (stick_class(STICK_VALUES) == np.arange(17)).all()
 
 
-def test_bad_files_named():
+def test_bad_files_named(tmp_path):
     with pytest.raises(ValueError, match="incomplete.slp.*failed to fill whole buffer"):
-        load_replay(SLP / "incomplete.slp")
+        load_replay(truncated_replay(tmp_path))
     with pytest.raises(ValueError, match="BTTDK.slp.*invalid game end method"):
         load_replay(SLP / "BTTDK.slp")
 
@@ -87,7 +94,7 @@ def test_folder_skips_bad_caches_and_savez(small_dir, tmp_path):
 
 
 def test_empty_folder_is_an_error(tmp_path):
-    (tmp_path / "incomplete.slp").symlink_to((SLP / "incomplete.slp").resolve())
+    truncated_replay(tmp_path)
     with pytest.raises(ValueError, match="incomplete.slp"):
         load_replays(tmp_path, cache=False, progress=False)
 
@@ -261,26 +268,47 @@ def _libmelee_state(replay, t):
     return gs
 
 
-@pytest.mark.parametrize("name, port", [("facingDirection.slp", 1), ("PichuVSelf-All-22.slp", 2),
-                                        ("PichuVSelf-All-22.slp", 1)])
+def _with_items(replay):
+    """``replay`` with synthetic projectiles (none of the small replays has any): 0, 3 or 6 items a frame (more than
+    the 4 slots on some), scattered around both players, owned by port 1, port 2 or nobody."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    n = len(replay.players[0].leader["x"])
+    items = []
+    for t in range(n):
+        k = (t % 3) * 3
+        at = replay.players[t % 2].leader
+        items.append({"type": rng.choice(np.array([6, 12, 48, 50, 54, 75], np.uint16), k),
+                      "x": (at["x"][t] + rng.normal(0, 30, k)).astype(np.float32),
+                      "y": (at["y"][t] + rng.normal(0, 30, k)).astype(np.float32),
+                      "vx": rng.normal(0, 2, k).astype(np.float32), "vy": rng.normal(0, 2, k).astype(np.float32),
+                      "owner": rng.choice(np.array([-1, 0, 1], np.int8), k)})
+    return dataclasses.replace(replay, items=items)
+
+
+@pytest.mark.parametrize("name, port", [("KirbyVMario-nB.slp", 1), ("KirbyVMario-nB.slp", 2),
+                                        ("unranked_game1.slp", 2), ("realtimeTest.slp", 3)])
 def test_live_gamestate_features_equal_the_replay_rows(name, port):
-    """Items (facingDirection), Nana as self (port 2 of PichuVSelf plays the Ice Climbers) and as the opponent."""
+    """Both sides of a game (a CPU's too), an old replay on ports 2 and 3, items (synthetic: the small replays have
+    none). The Ice Climbers' Nana block is not covered here: none of the small replays has them."""
+    from rwkv_torch.slippi.features import game_features
     from rwkv_torch.slippi.live import gamestate_features
     from rwkv_torch.slippi.parse import read_replay
 
-    replay = read_replay(SLP / name)
-    ep = load_replay(SLP / name, port=port)[0]
-    T = len(ep["frames"])
+    replay = _with_items(read_replay(SLP / name))
+    me = next(p for p in replay.players if p.port == port)
+    frames, ep_ids = game_features(me, next(p for p in replay.players if p is not me), replay.stage, replay.items)
+    T = len(frames)
     checked = 0
     for t in np.linspace(0, T - 1, 60).astype(int):
         frame, ids = gamestate_features(_libmelee_state(replay, t), port)
-        np.testing.assert_allclose(frame, ep["frames"][t], rtol=1e-6, atol=1e-6, err_msg=f"frame {t}")
+        np.testing.assert_allclose(frame, frames[t], rtol=1e-6, atol=1e-6, err_msg=f"frame {t}")
         for k, v in ids.items():
-            np.testing.assert_array_equal(v, ep[f"ids_{k}"][t], err_msg=f"ids_{k} frame {t}")
+            np.testing.assert_array_equal(v, ep_ids[k][t], err_msg=f"ids_{k} frame {t}")
         checked += 1
-    assert checked == 60
-    if name.startswith("Pichu"):
-        assert ep["frames"][:, 19 * (1 if port == 2 else 3) + 18].any()  # the Nana block is present on some frames
+    assert checked == 60 and (ep_ids["item"] > 0).any() and frames[:, -24:].any()
+    np.testing.assert_array_equal(load_replay(SLP / name, port=port)[0]["frames"][:50, :-24], frames[:50, :-24])
     with pytest.raises(ValueError, match="no player on port 4"):
         gamestate_features(_libmelee_state(replay, 0), 4)
 
