@@ -21,7 +21,7 @@ from .model import build
 from .quantize import weight_format
 from .state import RWKVState
 from .stream import Stream
-from .tokenizer import _BY_VOCAB, ByteTokenizer, get_tokenizer
+from .tokenizer import TOKENIZER_BY_VOCAB, ByteTokenizer, get_tokenizer
 from .train import adamw, train
 
 DEMO_PROMPT = "class Parser:\n    def __init__(self"
@@ -234,7 +234,7 @@ def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float 
     V = m.config.vocab_size
     if V is None:
         raise ValueError(f"{model} is a backbone with continuous input (embed_dim={m.config.embed_dim}), not an LM")
-    known = {name: vocab for vocab, name in _BY_VOCAB.items()}.get(tokenizer)
+    known = {name: vocab for vocab, name in TOKENIZER_BY_VOCAB.items()}.get(tokenizer)
     if known is not None and known != V:  # before loading the tokenizer (World: seconds)
         raise _vocab_mismatch(V, tokenizer, known)
     try:

@@ -47,7 +47,7 @@ def _run_files(run_dir: Path) -> list:
     return sorted(list(run_dir.glob("ckpt-*.pt*")) + [run_dir / n for n in names if (run_dir / n).exists()])
 
 
-def _claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True) -> None:
+def claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True) -> None:
     """A new run in ``run_dir``: refuse a folder holding another run, or (``overwrite``) delete that run's files."""
     found = _run_files(run_dir)
     if not found:
@@ -61,7 +61,7 @@ def _claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True) -> None:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def _resume_config(cfg: TrainConfig, given: dict) -> tuple:
+def resume_config(cfg: TrainConfig, given: dict) -> tuple:
     ckpt_path = find_checkpoint(cfg.resume)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -162,7 +162,7 @@ def init_config(cfg, given: dict):
     """``cfg`` with the architecture of the ``init_from`` weights (backbone version, width, depth, head size, and a
     text model's tokenizer); a flag the user gave (``given``, None meaning not given) that contradicts them raises
     ValueError naming both."""
-    from ..tokenizer import _BY_VOCAB
+    from ..tokenizer import TOKENIZER_BY_VOCAB
 
     kind, loaded = load_init_weights(cfg.init_from)
     if kind == "run":
@@ -172,7 +172,7 @@ def init_config(cfg, given: dict):
         c = loaded.config
         arch = dict(backbone=f"rwkv{c.version}", hidden_size=c.hidden_size, num_layers=c.num_layers,
                     head_size=c.head_size)
-        tokenizer = _BY_VOCAB.get(c.vocab_size) if c.vocab_size else None
+        tokenizer = TOKENIZER_BY_VOCAB.get(c.vocab_size) if c.vocab_size else None
     if tokenizer is not None:  # a text model keeps its tokenizer
         arch["tokenizer"] = tokenizer
     for k, v in arch.items():

@@ -32,15 +32,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpointing import CHECKPOINT_FORMAT, _claim_run_dir, _resume_config, save_checkpoint
+from .checkpointing import CHECKPOINT_FORMAT, claim_run_dir, resume_config, save_checkpoint
 from .config import TrainConfig, as_config
 from .data import check_window, load_data, make_batch, split_by_sequence, window_counts, window_plans
-from .distributed import _all_mean, _any_rank, _gather_lanes, _init_distributed
+from .distributed import all_mean, any_rank, gather_lanes, init_distributed
 from .finetune import has_lora, init_config, merge_lora, trainable_state_dict
 from .model import adamw, build_model, lr_factor, param_groups
-from .plots import _write_plot
-from .signals import _StopSignal
-from .step import _state_like, _state_tensors, evaluate, train_step
+from .plots import write_plot
+from .signals import StopSignal
+from .step import evaluate, state_like, state_tensors, train_step
 
 
 def train(args_or_config) -> dict:
@@ -66,10 +66,10 @@ def train(args_or_config) -> dict:
     if cfg.resume and cfg.overwrite:
         raise ValueError("give resume or overwrite, not both: --resume continues the run, --overwrite starts anew")
     if cfg.resume:
-        cfg, ckpt = _resume_config(cfg, given)
+        cfg, ckpt = resume_config(cfg, given)
     elif cfg.init_from is not None:
         cfg = init_config(cfg, given)
-    rank, world, device, created_group = _init_distributed(cfg)
+    rank, world, device, created_group = init_distributed(cfg)
     try:
         return _train(cfg, ckpt, rank, world, device)
     finally:
@@ -81,7 +81,7 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     lead = rank == 0
     run_dir = Path(cfg.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if ckpt is None:  # a new run: the folder must not hold another one (every rank checks before any writes)
-        _claim_run_dir(run_dir, cfg.overwrite, lead)
+        claim_run_dir(run_dir, cfg.overwrite, lead)
         if world > 1:
             dist.barrier()
     if lead:
@@ -129,7 +129,7 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
         torch.set_rng_state(ranks_rng[rank] if same_world else ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        state = _state_like(state, [t[lanes].to(device) for t in ckpt["carry"]])
+        state = state_like(state, [t[lanes].to(device) for t in ckpt["carry"]])
         step = ckpt["step"]
         for _ in range(step):  # replay the data order up to the checkpoint
             next(plans)
@@ -141,7 +141,7 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
 
     def save(step: int):
         """Collective (every rank gathers its carried state and RNG); rank 0 writes the file."""
-        carry = _gather_lanes(_state_tensors(state), world)
+        carry = gather_lanes(state_tensors(state), world)
         rngs = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, torch.get_rng_state())
@@ -170,21 +170,21 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
     row, logged, plot_said = None, True, [False]
 
     def plot():
-        if not _write_plot(run_dir) and not plot_said[0]:
+        if not write_plot(run_dir) and not plot_said[0]:
             plot_said[0] = True
             warnings.warn("matplotlib is not installed: no loss.png is written (pip install rwkv-torch[plot] adds "
                           "it)", stacklevel=2)
 
-    with _StopSignal() as stop, open(log_path, "a") as log:
+    with StopSignal() as stop, open(log_path, "a") as log:
         t_last, rate = time.perf_counter(), 0.0
         deadline = math.inf if cfg.time_limit is None else t_last + cfg.time_limit
-        while step < end and not _any_rank(stop.signum is not None or time.perf_counter() > deadline, world, device):
+        while step < end and not any_rank(stop.signum is not None or time.perf_counter() > deadline, world, device):
             plan = next(plans)[lanes]
             batch = make_batch(train_data, plan, cfg.window_size)
             lr = sched.get_last_lr()[0]
             loss, parts, state = train_step(net, opt, train_data, batch, state, cfg, device)
             if world > 1:
-                loss, *vals = _all_mean([loss, *parts.values()], world, device)
+                loss, *vals = all_mean([loss, *parts.values()], world, device)
                 parts = dict(zip(parts, vals))
             sched.step()
             step += 1
@@ -212,7 +212,7 @@ def _train(cfg: TrainConfig, ckpt, rank: int, world: int, device) -> dict:
             log.write(json.dumps(row) + "\n")
             log.flush()
         ckpt_path = save(step)
-    interrupted = _any_rank(stop.signum is not None, world, device)
+    interrupted = any_rank(stop.signum is not None, world, device)
     model_dir = None
     if lead:
         plot()

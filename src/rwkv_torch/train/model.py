@@ -127,9 +127,9 @@ def _from_init(cfg: TrainConfig, data: Dataset) -> TaskModel:
     c = backbone.config
     if data.is_text:
         if c.vocab_size != data.vocab_size:
-            from ..tokenizer import _BY_VOCAB
+            from ..tokenizer import TOKENIZER_BY_VOCAB
 
-            need = _BY_VOCAB.get(c.vocab_size, "of its own (none known for that vocab)")
+            need = TOKENIZER_BY_VOCAB.get(c.vocab_size, "of its own (none known for that vocab)")
             raise ValueError(f"--init-from {cfg.init_from}: a model of vocab {c.vocab_size}, the data has vocab "
                              f"{data.vocab_size} (--tokenizer {cfg.tokenizer}; this model needs --tokenizer {need})")
         return TaskModel(backbone, data.targets, c.hidden_size, True)
@@ -194,7 +194,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return factor * (0.01 + 0.99 * step / cfg.warmup if step < cfg.warmup else 1.0)
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The model inside ``torch.compile`` and DistributedDataParallel wrappers (or the model itself)."""
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

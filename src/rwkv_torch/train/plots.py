@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 
-def _write_plot(run_dir: Path) -> bool:
+def write_plot(run_dir: Path) -> bool:
     """Write ``loss.png``; False when matplotlib is not installed (nothing written)."""
     try:
         import matplotlib
