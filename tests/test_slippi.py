@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("peppi_py", reason="peppi-py (the melee extra) is not installed: pip install -e '.[melee]'")
 
-from rwkv_torch.slippi import FRAME_WIDTH, load_replay, load_replays  # noqa: E402
+from rwkv_torch.slippi import DATA_SOURCES, FRAME_WIDTH, load_replay, load_replays  # noqa: E402
 from rwkv_torch.slippi.targets import NEUTRAL, STICK_VALUES, stick_class  # noqa: E402
 from rwkv_torch.train import train  # noqa: E402
 from rwkv_torch.train.data import load_episodes, split_by_sequence  # noqa: E402
@@ -105,12 +105,12 @@ def test_train_on_slp_folder_held_out_by_game(small_dir, tmp_path, monkeypatch):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = load_data(small_dir)
+        data = load_data(small_dir, sources=DATA_SOURCES)
         tr, va = split_by_sequence(data, 0.3, 0)
         assert not {s.group for s in tr.sequences} & {s.group for s in va.sequences}
         out = train(dict(data=str(small_dir), hidden_size=32, num_layers=1, head_size=16, window_size=16,
                          batch_size=2, steps=2, eval_every=2, eval_batches=1, out=str(tmp_path / "run"),
-                         progress=False, action_delay=2, val_fraction=0.3))
+                         progress=False, action_delay=2, val_fraction=0.3), sources=DATA_SOURCES)
     assert out["step"] == 2 and out["val_loss"] is not None
     row = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]
     assert "val_acc_main_x" in row and "val_loss_buttons" in row
@@ -127,7 +127,8 @@ def slp_run(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(dict(data=str(d), hidden_size=32, num_layers=2, head_size=16, window_size=16, batch_size=2, steps=3,
-                   eval_every=3, eval_batches=1, out=str(root / "run"), progress=False, val_fraction=0.0, lr=1e-2))
+                   eval_every=3, eval_batches=1, out=str(root / "run"), progress=False, val_fraction=0.0, lr=1e-2),
+              sources=DATA_SOURCES)
     return root / "run"
 
 
@@ -326,7 +327,7 @@ def test_policy_from_a_lora_and_state_tuned_run(slp_run, tmp_path):
         warnings.simplefilter("ignore")
         train(dict(data=str(d), init_from=str(slp_run), lora_rank=4, train_state=True, window_size=16,
                    batch_size=2, steps=3, lr=1e-2, eval_every=3, eval_batches=1, progress=False, val_fraction=0.0,
-                   out=str(tmp_path / "tuned")))
+                   out=str(tmp_path / "tuned")), sources=DATA_SOURCES)
     base, tuned = Policy.from_run(slp_run), Policy.from_run(tmp_path / "tuned")
     assert tuned.model.state0 is not None and any(t.abs().sum() > 0 for t in tuned.state.wkv)
     ep = load_replay(SLP / "KirbyVMario-nB.slp")[0]

@@ -48,6 +48,7 @@ from common import (
 from common import write_report as report
 
 import rwkv_torch as rt
+from rwkv_torch.slippi import DATA_SOURCES
 from rwkv_torch.slippi.features import CONTROLLER_FEATURES, FRAME_WIDTH
 from rwkv_torch.slippi.targets import shoulder_class, stick_class
 from rwkv_torch.train import TrainConfig, build_model, lr_factor, train_step
@@ -208,7 +209,7 @@ def main(argv=None) -> list:
     t_start = time.perf_counter()
     with warnings.catch_warnings(record=True) as skipped:
         warnings.simplefilter("always")
-        data = load_data(args.replays, action_delay=args.action_delay)
+        data = load_data(args.replays, action_delay=args.action_delay, sources=DATA_SOURCES)
     train, test = split_by_sequence(data, args.val_fraction, args.seed)
     if args.quick:  # a smoke run scores two short held-out episodes
         test = test.subset(sorted(range(len(test.sequences)), key=lambda i: len(test.sequences[i]))[:2])

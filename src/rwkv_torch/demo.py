@@ -19,6 +19,7 @@ from .export import OnnxStep, export_onnx, state_names
 from .generate import full_state, stream_text
 from .model import build
 from .quantize import weight_format
+from .slippi import DATA_SOURCES
 from .state import RWKVState
 from .stream import Stream
 from .tokenizer import TOKENIZER_BY_VOCAB, ByteTokenizer, get_tokenizer
@@ -211,8 +212,8 @@ def export(out: str, model: str | None = None, embed_dim: int = 64, batch_size: 
 
 def train_and_report(args) -> dict:
     """``train(args)`` (a dict, TrainConfig or argparse Namespace), then rank 0 prints the final step, loss,
-    validation loss and checkpoint. Returns the trainer's summary."""
-    res = train(args)
+    validation loss and checkpoint; ``.slp`` data is read by ``rwkv_torch.slippi``. Returns the trainer's summary."""
+    res = train(args, sources=DATA_SOURCES)
     if res["rank"] == 0:  # under torchrun, rank 0 reports
         val = f", val_loss {res['val_loss']:.4f}" if res["val_loss"] is not None else ""
         print(f"step {res['step']}: loss {res['loss']:.4f}{val}; checkpoint {res['checkpoint']}")
@@ -307,6 +308,9 @@ def merge(run: str, dst: str, overwrite: bool = False) -> str:
     if model.state0 is not None:
         raise ValueError(f"{run}: a state-tuning run: its weights are its base's ({ckpt['config']['init_from']}); "
                          f"the learned state is {Path(run) / 'state.safetensors'} (generate --state-in)")
+    if ckpt["config"].get("lora_rank") is None:
+        raise ValueError(f"{run}: not a LoRA run (trained without --lora-rank): there is nothing to merge; its model "
+                         f"is {Path(run) / 'model'} (rwkv-torch convert copies it, to a .pth too)")
     m = model.backbone
     out = save_official(m, dst) if dst.endswith(".pth") else save(m, dst)
     c = m.config

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..train.model import TaskModel
+from ..task import TaskModel
 from .targets import BUTTONS, SHOULDER_VALUES, STICK_VALUES, STICKS
 
 

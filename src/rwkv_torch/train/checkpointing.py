@@ -47,8 +47,9 @@ def _run_files(run_dir: Path) -> list:
     return sorted(list(run_dir.glob("ckpt-*.pt*")) + [run_dir / n for n in names if (run_dir / n).exists()])
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True) -> None:
-    """A new run in ``run_dir``: refuse a folder holding another run, or (``overwrite``) delete that run's files."""
+def claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True, delete: bool = True) -> None:
+    """A new run in ``run_dir``: refuse a folder holding another run, or (``overwrite``) delete that run's files
+    (on the lead rank, and only with ``delete``: a check before the run is known to start deletes nothing)."""
     found = _run_files(run_dir)
     if not found:
         return
@@ -56,7 +57,7 @@ def claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True) -> None:
         shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:4]) + (", ..." if len(found) > 4 else "")
         raise ValueError(f"{run_dir}: holds another run ({shown}); continue it with --resume {run_dir}, give "
                          f"another --out, or pass --overwrite to delete that run first")
-    if lead:
+    if lead and delete:
         for p in found:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 

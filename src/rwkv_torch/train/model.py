@@ -1,4 +1,5 @@
-"""What is trained: ``TaskModel`` (a backbone plus one head per target), ``build_model``, and the official RWKV
+"""What is trained: ``build_model`` (a ``task.TaskModel``: a backbone plus one head per target), ``load_task_model``,
+and the official RWKV
 optimizer recipe (spec 4.7): ``param_groups``, the ``lr_factor`` schedule and ``adamw``.
 
 ``att.w0`` (v7) / ``time_decay`` (v4-v6) at 2x lr and v4 ``time_first`` at 3x; weight decay only on 2-D
@@ -12,59 +13,12 @@ import torch.nn as nn
 
 from ..config import param_count
 from ..model import build
+from ..task import Dataset, IdSpec, Target, TaskModel, id_embed_dim, input_width  # noqa: F401 (re-exported)
 from . import finetune
 from .baselines import build_baseline, matched_width
 from .config import TrainConfig
-from .data import Dataset, IdSpec, Target
 
 LR_SCALE = {"att.w0": 2.0, "att.time_decay": 2.0, "att.time_first": 3.0}
-
-
-class TaskModel(nn.Module):
-    """A backbone (``[B, T, in] -> [B, T, width]``) with one linear head per episode target; a text model uses the
-    backbone's own LM head. ``forward(x, state) -> ({target: out [B, T, size]}, state)``."""
-
-    def __init__(self, backbone: nn.Module, targets: list, width: int, lm: bool, ids: list = (),
-                 frame_dim: int | None = None):
-        super().__init__()
-        self.backbone, self.lm = backbone, lm
-        # ids_<name> inputs (data.IdSpec): their columns follow the frame_dim float columns of x; each is looked up
-        # in its own learned table and the embeddings are joined to the frames before the backbone.
-        self.frame_dim = frame_dim
-        self.id_specs = list(ids)
-        self.id_embed = nn.ModuleDict({i.name: nn.Embedding(i.classes, id_embed_dim(i.classes)) for i in ids})
-        self.heads = nn.ModuleDict() if lm else nn.ModuleDict({t.name: nn.Linear(width, t.size) for t in targets})
-        self.target_names = [t.name for t in targets]
-        self.state0 = None  # finetune.InitialState when the initial wkv state is learned (--train-state)
-
-    def init_state(self, batch_size: int, device=None):
-        """The state every sequence starts from: zeros, or the learned initial state (``state0``)."""
-        state = self.backbone.init_state(batch_size, device=device)
-        return state if self.state0 is None else self.state0.apply(state)
-
-    def _join_ids(self, x):
-        if not self.id_specs:
-            return x
-        parts, at = [x[..., :self.frame_dim]], self.frame_dim
-        for spec in self.id_specs:
-            ids = x[..., at:at + spec.columns].long()  # [B, T, K]
-            parts.append(self.id_embed[spec.name](ids).flatten(-2))  # [B, T, K * dim]
-            at += spec.columns
-        return torch.cat(parts, dim=-1)
-
-    def forward(self, x, state, cu_seqlens=None):
-        x = self._join_ids(x)
-        # cu_seqlens: episodes packed along T in x [1, T, ...] (RWKV backbones only; see RWKV.forward).
-        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-        h, state = self.backbone(x, state, return_sequence=True, return_state=True, **packed)
-        if self.lm:
-            return {self.target_names[0]: h}, state
-        return {name: head(h) for name, head in self.heads.items()}, state
-
-
-def id_embed_dim(classes: int) -> int:
-    """Width of the learned table of an ``ids_<name>`` input with ``classes`` ids: min(32, classes)."""
-    return min(32, classes)
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> TaskModel:
@@ -87,14 +41,9 @@ def build_model(cfg: TrainConfig, data: Dataset) -> TaskModel:
     return model
 
 
-def _input_width(data: Dataset) -> int:
-    """Features per frame the backbone reads: the float columns plus the embeddings of the ``ids_*`` columns."""
-    return (data.embed_dim or 0) + sum(i.columns * id_embed_dim(i.classes) for i in data.ids)
-
-
 def _fresh(cfg: TrainConfig, data: Dataset) -> TaskModel:
     ids = list(data.ids)
-    io = dict(vocab_size=data.vocab_size) if data.is_text else dict(embed_dim=_input_width(data))
+    io = dict(vocab_size=data.vocab_size) if data.is_text else dict(embed_dim=input_width(data))
     rwkv = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, head_size=cfg.head_size, dropout=cfg.dropout,
                 **io)
     if cfg.backbone.startswith("rwkv"):
@@ -112,11 +61,7 @@ def _from_init(cfg: TrainConfig, data: Dataset) -> TaskModel:
     """A TaskModel for ``data`` holding the weights ``cfg.init_from`` names (architecture checks: ``init_config``)."""
     kind, loaded = finetune.load_init_weights(cfg.init_from)
     if kind == "run":  # the run's model (a fine-tune's base plus its trained tensors, LoRA merged), all trainable
-        try:
-            trained = finetune.merge_lora(_checkpoint_model(loaded, data))
-        except RuntimeError as e:
-            raise ValueError(f"--init-from {cfg.init_from}: its model does not fit this data (targets, ids or input "
-                             f"width differ): {str(e).splitlines()[0]}") from None
+        trained = finetune.merge_lora(_checkpoint_model(loaded, data, f"--init-from {cfg.init_from}"))
         if trained.state0 is not None:
             raise ValueError(f"--init-from {cfg.init_from}: a state-tuning run; fine-tune its base model")
         plain = dict.fromkeys(("init_from", "lora_rank", "lora_alpha", "lora_targets", "train_also"))
@@ -133,9 +78,9 @@ def _from_init(cfg: TrainConfig, data: Dataset) -> TaskModel:
             raise ValueError(f"--init-from {cfg.init_from}: a model of vocab {c.vocab_size}, the data has vocab "
                              f"{data.vocab_size} (--tokenizer {cfg.tokenizer}; this model needs --tokenizer {need})")
         return TaskModel(backbone, data.targets, c.hidden_size, True)
-    if c.embed_dim != _input_width(data):
+    if c.embed_dim != input_width(data):
         raise ValueError(f"--init-from {cfg.init_from}: a backbone of embed_dim {c.embed_dim}, the episodes give "
-                         f"{_input_width(data)} input features")
+                         f"{input_width(data)} input features")
     return TaskModel(backbone, data.targets, c.output_size, False, list(data.ids), data.embed_dim)
 
 
@@ -159,12 +104,37 @@ def _saved_config(ckpt: dict, **overrides) -> TrainConfig:
     return TrainConfig(**{**ckpt["config"], "resume": None, "out": None, **overrides})
 
 
-def _checkpoint_model(ckpt: dict, data: Dataset) -> TaskModel:
+def _checkpoint_model(ckpt: dict, data: Dataset, source: str = "the checkpoint") -> TaskModel:
     """The model a training checkpoint holds, built for ``data``; a fine-tune's partial checkpoint is loaded over
-    its ``init_from`` weights. Raises RuntimeError when the weights do not fit ``data``'s model."""
+    its ``init_from`` weights. Raises ValueError saying what differs when the weights do not fit ``data``'s model."""
     model = build_model(_saved_config(ckpt), data)
-    model.load_state_dict(ckpt["model"], strict=not ckpt.get("partial", False))
+    load_weights(model, ckpt["model"], strict=not ckpt.get("partial", False), source=source)
     return model
+
+
+def load_weights(model: nn.Module, state_dict: dict, *, strict: bool = True, source: str = "the checkpoint") -> None:
+    """``model.load_state_dict`` that, when the tensors do not fit, raises ValueError naming what differs: the
+    tensors whose shapes disagree (an input width of 8 against 40, another number of classes), and the missing or
+    unexpected names (targets or ids the data has and the weights lack, or the other way round)."""
+    own = model.state_dict()
+    shapes = [f"{k} {list(v.shape)} (this data's model: {list(own[k].shape)})" for k, v in state_dict.items()
+              if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state_dict)) if strict else []
+    unexpected = sorted(set(state_dict) - set(own))
+    if shapes or missing or unexpected:
+        parts = [f"{len(shapes)} tensor(s) of another shape: {', '.join(shapes[:4])}" if shapes else "",
+                 f"missing {_names(missing)}" if missing else "",
+                 f"unexpected {_names(unexpected)}" if unexpected else ""]
+        width = next((f"; input width {v.shape[-1]} in {source}, {own[k].shape[-1]} from this data"
+                      for k, v in state_dict.items() if k.endswith("input_proj.weight") and k in own
+                      and own[k].shape != v.shape), "")
+        raise ValueError(f"{source}: its model does not fit this data (targets, ids or input width differ): "
+                         + "; ".join(p for p in parts if p) + width)
+    model.load_state_dict(state_dict, strict=strict)
+
+
+def _names(keys: list, limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:
