@@ -334,3 +334,46 @@ def test_policy_from_a_lora_and_state_tuned_run(slp_run, tmp_path):
     outs = [pol.logits(*_rows(ep, 0)) for pol in (base, tuned)]
     assert not torch.allclose(outs[0]["main_x"], outs[1]["main_x"])  # the adaptation changed the policy
     assert (tmp_path / "tuned" / "state.safetensors").stat().st_size > 0
+
+
+def test_action_delay_0_is_refused_for_training(small_dir, tmp_path):
+    with pytest.raises(ValueError, match="--action-delay 0: at least 1 frame, the least a bot can play at"):
+        train(dict(data=str(small_dir), action_delay=0, out=str(tmp_path / "run"), steps=1, progress=False),
+              sources=DATA_SOURCES)
+    assert not (tmp_path / "run").exists()
+    assert len(load_replay(SLP / "unranked_game2.slp", action_delay=0)) == 2  # for analysis, the loader allows it
+
+
+def test_slp_data_needs_the_slippi_loader(small_dir, tmp_path):
+    from rwkv_torch.train.data import load_data
+
+    with pytest.raises(ValueError, match="replays are read by rwkv_torch.slippi: pass sources="):
+        load_data(small_dir)
+
+
+def test_replay_cache_is_keyed_by_the_target_encoding(tmp_path, monkeypatch):
+    from rwkv_torch.slippi import replays
+
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "g.slp").symlink_to((SLP / "unranked_game2.slp").resolve())
+    cache = tmp_path / "cache"
+    load_replays(one, cache=cache, progress=False)
+    (first,) = cache.glob("*.npz")
+    assert f"-t{replays.target_encoding_key()}-" in first.name
+    encode = replays.controller_targets
+
+    def coarser(cols):  # another stick encoding: the cached episodes no longer apply
+        out = encode(cols)
+        out["target_main_x"] = out["target_main_x"] // 2
+        return out
+
+    monkeypatch.setattr(replays, "controller_targets", coarser)
+    replays.target_encoding_key.cache_clear()
+    try:
+        eps = load_replays(one, cache=cache, progress=False)
+        assert len(list(cache.glob("*.npz"))) == 2  # a new entry, not the old one read back
+        assert eps[0][1]["target_main_x"].max() <= 8
+    finally:
+        monkeypatch.undo()
+        replays.target_encoding_key.cache_clear()
