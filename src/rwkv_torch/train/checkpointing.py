@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ..task import CHECKPOINT_FORMAT, find_checkpoint  # noqa: F401 (re-exported)
 from .config import TrainConfig
 
-CHECKPOINT_FORMAT = "rwkv-torch-train"
 # Fields a resumed run may change; everything else comes from the checkpoint.
 RESUME_OVERRIDES = ("steps", "stop_after", "time_limit", "device", "eval_every", "save_every", "log_every",
                     "keep_checkpoints", "progress", "gradient_checkpoint", "compile")
@@ -23,19 +23,6 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
     os.replace(tmp, path)
     for old in sorted(run_dir.glob("ckpt-*.pt"))[:-keep]:
         old.unlink()
-    return path
-
-
-def find_checkpoint(path) -> Path:
-    """A checkpoint file, or the newest ``ckpt-*.pt`` in a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(path.glob("ckpt-*.pt"))
-        if not found:
-            raise ValueError(f"{path}: no ckpt-*.pt checkpoint to resume from")
-        return found[-1]
-    if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint")
     return path
 
 

@@ -33,21 +33,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..task import Dataset, load_weights
 from .checkpointing import CHECKPOINT_FORMAT, claim_run_dir, resume_config, save_checkpoint
 from .config import TrainConfig, as_config
-from .data import (
-    Dataset,
-    check_window,
-    data_kind,
-    load_data,
-    make_batch,
-    split_by_sequence,
-    window_counts,
-    window_plans,
-)
+from .data import check_window, data_kind, load_data, make_batch, split_by_sequence, window_counts, window_plans
 from .distributed import all_mean, any_rank, gather_lanes, init_distributed
 from .finetune import has_lora, init_config, merge_lora, trainable_state_dict
-from .model import adamw, build_model, load_weights, lr_factor, param_groups
+from .model import adamw, build_model, lr_factor, param_groups
 from .plots import write_plot
 from .signals import StopSignal
 from .step import evaluate, state_like, state_tensors, train_step

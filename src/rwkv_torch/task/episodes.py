@@ -1,5 +1,5 @@
-"""The task format shared by training and the Slippi bot: episodes (``Target``, ``IdSpec``, ``Sequence``,
-``Dataset``, ``episodes_dataset``) and ``TaskModel``, a backbone with one head per target.
+"""The episode format shared by training and the Slippi bot: ``Target``, ``IdSpec``, ``Sequence``, ``Dataset`` and
+``episodes_dataset`` (episode arrays -> a Dataset).
 
 An episode is the dict of arrays an episode ``.npz`` holds: ``frames`` ``[T, D]``, ``target_<name>`` arrays, optional
 ``ids_<name>`` inputs and ``classes_<name>`` scalars (see ``episodes_dataset``). ``rwkv_torch.train`` trains on them
@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn as nn
 
 # Id columns ride in the float32 frame rows (see load_episodes); float32 holds every integer below 2**24 exactly.
 MAX_ID = 2 ** 24
@@ -187,57 +185,3 @@ def _classes(kinds: list, source: str, key: str, given_key: str) -> int:
     if given and size > min(given):
         raise ValueError(f"{source}: {key} has ids up to {size - 1} but {given_key}={min(given)}")
     return size
-
-
-class TaskModel(nn.Module):
-    """A backbone (``[B, T, in] -> [B, T, width]``) with one linear head per episode target; a text model uses the
-    backbone's own LM head. ``forward(x, state) -> ({target: out [B, T, size]}, state)``."""
-
-    def __init__(self, backbone: nn.Module, targets: list, width: int, lm: bool, ids: list = (),
-                 frame_dim: int | None = None):
-        super().__init__()
-        self.backbone, self.lm = backbone, lm
-        # ids_<name> inputs (data.IdSpec): their columns follow the frame_dim float columns of x; each is looked up
-        # in its own learned table and the embeddings are joined to the frames before the backbone.
-        self.frame_dim = frame_dim
-        self.id_specs = list(ids)
-        self.id_embed = nn.ModuleDict({i.name: nn.Embedding(i.classes, id_embed_dim(i.classes)) for i in ids})
-        self.heads = nn.ModuleDict() if lm else nn.ModuleDict({t.name: nn.Linear(width, t.size) for t in targets})
-        self.target_names = [t.name for t in targets]
-        self.state0 = None  # finetune.InitialState when the initial wkv state is learned (--train-state)
-
-    def init_state(self, batch_size: int, device=None):
-        """The state every sequence starts from: zeros, or the learned initial state (``state0``)."""
-        state = self.backbone.init_state(batch_size, device=device)
-        return state if self.state0 is None else self.state0.apply(state)
-
-    def _join_ids(self, x):
-        if not self.id_specs:
-            return x
-        parts, at = [x[..., :self.frame_dim]], self.frame_dim
-        for spec in self.id_specs:
-            ids = x[..., at:at + spec.columns].long()  # [B, T, K]
-            parts.append(self.id_embed[spec.name](ids).flatten(-2))  # [B, T, K * dim]
-            at += spec.columns
-        return torch.cat(parts, dim=-1)
-
-    def forward(self, x, state, cu_seqlens=None):
-        x = self._join_ids(x)
-        # cu_seqlens: episodes packed along T in x [1, T, ...] (RWKV backbones only; see RWKV.forward).
-        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-        h, state = self.backbone(x, state, return_sequence=True, return_state=True, **packed)
-        if self.lm:
-            return {self.target_names[0]: h}, state
-        return {name: head(h) for name, head in self.heads.items()}, state
-
-
-def id_embed_dim(classes: int) -> int:
-    """Width of the learned table of an ``ids_<name>`` input with ``classes`` ids: min(32, classes)."""
-    return min(32, classes)
-
-
-def input_width(data: Dataset) -> int:
-    """Features per frame the backbone reads: the float columns plus the embeddings of the ``ids_*`` columns."""
-    return (data.embed_dim or 0) + sum(i.columns * id_embed_dim(i.classes) for i in data.ids)
-
-
