@@ -7,7 +7,7 @@ Three tables, each printed with the machine and versions (no files written, noth
 1. **The seed's table**: a training step (forward + backward + AdamW, batch 64, 288 features per frame, C=256,
    head size 64, a linear head on every frame) of the 2- and 6-layer RWKV-7 at windows of 30, 60 and 120 frames,
    and the per-frame streaming latency (``model.step_``, batch 1) p50/p99 over 2,000 frames.
-2. **RWKV-7 vs a transformer** with about the same parameter count (``rwkv_torch.train.baselines``: pre-LN, SDPA,
+2. **RWKV-7 vs a transformer** with about the same parameter count (``rwkv_torch.task.baselines``: pre-LN, SDPA,
    learned positions; width chosen by ``matched_width``), both token models (vocab 256, 6 layers, RWKV width 256):
    training forward+backward time and the bytes autograd saves for the backward (the activation memory, summed
    with ``torch.autograd.graph.saved_tensors_hooks``) at T = 256 ... 4096 (batch 1), with the crossover length;
@@ -97,7 +97,7 @@ def saved_bytes(fn) -> int:
 
 
 class CachedTransformer:
-    """Token-by-token decoding of ``rwkv_torch.train.baselines.Transformer`` with a KV cache (same math as its
+    """Token-by-token decoding of ``rwkv_torch.task.baselines.Transformer`` with a KV cache (same math as its
     forward)."""
 
     def __init__(self, model):
@@ -120,7 +120,7 @@ class CachedTransformer:
 
 
 def transformer_table(rt, quick: bool) -> None:
-    from rwkv_torch.train.baselines import build_baseline, matched_width
+    from rwkv_torch.task.baselines import build_baseline, matched_width
 
     lengths = [256, 512, 1024] if quick else [256, 512, 1024, 2048, 4096]
     opts = dict(num_layers=6, head_size=64, vocab_size=256)

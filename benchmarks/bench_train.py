@@ -8,7 +8,7 @@ One training step is forward + backward + AdamW. Workloads (fp32, 6 layers, widt
   seed project's shape;
 * ``byte LM T=512`` and ``byte LM T=2048``: vocab 256, batch 2, cross-entropy on every token.
 
-The baselines are ``rwkv_torch.train.baselines`` with the width ``matched_width`` picks for RWKV-7's parameter count
+The baselines are ``rwkv_torch.task.baselines`` with the width ``matched_width`` picks for RWKV-7's parameter count
 (pre-LN transformer with SDPA and learned positions; a stacked ``nn.LSTM``). Each model is timed in interleaved
 rounds (every model once per round, ``--rounds`` rounds, the median per model), so a slow spell of a shared machine
 touches every model alike; the ratios are what to read. "saved MB" is what autograd keeps for the backward (each
@@ -33,8 +33,8 @@ from bench_scaling import saved_bytes
 
 import rwkv_torch as rt
 from rwkv_torch.config import param_count
+from rwkv_torch.task.baselines import build_baseline, matched_width
 from rwkv_torch.train import adamw
-from rwkv_torch.train.baselines import build_baseline, matched_width
 
 WIDTH, LAYERS, HEAD = 256, 6, 64
 WORKLOADS = {  # name: (batch, T, features or None for bytes)

@@ -18,7 +18,9 @@ from rwkv_torch.tokenizer import ByteTokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SRC = README.parent / "src"
-SHARED = README.parent.parent / "shared"  # CI has ../shared beside the checkout; the README's examples read it
+# The README's replay examples read ../shared/data/slippi (the shared replays beside a checkout); the tests run them
+# on the small copies in tests/data/slippi, so the suite needs nothing outside the repository.
+README_REPLAYS, TEST_REPLAYS = "../shared/data/slippi", str(README.parent / "tests" / "data" / "slippi")
 UNIFORM_BYTE_LOSS = math.log(256)  # nats/byte of a model that knows nothing: an untrained one starts near it
 # The README's language-model examples start from this official checkpoint; a tiny random World model (vocab 65536)
 # saved in the official format under its name stands in for it.
@@ -128,6 +130,13 @@ def readme_run_blocks():
     return [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "from_run(" in b]
 
 
+def readme_paths(text: str, tmp: str) -> str:
+    """A README example's paths as the test runs it: ``/tmp/`` under ``tmp``, the shared replays -> the test copies."""
+    text = text.replace("/tmp/", tmp).replace(README_REPLAYS, TEST_REPLAYS)
+    assert "../shared" not in text, f"a README example reads ../shared outside {README_REPLAYS}: {text}"
+    return text
+
+
 @pytest.mark.parametrize("overrides", [pytest.param(README_OVERRIDES, id="tiny"),
                                        pytest.param({}, id="as-written", marks=pytest.mark.slow)])  # ~3 min
 def test_readme_cli_examples_run(overrides, tmp_path, monkeypatch, capsys):
@@ -139,7 +148,6 @@ def test_readme_cli_examples_run(overrides, tmp_path, monkeypatch, capsys):
     tmp = f"{tmp_path}/"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RWKV_TORCH_CACHE", str(tmp_path / "cache"))  # parsed replays: not in the user's cache
-    assert SHARED.is_dir(), f"the README's replay example reads {SHARED} (../shared beside the checkout)"
     for block in readme_data_blocks():
         exec(compile(block.replace("/tmp/", tmp), "README.md", "exec"), {})
     tiny_world = rt.build(version=7, vocab_size=65536, hidden_size=32, num_layers=2, head_size=16, seed=0)
@@ -151,14 +159,14 @@ def test_readme_cli_examples_run(overrides, tmp_path, monkeypatch, capsys):
             "pip install -e '.[dev]'")
     threads = torch.get_num_threads()
     for words in examples:
-        args = [w.replace("/tmp/", tmp).replace("../shared/", f"{SHARED}/") for w in words]
+        args = [readme_paths(w, tmp) for w in words]
         args += overrides.get(words[0], [])
         code = cli.main(args)
         torch.set_num_threads(threads)  # an example's --threads is for that example (oversubscribed, 10x slower)
         out, err = capsys.readouterr()
         assert code == 0, f"rwkv-torch {shlex.join(words)} (run as {shlex.join(args)}) exited {code}:\n{out}\n{err}"
     for block in readme_run_blocks():
-        exec(compile(block.replace("/tmp/", tmp).replace("../shared/", f"{SHARED}/"), "README.md", "exec"), {})
+        exec(compile(readme_paths(block, tmp), "README.md", "exec"), {})
     assert not readme_run_blocks() or (tmp_path / "rwkv_runs" / "melee" / "policy.onnx").stat().st_size > 0
 
 

@@ -11,6 +11,7 @@ import torch
 
 import rwkv_torch as rt
 from rwkv_torch import cli
+from rwkv_torch.demo import merge
 from rwkv_torch.state import RWKVState
 from rwkv_torch.train import TrainConfig, build_model, load_task_model, train, train_step
 from rwkv_torch.train.data import Dataset, Sequence, Target
@@ -159,7 +160,9 @@ def test_finetune_errors(corpora, tmp_path):
     with pytest.raises(ValueError, match="no linear layer of the model matches"):
         _quiet_train(data=data, init_from=model, lora_rank=2, lora_targets="att.nothing", steps=1,
                      out=str(tmp_path / "z"), **RUN)
-    assert cli.main(["merge", str(corpora / "pre"), str(tmp_path / "m"), "--overwrite"]) == 0  # a plain run merges
+    with pytest.raises(ValueError, match=r"not a LoRA run \(trained without --lora-rank\): there is nothing to merge"):
+        merge(str(corpora / "pre"), str(tmp_path / "m"))
+    assert cli.main(["merge", str(corpora / "pre"), str(tmp_path / "m")]) == 2 and not (tmp_path / "m").exists()
     assert cli.main(["train", "--data", data, "--init-from", model, "--lora-rank", "0", "--out",
                      str(tmp_path / "w")]) == 2
 

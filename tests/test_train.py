@@ -470,3 +470,78 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, device, message, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rwkv-torch train: error: device") and message in err[0]
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("stride", [16, 5])  # stateful lanes, shuffled independent windows
+def test_plans_resume_from_their_saved_position(stride):
+    """A plan iterator restored from its ``state_dict`` continues exactly where the saved one was, without being
+    replayed from the start."""
+    lengths = [40, 25, 64, 17, 90]
+    plans = window_plans(lengths, 16, stride, 3, seed=1)
+    for _ in range(7):
+        next(plans)
+    saved = torch.load(_round_trip(plans.state_dict()), weights_only=True)  # as a checkpoint holds it
+    want = [next(plans) for _ in range(20)]
+    fresh = window_plans(lengths, 16, stride, 3, seed=1)
+    fresh.load_state_dict(saved)
+    assert [next(fresh) for _ in range(20)] == want and fresh.steps == 27
+    other = window_plans(lengths, 16, stride, 3, seed=1)
+    other.skip(7)
+    assert [next(other) for _ in range(20)] == want  # the fallback for checkpoints without a position
+
+
+def _round_trip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_resume_restores_the_data_position_without_replaying(tmp_path, monkeypatch):
+    from rwkv_torch.train.data import WindowPlans
+
+    eps = str(write_episodes(tmp_path / "eps"))
+    base = dict(TINY, data=eps, steps=8, eval_every=4)
+    full = train(dict(base, out=str(tmp_path / "a")))
+    train(dict(base, out=str(tmp_path / "b"), stop_after=5))
+    assert torch.load(sorted((tmp_path / "b").glob("ckpt-*.pt"))[-1], weights_only=True)["plans"]["steps"] == 5
+    monkeypatch.setattr(WindowPlans, "skip", lambda self, n: pytest.fail("replayed the data order"))
+    rest = train(dict(resume=str(tmp_path / "b"), steps=8, progress=False))
+    assert rest["step"] == 8 and rest["loss"] == full["loss"]
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, capsys):
+    eps = str(write_episodes(tmp_path / "eps"))
+    train(dict(TINY, data=eps, out=str(tmp_path / "run"), steps=3, warmup=1))
+    with pytest.raises(ValueError, match=r"the run is finished \(step 3 of 3\); give --steps N with N > 3"):
+        train(dict(resume=str(tmp_path / "run"), progress=False))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert "loss" not in out and err.count("\n") == 1 and "finished" in err
+    assert train(dict(resume=str(tmp_path / "run"), steps=4, progress=False))["step"] == 4  # --steps continues it
+
+
+def test_action_delay_on_episodes_is_refused(tmp_path, capsys):
+    eps = str(write_episodes(tmp_path / "eps"))
+    with pytest.raises(ValueError, match=r"--action-delay is for \.slp replays; --data .*eps is episodes data"):
+        train(dict(TINY, data=eps, out=str(tmp_path / "run"), steps=1, action_delay=3))
+    assert not (tmp_path / "run").exists()
+    assert cli.main(["train", "--data", eps, "--action-delay", "2", "--out", str(tmp_path / "r2")]) == 2
+    assert "--action-delay" in capsys.readouterr().err
+
+
+def test_init_from_a_run_that_does_not_fit_leaves_the_folder_and_says_what_differs(tmp_path):
+    """A fine-tune whose data has another frame width fails before writing anything to --out (the rerun is not
+    refused as another run), and the error names the tensors and widths that differ."""
+    train(dict(TINY, data=str(write_episodes(tmp_path / "a", D=4)), out=str(tmp_path / "base"), steps=2, warmup=1))
+    wide = str(write_episodes(tmp_path / "b", D=12))
+    with pytest.raises(ValueError, match=r"input_proj\.weight \[32, 4\] \(this data's model: \[32, 12\]\).*"
+                                         r"input width 4 in --init-from .*base, 12 from this data"):
+        train(dict(TINY, data=wide, init_from=str(tmp_path / "base"), out=str(tmp_path / "R"), steps=2))
+    assert not (tmp_path / "R").exists()
+    narrow = str(write_episodes(tmp_path / "c", D=4))
+    res = train(dict(TINY, data=narrow, init_from=str(tmp_path / "base"), out=str(tmp_path / "R"), steps=2, warmup=1))
+    assert res["step"] == 2

@@ -3,9 +3,10 @@ parameters and equal CPU time.
 
     python benchmarks/quality/melee.py [--quick] [--seconds 150] [--models rwkv7,rwkv7-windowed,lstm,transformer]
 
-Data: every usable ``.slp`` in ``--replays`` (default ``../shared/data/slippi``, 22 of 24 parse; the two broken on
-purpose are skipped with a warning), through ``rwkv-torch train``'s own loader (``rwkv_torch.slippi``: one episode
-per human player, the ExPhil-style features and learned id embeddings, controller targets ``--action-delay`` frames
+Data: every usable ``.slp`` in ``--data`` (default ``../shared/data/slippi`` where it exists, 22 of 24 parse; the two
+broken on purpose are skipped with a warning; else the repository's seven small ``tests/data/slippi`` replays),
+through ``rwkv-torch train``'s own loader (``rwkv_torch.slippi``: one episode per human player, the ExPhil-style
+features and learned id embeddings, controller targets ``--action-delay`` frames
 after the observed state). Whole games are held out (``split_by_sequence`` by file, ``--val-fraction``), so no frame
 of a test game, from either side, is seen in training.
 
@@ -47,13 +48,16 @@ from common import (
 from common import write_report as report
 
 import rwkv_torch as rt
+from rwkv_torch.slippi import DATA_SOURCES
 from rwkv_torch.slippi.features import CONTROLLER_FEATURES, FRAME_WIDTH
 from rwkv_torch.slippi.targets import shoulder_class, stick_class
 from rwkv_torch.train import TrainConfig, build_model, lr_factor, train_step
 from rwkv_torch.train.data import load_data, make_batch, split_by_sequence, window_plans
 
 CPU = torch.device("cpu")
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "slippi"
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "data" / "slippi"
+DEFAULT_DATA = SHARED if SHARED.is_dir() else REPO / "tests" / "data" / "slippi"
 HEADS = ("buttons", "main_x", "main_y", "c_x", "c_y", "shoulder")
 VARIANTS = {"rwkv7": ("rwkv7", True), "rwkv7-windowed": ("rwkv7", False), "lstm": ("lstm", True),
             "transformer": ("transformer", False)}
@@ -174,7 +178,9 @@ def plot(results: list, path) -> None:
 
 def parse(argv):
     p = base_parser(__doc__)
-    p.add_argument("--replays", default=str(SHARED), help="folder of .slp files (default ../shared/data/slippi)")
+    p.add_argument("--data", "--replays", dest="replays", default=str(DEFAULT_DATA),
+                   help="a .slp file or a folder of them (default ../shared/data/slippi where it exists, else "
+                        "tests/data/slippi)")
     p.add_argument("--models", default="rwkv7,rwkv7-windowed,lstm,transformer")
     p.add_argument("--seconds", type=float, default=150.0, help="training time per model (default 150 s)")
     p.add_argument("--max-steps", type=int, default=100_000, help="also stop at this many steps")
@@ -203,7 +209,7 @@ def main(argv=None) -> list:
     t_start = time.perf_counter()
     with warnings.catch_warnings(record=True) as skipped:
         warnings.simplefilter("always")
-        data = load_data(args.replays, action_delay=args.action_delay)
+        data = load_data(args.replays, action_delay=args.action_delay, sources=DATA_SOURCES)
     train, test = split_by_sequence(data, args.val_fraction, args.seed)
     if args.quick:  # a smoke run scores two short held-out episodes
         test = test.subset(sorted(range(len(test.sequences)), key=lambda i: len(test.sequences[i]))[:2])

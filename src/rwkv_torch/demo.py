@@ -19,9 +19,10 @@ from .export import OnnxStep, export_onnx, state_names
 from .generate import check_limits, full_state, stream_text
 from .model import build
 from .quantize import weight_format
+from .slippi import DATA_SOURCES
 from .state import RWKVState
 from .stream import Stream
-from .tokenizer import _BY_VOCAB, ByteTokenizer, get_tokenizer
+from .tokenizer import TOKENIZER_BY_VOCAB, ByteTokenizer, get_tokenizer
 from .train import adamw, train
 from .train.units import summary_line
 
@@ -216,10 +217,10 @@ def export(out: str, model: str | None = None, embed_dim: int | None = None, bat
 
 def train_and_report(args) -> dict:
     """``train(args)`` (a dict, TrainConfig or argparse Namespace), then rank 0 prints the final step, loss,
-    validation loss and checkpoint. Returns the trainer's summary."""
+    validation loss and checkpoint; ``.slp`` data is read by ``rwkv_torch.slippi``. Returns the trainer's summary."""
     given = args if isinstance(args, dict) else getattr(args, "__dict__", {})
     _positive(max_bytes=given.get("max_bytes"))  # before the data loads: 0 would read as "no sources found"
-    res = train(args)
+    res = train(args, sources=DATA_SOURCES)
     if res["rank"] == 0:  # under torchrun, rank 0 reports
         print(summary_line(res))
     return res
@@ -242,7 +243,7 @@ def generate(model: str, prompt: str, max_tokens: int = 200, temperature: float 
     V = m.config.vocab_size
     if V is None:
         raise ValueError(f"{model} is a backbone with continuous input (embed_dim={m.config.embed_dim}), not an LM")
-    known = {name: vocab for vocab, name in _BY_VOCAB.items()}.get(tokenizer)
+    known = {name: vocab for vocab, name in TOKENIZER_BY_VOCAB.items()}.get(tokenizer)
     if known is not None and known != V:  # before loading the tokenizer (World: seconds)
         raise _vocab_mismatch(V, tokenizer, known)
     try:
@@ -321,6 +322,9 @@ def merge(run: str, dst: str, overwrite: bool = False) -> str:
     if model.state0 is not None:
         raise ValueError(f"{run}: a state-tuning run: its weights are its base's ({ckpt['config']['init_from']}); "
                          f"the learned state is {Path(run) / 'state.safetensors'} (generate --state-in)")
+    if ckpt["config"].get("lora_rank") is None:
+        raise ValueError(f"{run}: not a LoRA run (trained without --lora-rank): there is nothing to merge; its model "
+                         f"is {Path(run) / 'model'} (rwkv-torch convert copies it, to a .pth too)")
     m = model.backbone
     out = save_official(m, dst) if dst.endswith(".pth") else save(m, dst)
     c = m.config

@@ -112,17 +112,17 @@ class WorldTokenizer:
 
 
 TOKENIZERS = {"byte": ByteTokenizer, "world": WorldTokenizer}
-_BY_VOCAB = {256: "byte", 65536: "world"}
+TOKENIZER_BY_VOCAB = {256: "byte", 65536: "world"}
 
 
 def get_tokenizer(name_or_vocab_size: str | int) -> ByteTokenizer | WorldTokenizer:
     """``"byte"`` or ``256`` -> ``ByteTokenizer``; ``"world"`` or ``65536`` -> ``WorldTokenizer``."""
     key = name_or_vocab_size
     if isinstance(key, int) and not isinstance(key, bool):
-        if key not in _BY_VOCAB:
-            raise ValueError(f"no tokenizer known for vocab_size {key}; known: {sorted(_BY_VOCAB)} "
-                             f"({', '.join(_BY_VOCAB.values())}); pick one by name")
-        key = _BY_VOCAB[key]
+        if key not in TOKENIZER_BY_VOCAB:
+            raise ValueError(f"no tokenizer known for vocab_size {key}; known: {sorted(TOKENIZER_BY_VOCAB)} "
+                             f"({', '.join(TOKENIZER_BY_VOCAB.values())}); pick one by name")
+        key = TOKENIZER_BY_VOCAB[key]
     if key not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name_or_vocab_size!r}; known: {sorted(TOKENIZERS)}")
     return TOKENIZERS[key]()

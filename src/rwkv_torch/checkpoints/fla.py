@@ -20,8 +20,8 @@ keeps the five mixes in the order (r, w, k, v, g) where the official files use (
 import torch
 
 from ..model import RWKV
-from .keymap import _block_part, _invert, _listing, _remap, map_key
-from .official import _check_tensors, _unwrap, from_official_state_dict, to_official_state_dict
+from .keymap import block_part, invert_map, key_listing, map_key, remap_keys
+from .official import as_rwkv, check_tensors, from_official_state_dict, to_official_state_dict
 
 
 def _fla_lora(letter: str, bias: bool) -> dict:
@@ -64,7 +64,7 @@ OFFICIAL_TO_FLA = {
     "ln_out.bias": "model.norm.bias",
     "head.weight": "lm_head.weight",
 }
-FLA_TO_OFFICIAL = _invert(OFFICIAL_TO_FLA)
+FLA_TO_OFFICIAL = invert_map(OFFICIAL_TO_FLA)
 
 _FLA_TRANSPOSED = {f"att.{c}{i}" for c in "wavg" for i in (1, 2)}  # bare [in, out] LoRA -> Linear [out, in]
 _FLA_SQUEEZED = {"att.w0", "att.a0", "att.v0", "att.k_k", "att.k_a", "ffn.x_k"}  # (1, 1, C) -> (C,); x_* stay
@@ -104,7 +104,7 @@ OFFICIAL_TO_FLA6 = {
     "ln_out.bias": "model.norm.bias",
     "head.weight": "lm_head.weight",
 }
-FLA6_TO_OFFICIAL = _invert(OFFICIAL_TO_FLA6)
+FLA6_TO_OFFICIAL = invert_map(OFFICIAL_TO_FLA6)
 
 _FLA6_TRANSPOSED = {"att.time_decay_w1", "att.time_decay_w2"}
 _FLA6_SQUEEZED = {"att.time_maa_x", "att.time_decay", "ffn.time_maa_k", "ffn.time_maa_r"}
@@ -118,7 +118,7 @@ def _official_to_fla(sd: dict) -> dict:
         name = map_key(key, OFFICIAL_TO_FLA)
         if name is None:
             continue
-        part = _block_part(key)
+        part = block_part(key)
         if part in _FLA_TRANSPOSED:
             t = t.t()
         elif part in _FLA_SQUEEZED:
@@ -128,12 +128,12 @@ def _official_to_fla(sd: dict) -> dict:
 
 
 def _fla_to_official(sd: dict, source: str) -> dict:
-    renamed, unknown = _remap(sd, FLA_TO_OFFICIAL)
+    renamed, unknown = remap_keys(sd, FLA_TO_OFFICIAL)
     if unknown:
-        raise ValueError(f"{source}: unknown fla RWKV-7 keys {_listing(unknown)}")
+        raise ValueError(f"{source}: unknown fla RWKV-7 keys {key_listing(unknown)}")
     out = {}
     for name, t in renamed.items():
-        part = _block_part(name)
+        part = block_part(name)
         if part in _FLA_TRANSPOSED:
             t = t.t()
         elif part in _FLA_SQUEEZED:
@@ -146,7 +146,7 @@ def _official_to_fla6(sd: dict) -> dict:
     """An official RWKV-6 state dict (``to_official_state_dict``) -> fla names and layouts."""
     out, layers = {}, {}
     for key, t in sd.items():
-        part = _block_part(key)
+        part = block_part(key)
         if part in _FLA6_REGROUPED:
             layers.setdefault(int(key.split(".")[1]), {})[part] = t
             continue
@@ -172,12 +172,12 @@ def _fla6_to_official(sd: dict, source: str) -> dict:
             layers.setdefault(int(key.split(".")[2]), {})[rest] = t
         else:
             renamable[key] = t
-    renamed, unknown = _remap(renamable, FLA6_TO_OFFICIAL)
+    renamed, unknown = remap_keys(renamable, FLA6_TO_OFFICIAL)
     if unknown:
-        raise ValueError(f"{source}: unknown fla RWKV-6 keys {_listing(unknown)}")
+        raise ValueError(f"{source}: unknown fla RWKV-6 keys {key_listing(unknown)}")
     out = {}
     for name, t in renamed.items():
-        part = _block_part(name)
+        part = block_part(name)
         out[name] = t.t() if part in _FLA6_TRANSPOSED else t.view(1, 1, -1) if part in _FLA6_SQUEEZED else t
     for i, p in layers.items():
         missing = [k for k in _FLA6_REGROUPED_KEYS if k not in p]
@@ -204,7 +204,7 @@ def to_fla_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
     LoRA matrices become ``nn.Linear`` weights ``[out, in]`` (``w1 [C, D]`` -> ``w_lora.lora.0.weight [D, C]``),
     the biases ``w0/a0/v0`` and ``k_k, k_a, ffn.x_k`` are ``(C,)``, ``x_r ... x_g`` stay ``(1, 1, C)``.
     """
-    model = _unwrap(model)
+    model = as_rwkv(model)
     if model.config.version == 6:  # RWKV6ForCausalLM
         return _official_to_fla6(to_official_state_dict(model))
     if model.config.version != 7:
@@ -215,7 +215,7 @@ def to_fla_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
 def from_fla_state_dict(sd: dict, *, source: str = "fla state dict") -> RWKV:
     """Build an RWKV-7 (or RWKV-6) model from an fla ``RWKV7ForCausalLM`` (``RWKV6ForCausalLM``) state dict, the
     inverse of ``to_fla_state_dict``; the version is read from the keys."""
-    _check_tensors(sd, source)
+    check_tensors(sd, source)
     if _is_fla6(sd):
         return from_official_state_dict(_fla6_to_official(sd, source), source=source)
     return from_official_state_dict(_fla_to_official(sd, source), source=source)

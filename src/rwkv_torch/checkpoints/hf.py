@@ -7,8 +7,8 @@
 import torch
 
 from ..model import RWKV
-from .keymap import _invert, _listing, _remap, map_key
-from .official import _check_tensors, _unwrap, from_official_state_dict, to_official_state_dict
+from .keymap import invert_map, key_listing, map_key, remap_keys
+from .official import as_rwkv, check_tensors, from_official_state_dict, to_official_state_dict
 
 OFFICIAL_TO_HF = {
     "emb.weight": "rwkv.embeddings.weight",
@@ -28,7 +28,7 @@ OFFICIAL_TO_HF = {
     "ln_out.bias": "rwkv.ln_out.bias",
     "head.weight": "head.weight",
 }
-HF_TO_OFFICIAL = _invert(OFFICIAL_TO_HF)
+HF_TO_OFFICIAL = invert_map(OFFICIAL_TO_HF)
 
 
 def to_hf_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
@@ -36,7 +36,7 @@ def to_hf_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
 
     Load them into a ``RwkvConfig(..., rescale_every=0)`` model: transformers otherwise rescales the weights at
     inference (a fp16 overflow workaround), which changes the numbers."""
-    model = _unwrap(model)
+    model = as_rwkv(model)
     if model.config.version != 4:
         raise ValueError(f"transformers' RWKV names are for RWKV-4 models, this one is RWKV-{model.config.version}")
     return {map_key(k, OFFICIAL_TO_HF): t for k, t in to_official_state_dict(model).items()}
@@ -44,8 +44,8 @@ def to_hf_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
 
 def from_hf_state_dict(sd: dict, *, source: str = "transformers state dict") -> RWKV:
     """An RWKV-4 model from a transformers ``RwkvForCausalLM`` state dict (the inverse of to_hf_state_dict)."""
-    _check_tensors(sd, source)
-    out, unknown = _remap(sd, HF_TO_OFFICIAL)
+    check_tensors(sd, source)
+    out, unknown = remap_keys(sd, HF_TO_OFFICIAL)
     if unknown:
-        raise ValueError(f"{source}: unknown transformers RWKV-4 keys {_listing(unknown)}")
+        raise ValueError(f"{source}: unknown transformers RWKV-4 keys {key_listing(unknown)}")
     return from_official_state_dict(out, source=source)

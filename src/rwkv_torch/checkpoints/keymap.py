@@ -1,8 +1,8 @@
 """Key names: our names <-> the official ones, the key-map machinery every format uses, and version detection.
 
 A key map is a dict from one format's names to another's: ``"{}"`` stands for the block index, ``None`` marks a key
-that is dropped; ``_invert`` gives the inverse and checks it is one-to-one. ``map_key`` applies a map to one key,
-``_remap`` to a whole state dict, collecting the keys the map does not know (loading accounts for every key).
+that is dropped; ``invert_map`` gives the inverse and checks it is one-to-one. ``map_key`` applies a map to one key,
+``remap_keys`` to a whole state dict, collecting the keys the map does not know (loading accounts for every key).
 ``detect_version`` reads the RWKV version of an official state dict from its key names alone.
 
 Our names are the official ones except ln0; official stores some vectors as (1, 1, C).
@@ -45,7 +45,7 @@ _BLOCK_PARAMS = {
 }
 
 # Per-block vectors that official files store as (1, 1, C) and we store as [C].
-_VECTORS = {
+OFFICIAL_VECTORS = {
     7: {"att.x_r", "att.x_w", "att.x_k", "att.x_v", "att.x_a", "att.x_g", "att.w0", "att.a0", "att.v0", "att.k_k",
         "att.k_a", "ffn.x_k"},
     6: {"att.time_maa_x", "att.time_maa_w", "att.time_maa_k", "att.time_maa_v", "att.time_maa_r", "att.time_maa_g",
@@ -65,14 +65,14 @@ def _official_map(version: int) -> dict:
     return table
 
 
-def _invert(table: dict) -> dict:
+def invert_map(table: dict) -> dict:
     inverse = {ours: theirs for theirs, ours in table.items() if ours is not None}
     assert len(inverse) == sum(v is not None for v in table.values()), "key map is not one-to-one"
     return inverse
 
 
 FROM_OFFICIAL = {v: _official_map(v) for v in VERSIONS}
-TO_OFFICIAL = {v: _invert(m) for v, m in FROM_OFFICIAL.items()}
+TO_OFFICIAL = {v: invert_map(m) for v, m in FROM_OFFICIAL.items()}
 
 _INDEXED = re.compile(r"(.+?)\.(\d+)\.(.+)")  # "<prefix>.<index>.<rest>", e.g. blocks.3.att.w1
 
@@ -93,7 +93,7 @@ def map_key(key: str, table: dict) -> str | None:
     raise KeyError(key)
 
 
-def _remap(sd: dict, table: dict) -> tuple[dict, list]:
+def remap_keys(sd: dict, table: dict) -> tuple[dict, list]:
     """``sd`` under ``table``'s names (dropped keys left out, order kept) and the keys ``table`` does not know."""
     out, unknown = {}, []
     for key, t in sd.items():
@@ -107,18 +107,18 @@ def _remap(sd: dict, table: dict) -> tuple[dict, list]:
     return out, unknown
 
 
-def _block_part(official_key: str) -> str | None:
+def block_part(official_key: str) -> str | None:
     """``blocks.3.att.w1`` -> ``att.w1`` (None for keys outside the blocks)."""
     m = _INDEXED.fullmatch(official_key)
     return m[3] if m is not None and m[1] == "blocks" else None
 
 
-def _num_layers(sd: dict) -> int:
+def count_layers(sd: dict) -> int:
     indices = {int(m[2]) for k in sd if (m := _INDEXED.fullmatch(k)) and m[1] == "blocks"}
     return max(indices) + 1 if indices else 0
 
 
-def _listing(keys, limit: int = 8) -> str:
+def key_listing(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -133,7 +133,7 @@ _HINTS = {
 }
 
 
-def _hint(keys) -> str:
+def hint_for(keys) -> str:
     hints = {h for k in keys for pat, h in _HINTS.items() if pat in k}
     return ("; " + "; ".join(sorted(hints))) if hints else ""
 
@@ -159,5 +159,6 @@ def detect_version(keys) -> int:
         return 4
     raise ValueError(
         "not an RWKV checkpoint: expected keys such as blocks.0.att.r_k (RWKV-7), blocks.0.att.time_maa_x (RWKV-6), "
-        f"blocks.0.att.ln_x.weight (RWKV-5) or blocks.0.att.time_mix_k (RWKV-4); got {_listing(keys, 5)}{_hint(keys)}"
+        f"blocks.0.att.ln_x.weight (RWKV-5) or blocks.0.att.time_mix_k (RWKV-4); got {key_listing(keys, 5)}"
+        f"{hint_for(keys)}"
     )

@@ -17,8 +17,8 @@ from ..config import RWKVConfig
 from ..model import RWKV
 from ..quantize import WEIGHT_FORMATS, quantize, quantized_like, weight_format
 from ..state import save_safetensors
-from .keymap import _listing
-from .official import _assign, _dominant_dtype, _meta_model, _unwrap, load_official
+from .keymap import key_listing
+from .official import as_rwkv, assign_tensors, dominant_dtype, load_official, meta_model
 
 FORMAT = "rwkv-torch"
 # Version 2 adds "weights" to config.json ("bf16" or "int8": quantized linear layers, int8 with ".scale" tensors);
@@ -33,7 +33,7 @@ def save(model: RWKV, directory) -> Path:
     weight format (``"weights": "int8" | "bf16"``): the file then loads as stored, without re-quantizing. Returns the
     directory.
     """
-    model = _unwrap(model)
+    model = as_rwkv(model)
     weights = weight_format(model)
     version = 1 if weights == "fp32" else FORMAT_VERSION
     d = Path(directory)
@@ -70,19 +70,20 @@ def _load_native(d: Path) -> RWKV:
         tensors = load_file(str(weights))
     except Exception as e:
         raise ValueError(f"{weights}: cannot read the weights (truncated or corrupt?): {e}") from e
-    model = quantized_like(_meta_model(config), weights_format)
+    model = quantized_like(meta_model(config), weights_format)
     expected = model.state_dict()
     missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unknown:
         hint = "" if weights_format != "fp32" or not any(k.endswith(".scale") for k in unknown) else (
             ' (int8 scales in a file whose config.json does not say "weights": "int8")')
-        raise ValueError(f"{weights}: missing keys [{_listing(missing)}], unknown keys [{_listing(unknown)}]{hint}")
+        raise ValueError(f"{weights}: missing keys [{key_listing(missing)}], unknown keys "
+                         f"[{key_listing(unknown)}]{hint}")
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
             raise ValueError(f"{weights}: {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}"
                              f"{'' if weights_format == 'fp32' else f' ({weights_format} weights)'}")
     if weights_format == "fp32":
-        return _assign(model, tensors)
+        return assign_tensors(model, tensors)
     for k, v in tensors.items():
         want = expected[k].dtype
         if v.dtype != want and not (v.is_floating_point() and want == torch.float32):
@@ -140,7 +141,7 @@ def load(path, *, dtype: torch.dtype | None = None, device="cpu", weights: str |
 def describe(model: RWKV) -> dict:
     """Sizes of ``model`` for display: version, hidden, layers, heads, head size, vocab/embed_dim, ffn, LoRA
     ranks, parameter count and dtype."""
-    model = _unwrap(model)
+    model = as_rwkv(model)
     c = model.config
     info = {"version": c.version, "hidden_size": c.hidden_size, "num_layers": c.num_layers}
     if c.version != 4:
@@ -156,7 +157,7 @@ def describe(model: RWKV) -> dict:
     elif c.version == 6:
         info.update(mix_lora=c.mix_lora_dim, decay_lora=c.decay_lora_dim)
     info["params"] = model.param_count()
-    info["dtype"] = str(_dominant_dtype(list(model.parameters()))).replace("torch.", "")
+    info["dtype"] = str(dominant_dtype(list(model.parameters()))).replace("torch.", "")
     if weight_format(model) != "fp32":
         info["weights"] = weight_format(model)
     return info

@@ -9,7 +9,7 @@
   the pip package's per-layer list.
 
 The other formats (fla, transformers) convert through the official names; the native format reuses the model
-building helpers here (``_unwrap``, ``_meta_model``, ``_assign``, ``_dominant_dtype``).
+building helpers here (``as_rwkv``, ``meta_model``, ``assign_tensors``, ``dominant_dtype``).
 """
 
 from collections import Counter
@@ -21,20 +21,20 @@ from ..config import RWKVConfig
 from ..model import RWKV
 from ..state import RWKVState, state_meta
 from .keymap import (
-    _VECTORS,
     FROM_OFFICIAL,
+    OFFICIAL_VECTORS,
     TO_OFFICIAL,
-    _block_part,
-    _hint,
-    _listing,
-    _num_layers,
-    _remap,
+    block_part,
+    count_layers,
     detect_version,
+    hint_for,
+    key_listing,
     map_key,
+    remap_keys,
 )
 
 
-def _check_tensors(sd, source: str) -> None:
+def check_tensors(sd, source: str) -> None:
     if not isinstance(sd, dict):
         raise ValueError(f"{source}: not an RWKV checkpoint: expected a dict of tensors, got {type(sd).__name__}")
     for k, v in sd.items():
@@ -45,7 +45,7 @@ def _check_tensors(sd, source: str) -> None:
 
 def _shape(sd: dict, key: str, source: str) -> tuple:
     if key not in sd:
-        raise ValueError(f"{source}: missing key {key} (needed to read the model sizes){_hint(sd)}")
+        raise ValueError(f"{source}: missing key {key} (needed to read the model sizes){hint_for(sd)}")
     return tuple(sd[key].shape)
 
 
@@ -58,7 +58,7 @@ def official_config(sd: dict, version: int | None = None, *, source: str = "stat
     """
     version = detect_version(sd) if version is None else version
     V, C = _shape(sd, "emb.weight", source)
-    L = _num_layers(sd)
+    L = count_layers(sd)
     if L == 0:
         raise ValueError(f"{source}: no blocks.{{i}}.* keys; not an RWKV checkpoint")
     sizes = dict(version=version, hidden_size=C, num_layers=L, vocab_size=V,
@@ -103,21 +103,21 @@ def _fit(t: torch.Tensor, expected: torch.Size, source: str, official: str) -> t
                      f"(sizes read from the file's other tensors)")
 
 
-def _dominant_dtype(tensors) -> torch.dtype:
+def dominant_dtype(tensors) -> torch.dtype:
     counts = Counter()
     for t in tensors:
         counts[t.dtype] += t.numel()
     return counts.most_common(1)[0][0]
 
 
-def _meta_model(config: RWKVConfig) -> RWKV:
+def meta_model(config: RWKVConfig) -> RWKV:
     with torch.device("meta"):  # no allocation, no init: every parameter is replaced by a loaded tensor
         return RWKV(config)
 
 
-def _assign(model: RWKV, tensors: dict) -> RWKV:
+def assign_tensors(model: RWKV, tensors: dict) -> RWKV:
     model.load_state_dict(tensors, strict=True, assign=True)
-    return model.to(dtype=_dominant_dtype(tensors.values()))
+    return model.to(dtype=dominant_dtype(tensors.values()))
 
 
 def from_official_state_dict(sd: dict, *, source: str = "state dict") -> RWKV:
@@ -126,21 +126,21 @@ def from_official_state_dict(sd: dict, *, source: str = "state dict") -> RWKV:
     Every key must be mapped or explicitly dropped and every parameter present with its official shape; the
     tensors are used as they are (no copy when no reshape is needed). Raises ValueError naming the problem.
     """
-    _check_tensors(sd, source)
+    check_tensors(sd, source)
     config = official_config(sd, source=source)
-    ours, unknown = _remap(sd, FROM_OFFICIAL[config.version])
-    model = _meta_model(config)
+    ours, unknown = remap_keys(sd, FROM_OFFICIAL[config.version])
+    model = meta_model(config)
     expected = model.state_dict()
     to_official = TO_OFFICIAL[config.version]
     missing = [map_key(k, to_official) for k in expected if k not in ours]
     unknown += [map_key(k, to_official) for k in ours if k not in expected]  # e.g. blocks.5.* in a 4-layer file
     if unknown or missing:
-        problems = [f"unknown keys {_listing(unknown)}"] if unknown else []
-        problems += [f"missing keys {_listing(missing)}"] if missing else []
+        problems = [f"unknown keys {key_listing(unknown)}"] if unknown else []
+        problems += [f"missing keys {key_listing(missing)}"] if missing else []
         raise ValueError(f"{source}: RWKV-{config.version} checkpoint (hidden {config.hidden_size}, "
-                         f"{config.num_layers} layers) with {' and '.join(problems)}{_hint(unknown)}")
+                         f"{config.num_layers} layers) with {' and '.join(problems)}{hint_for(unknown)}")
     fitted = {k: _fit(ours[k], v.shape, source, map_key(k, to_official)) for k, v in expected.items()}
-    return _assign(model, fitted).eval()
+    return assign_tensors(model, fitted).eval()
 
 
 def _torch_load(path: Path):
@@ -164,7 +164,7 @@ def load_official(path) -> RWKV:
     return from_official_state_dict(sd, source=str(path))
 
 
-def _unwrap(model) -> RWKV:
+def as_rwkv(model) -> RWKV:
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if not isinstance(model, RWKV):
         raise TypeError(f"expected an rwkv_torch.RWKV model, got {type(model).__name__}")
@@ -177,7 +177,7 @@ def to_official_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
     RWKV-7 block 0 also gets zero ``att.v0 (1,1,C)``, ``v1 [C, D_v]``, ``v2 [D_v, C]``: unused, but present in
     every official file (the official training code loads strictly). Tensors share memory with the model.
     """
-    model = _unwrap(model)
+    model = as_rwkv(model)
     c = model.config
     if not model.is_token_model:
         raise ValueError("official checkpoints are token models; this model has continuous input (embed_dim="
@@ -186,7 +186,7 @@ def to_official_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
     out = {}
     for key, t in model.state_dict().items():
         name = map_key(key, table)
-        out[name] = t.view(1, 1, -1) if _block_part(name) in _VECTORS[c.version] else t
+        out[name] = t.view(1, 1, -1) if block_part(name) in OFFICIAL_VECTORS[c.version] else t
     if c.version == 7:
         like = out["emb.weight"]
         C, D = c.hidden_size, c.v_lora_dim

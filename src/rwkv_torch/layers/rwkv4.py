@@ -14,22 +14,22 @@ from ..ops.wkv4 import wkv4_unchecked
 from ._init import orthogonal_scaled as _ortho
 
 
-def _mix(x, prev, mu):
+def v4_mix(x, prev, mu):
     """v4 convention: the weight multiplies the CURRENT token, x mu + prev (1 - mu) (the official expression),
     computed as x + (prev - x)(1 - mu): the lerp of ``ops.mix.shift_mix_linear``, so that the training form and
     wrapped projections (LoRA at B = 0) give the same bits as this form."""
     return torch.addcmul(x, prev - x, 1 - mu)
 
 
-def _training_form(x, *projections) -> bool:
+def uses_training_form(x, *projections) -> bool:
     """Whether to run the lerps and projections through ``ops.mix`` (which keeps x only for the backward): under
     autograd with plain ``nn.Linear`` projections; wrapped projections (LoRA, quantized) and inference run one op at
     a time."""
     return not plain_form(x) and all(type(m) is nn.Linear for m in projections)
 
 
-def _mix_linear(x, shift, mus, projections, cu_seqlens):
-    """``_mix(x, prev, mu) @ W.T`` for each pair through ``ops.mix.shift_mix_linear``."""
+def v4_mix_linear(x, shift, mus, projections, cu_seqlens):
+    """``v4_mix(x, prev, mu) @ W.T`` for each pair through ``ops.mix.shift_mix_linear``."""
     return shift_mix_linear(x, shift, [1 - mu for mu in mus], [m.weight for m in projections], cu_seqlens=cu_seqlens)
 
 
@@ -67,15 +67,15 @@ class TimeMix(nn.Module):
         """x: [B, T, C] (ln1 output); shift: [B, C]; wkv_state: [B, 3, C] fp32 (aa, bb, pp stacked).
 
         Returns (out [B, T, C], new shift, new wkv_state, v_first unchanged)."""
-        if _training_form(x, self.key, self.value, self.receptance):
-            k, v, r = _mix_linear(x, shift, (self.time_mix_k, self.time_mix_v, self.time_mix_r),
+        if uses_training_form(x, self.key, self.value, self.receptance):
+            k, v, r = v4_mix_linear(x, shift, (self.time_mix_k, self.time_mix_v, self.time_mix_r),
                                   (self.key, self.value, self.receptance), cu_seqlens)
             r = torch.sigmoid(r)
         else:
             prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
-            k = self.key(_mix(x, prev, self.time_mix_k))
-            v = self.value(_mix(x, prev, self.time_mix_v))
-            r = torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r)))
+            k = self.key(v4_mix(x, prev, self.time_mix_k))
+            v = self.value(v4_mix(x, prev, self.time_mix_v))
+            r = torch.sigmoid(self.receptance(v4_mix(x, prev, self.time_mix_r)))
         cd = compute_dtype(x.dtype)  # the recurrence runs in fp32 (or fp64)
         w = -torch.exp(self.time_decay.to(cd))
         y, wkv_state = _wkv4(w, self.time_first.to(cd), k.to(cd), v.to(cd), wkv_state, backend, cu_seqlens)
@@ -112,13 +112,13 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift, *, cu_seqlens=None):
         last = last_token(x, shift, cu_seqlens=cu_seqlens)
-        if _training_form(x, self.key, self.receptance, self.value):
+        if uses_training_form(x, self.key, self.receptance, self.value):
             # keeping x and key's output only for the backward, as RWKV-6/7's channel mix (ops/mix.py)
-            z, r = _mix_linear(x, shift, (self.time_mix_k, self.time_mix_r), (self.key, self.receptance), cu_seqlens)
+            z, r = v4_mix_linear(x, shift, (self.time_mix_k, self.time_mix_r), (self.key, self.receptance), cu_seqlens)
             return torch.sigmoid(r) * squared_relu_linear(z, self.value.weight), last
         prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
-        k = torch.relu(self.key(_mix(x, prev, self.time_mix_k))).square()  # square: pow is ~6x slower on CPU
-        return torch.sigmoid(self.receptance(_mix(x, prev, self.time_mix_r))) * self.value(k), last
+        k = torch.relu(self.key(v4_mix(x, prev, self.time_mix_k))).square()  # square: pow is ~6x slower on CPU
+        return torch.sigmoid(self.receptance(v4_mix(x, prev, self.time_mix_r))) * self.value(k), last
 
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):

@@ -11,8 +11,8 @@ from ..ops._common import compute_dtype
 from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
 from . import rwkv4
-from .rwkv4 import _mix, _mix_linear, _training_form  # the v4/v5 mix: the weight multiplies the current token
-from .rwkv6 import _ratios, add_projections, init_projections, project_output
+from .rwkv4 import uses_training_form, v4_mix, v4_mix_linear  # the v4/v5 mix: the weight multiplies the current token
+from .rwkv6 import add_projections, init_projections, layer_ratios, project_output
 
 
 class TimeMix(nn.Module):
@@ -36,11 +36,11 @@ class TimeMix(nn.Module):
         H, N = self.n_head, self.head_size
         mus = (self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g)
         projections = (self.key, self.value, self.receptance, self.gate)
-        if _training_form(x, *projections):  # the lerps rebuilt in the backward (ops/mix.py), as in RWKV-4
-            k, v, r, g = _mix_linear(x, shift, mus, projections, cu_seqlens)
+        if uses_training_form(x, *projections):  # the lerps rebuilt in the backward (ops/mix.py), as in RWKV-4
+            k, v, r, g = v4_mix_linear(x, shift, mus, projections, cu_seqlens)
         else:
             prev = token_shift(x, shift, cu_seqlens=cu_seqlens)
-            k, v, r, g = (proj(_mix(x, prev, mu)) for mu, proj in zip(mus, projections))
+            k, v, r, g = (proj(v4_mix(x, prev, mu)) for mu, proj in zip(mus, projections))
         log_decay = (-torch.exp(self.time_decay.to(compute_dtype(x.dtype)))).view(1, 1, C).expand(B, T, C)
         g = F.silu(g)
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
@@ -53,7 +53,7 @@ class TimeMix(nn.Module):
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
         """The official from-scratch init (the x052 code)."""
         C = self.receptance.weight.shape[0]
-        r0, r1 = _ratios(self.layer_id, num_layers)
+        r0, r1 = layer_ratios(self.layer_id, num_layers)
         n = torch.arange(C, dtype=torch.float64)
         ddd = n / C
         span = n / (C - 1) if C > 1 else n
@@ -73,7 +73,7 @@ class ChannelMix(rwkv4.ChannelMix):
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
         C = self.receptance.weight.shape[0]
-        _, r1 = _ratios(self.layer_id, num_layers)
+        _, r1 = layer_ratios(self.layer_id, num_layers)
         ddd = torch.arange(C, dtype=torch.float64) / C
         self.time_mix_k.copy_(ddd**r1)
         self.time_mix_r.copy_(ddd**r1)

@@ -15,7 +15,7 @@ from ..ops.token_shift import last_token
 from ..ops.wkv6 import wkv6_unchecked
 
 
-def _ratios(layer_id: int, num_layers: int):
+def layer_ratios(layer_id: int, num_layers: int):
     r0 = layer_id / (num_layers - 1) if num_layers > 1 else 0.0
     return r0, 1.0 - layer_id / num_layers
 
@@ -124,7 +124,7 @@ class TimeMix(nn.Module):
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
         """The official from-scratch init (spec 3.5)."""
         C = self.receptance.weight.shape[0]
-        r0, r1 = _ratios(self.layer_id, num_layers)
+        r0, r1 = layer_ratios(self.layer_id, num_layers)
         n = torch.arange(C, dtype=torch.float64)
         ddd = n / C
         span = n / (C - 1) if C > 1 else n
@@ -171,7 +171,7 @@ class ChannelMix(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, num_layers: int, generator: torch.Generator | None = None):
         C = self.receptance.weight.shape[0]
-        _, r1 = _ratios(self.layer_id, num_layers)
+        _, r1 = layer_ratios(self.layer_id, num_layers)
         ddd = torch.arange(C, dtype=torch.float64) / C
         self.time_maa_k.copy_(1 - ddd ** (r1**3))
         self.time_maa_r.copy_(1 - ddd ** (r1**3))

@@ -8,11 +8,11 @@ controller targets, and a streaming policy.
 
 from .features import FRAME_WIDTH, ID_CLASSES
 from .live import gamestate_features
-from .replays import DEFAULT_ACTION_DELAY, cache_dir, load_replay, load_replays
+from .replays import DATA_SOURCES, DEFAULT_ACTION_DELAY, cache_dir, load_dataset, load_replay, load_replays
 from .targets import BUTTONS, STICKS
 
-__all__ = ["BUTTONS", "DEFAULT_ACTION_DELAY", "FRAME_WIDTH", "ID_CLASSES", "STICKS", "Controller", "Policy",
-           "cache_dir", "gamestate_features", "load_replay", "load_replays"]
+__all__ = ["BUTTONS", "DATA_SOURCES", "DEFAULT_ACTION_DELAY", "FRAME_WIDTH", "ID_CLASSES", "STICKS", "Controller",
+           "Policy", "cache_dir", "gamestate_features", "load_dataset", "load_replay", "load_replays"]
 
 
 def __getattr__(name):  # the policy needs the training package (torch); parsing and features do not

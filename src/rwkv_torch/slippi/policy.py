@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..train.model import TaskModel
+from ..task import TaskModel, load_task_model
 from .targets import BUTTONS, SHOULDER_VALUES, STICK_VALUES, STICKS
 
 # Each of the policy's buttons (``targets.BUTTONS``) -> the name of its ``melee.Button`` member (libmelee).
@@ -89,8 +89,6 @@ class Policy:
     @classmethod
     def from_run(cls, run, **kw) -> "Policy":
         """The newest checkpoint of a training run (a run folder or a ``ckpt-*.pt`` file); ``kw`` as ``Policy``."""
-        from ..train.model import load_task_model
-
         model, _ = load_task_model(run)
         return cls(model, **kw)
 

@@ -10,6 +10,7 @@ the effect of the input on frame t, so with 0 the model would read its answer fr
 analysis only); online play adds frames of delay, which a larger ``--action-delay`` trains for.
 """
 
+import functools
 import hashlib
 import os
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checks import input_files
+from ..task import Dataset, episodes_dataset
 from .features import FEATURE_VERSION, ID_CLASSES, game_features
 from .parse import read_replay
 from .targets import controller_targets
@@ -85,10 +87,27 @@ def cache_dir() -> Path:
     return Path(root) / "slippi"
 
 
+@functools.cache
+def target_encoding_key() -> str:
+    """A short hash of the target encoding (``targets.controller_targets`` on a fixed probe of button, stick and
+    shoulder values): a change to the buckets, classes or bits keys new cache entries, as ``FEATURE_VERSION`` does
+    for the features."""
+    v = np.linspace(-1.0, 1.0, 201)
+    probe = {"buttons": np.arange(201) * 37 % 4096, "stick_x": v, "stick_y": v[::-1], "cstick_x": v ** 3,
+             "cstick_y": -v ** 3, "trigger": np.abs(v)}
+    h = hashlib.sha256()
+    for k, a in sorted(controller_targets(probe).items()):
+        a = np.ascontiguousarray(a)
+        h.update(f"{k}:{a.dtype}:{a.shape};".encode() + a.tobytes())
+    return h.hexdigest()[:8]
+
+
 def _cached(path: Path, delay: int, cache: Path | None) -> list[tuple[int, dict]]:
-    """``[(port, episode)]`` of one file, from the cache when its content was parsed before."""
+    """``[(port, episode)]`` of one file, from the cache when its content was parsed before (with the same
+    features, target encoding and delay)."""
     key = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
-    file = None if cache is None else cache / f"{key}-f{FEATURE_VERSION}-d{delay}.npz"
+    name = f"{key}-f{FEATURE_VERSION}-t{target_encoding_key()}-d{delay}.npz"
+    file = None if cache is None else cache / name
     if file is not None and file.exists():
         try:
             with np.load(file, allow_pickle=False) as z:
@@ -151,3 +170,13 @@ def _say(line: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(" ".join(line.split()), file=sys.stderr)
+
+
+def load_dataset(path, action_delay: int = DEFAULT_ACTION_DELAY, progress: bool = True) -> Dataset:
+    """A ``.slp`` replay or a folder of them as a training Dataset (``load_replays``: parsed once and cached, bad
+    files skipped with a warning): one episode per human player, held out by game (file)."""
+    return episodes_dataset(load_replays(path, action_delay, progress=progress), str(path))
+
+
+# What ``rwkv_torch.train`` reads through this package: ``train(config, sources=DATA_SOURCES)`` (the CLI passes it).
+DATA_SOURCES = {".slp": load_dataset}

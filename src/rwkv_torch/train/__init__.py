@@ -1,8 +1,9 @@
 """Training: ``train(config)`` (``rwkv-torch train``) for the RWKV backbones and the transformer/LSTM baselines,
 on ``.npz`` episodes or text, stateful across windows, resumable, single process or torchrun/DDP.
 
-``config`` (TrainConfig), ``loop`` (train), ``step`` (one optimizer step, evaluation), ``model`` (task model,
-optimizer recipe), ``checkpointing``, ``distributed``, ``signals``, ``data``, ``baselines``, ``plots``.
+``config`` (TrainConfig), ``loop`` (train), ``step`` (one optimizer step, evaluation), ``model`` (build_model, the
+optimizer recipe), ``finetune`` (--init-from), ``checkpointing``, ``distributed``, ``signals``, ``data``, ``plots``.
+The task model, LoRA, the baselines and the episode format are ``rwkv_torch.task``'s.
 """
 
 from .checkpointing import CHECKPOINT_FORMAT, RESUME_OVERRIDES, find_checkpoint, save_checkpoint

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ..task import CHECKPOINT_FORMAT, find_checkpoint  # noqa: F401 (re-exported)
 from .config import TrainConfig
 
-CHECKPOINT_FORMAT = "rwkv-torch-train"
 # Fields a resumed run may change; everything else comes from the checkpoint.
 RESUME_OVERRIDES = ("steps", "stop_after", "time_limit", "device", "eval_every", "save_every", "log_every",
                     "keep_checkpoints", "progress", "gradient_checkpoint", "compile")
@@ -26,19 +26,6 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
     return path
 
 
-def find_checkpoint(path) -> Path:
-    """A checkpoint file, or the newest ``ckpt-*.pt`` in a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(path.glob("ckpt-*.pt"))
-        if not found:
-            raise ValueError(f"{path}: no ckpt-*.pt checkpoint to resume from")
-        return found[-1]
-    if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint")
-    return path
-
-
 def _run_files(run_dir: Path) -> list:
     """The files and folders of a training run in ``run_dir`` (checkpoints, metrics, config, plot, model)."""
     if not run_dir.is_dir():
@@ -47,8 +34,9 @@ def _run_files(run_dir: Path) -> list:
     return sorted(list(run_dir.glob("ckpt-*.pt*")) + [run_dir / n for n in names if (run_dir / n).exists()])
 
 
-def _claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True) -> None:
-    """A new run in ``run_dir``: refuse a folder holding another run, or (``overwrite``) delete that run's files."""
+def claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True, delete: bool = True) -> None:
+    """A new run in ``run_dir``: refuse a folder holding another run, or (``overwrite``) delete that run's files
+    (on the lead rank, and only with ``delete``: a check before the run is known to start deletes nothing)."""
     found = _run_files(run_dir)
     if not found:
         return
@@ -56,12 +44,12 @@ def _claim_run_dir(run_dir: Path, overwrite: bool, lead: bool = True) -> None:
         shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:4]) + (", ..." if len(found) > 4 else "")
         raise ValueError(f"{run_dir}: holds another run ({shown}); continue it with --resume {run_dir}, give "
                          f"another --out, or pass --overwrite to delete that run first")
-    if lead:
+    if lead and delete:
         for p in found:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def _resume_config(cfg: TrainConfig, given: dict) -> tuple:
+def resume_config(cfg: TrainConfig, given: dict) -> tuple:
     ckpt_path = find_checkpoint(cfg.resume)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT:

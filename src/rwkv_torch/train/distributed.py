@@ -9,7 +9,7 @@ import torch.distributed as dist
 from .config import TrainConfig
 
 
-def _init_distributed(cfg: TrainConfig) -> tuple:
+def init_distributed(cfg: TrainConfig) -> tuple:
     """``(rank, world_size, device, created)``: joins the torchrun process group when ``WORLD_SIZE > 1``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = cfg.device is None and torch.cuda.is_available() or (cfg.device or "").startswith("cuda")
@@ -27,7 +27,7 @@ def _init_distributed(cfg: TrainConfig) -> tuple:
     return dist.get_rank(), dist.get_world_size(), device, created
 
 
-def _all_mean(values: list, world: int, device) -> list:
+def all_mean(values: list, world: int, device) -> list:
     """The mean over ranks of a list of floats (one all-reduce)."""
     if world == 1:
         return values
@@ -36,7 +36,7 @@ def _all_mean(values: list, world: int, device) -> list:
     return (t / world).tolist()
 
 
-def _any_rank(flag: bool, world: int, device) -> bool:
+def any_rank(flag: bool, world: int, device) -> bool:
     if world == 1:
         return flag
     t = torch.tensor([float(flag)], device=device)
@@ -44,7 +44,7 @@ def _any_rank(flag: bool, world: int, device) -> bool:
     return bool(t.item())
 
 
-def _gather_lanes(tensors: list, world: int) -> list:
+def gather_lanes(tensors: list, world: int) -> list:
     """Each rank's ``[B/world, ...]`` state tensors -> the full ``[B, ...]`` tensors, lanes in rank order."""
     if world == 1:
         # own, contiguous copies: a carried state is often a view of a big activation (torch.save writes it whole)

@@ -13,147 +13,18 @@ result is an ``RWKVState`` (batch 1) that ``generate --state-in``, ``Stream`` an
 """
 
 import dataclasses
-import math
-from pathlib import Path
 
-import torch
-import torch.nn as nn
-
-from ..state import RWKVState
-
-# The large projections of the blocks, by the last part of their name (every version: RWKV-4's and RWKV-5/6's
-# receptance/key/value/output, RWKV-5/6's gate, the channel mix's key/value/receptance).
-DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output", "ffn.key", "ffn.value",
-                        "ffn.receptance")
-
-
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha / rank) B A``."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base, self.rank, self.alpha = base, rank, alpha
-        self.scale = alpha / rank
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        for p in base.parameters():
-            p.requires_grad_(False)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.t().to(x.dtype)) @ (self.lora_B.t() * self.scale).to(x.dtype)
-
-    def merged(self) -> nn.Linear:
-        """The plain ``nn.Linear`` this module computes."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
-        with torch.no_grad():
-            delta = (self.lora_B.double() @ self.lora_A.double()) * self.scale
-            lin.weight.copy_((self.base.weight.double() + delta).to(lin.weight.dtype))
-            if self.base.bias is not None:
-                lin.bias.copy_(self.base.bias)
-        return lin
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_LORA_TARGETS) -> list[str]:
-    """Wrap every ``nn.Linear`` of ``model`` whose name ends with one of ``targets`` in ``LoRALinear``; returns the
-    wrapped names. Raises ValueError when nothing matches (a target list for another architecture)."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
-        have = sorted({n.split(".", 2)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"--lora-targets {','.join(targets)}: no linear layer of the model matches (its linear "
-                         f"layers: {', '.join(have)})")
-    for n in names:
-        _replace(model, n, LoRALinear(model.get_submodule(n), rank, alpha))
-    return names
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every ``LoRALinear`` in ``model`` (in place) with its merged ``nn.Linear``; returns the model."""
-    for n in [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
-        _replace(model, n, model.get_submodule(n).merged())
-    return model
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
-
-
-class InitialState(nn.Module):
-    """The trainable initial wkv state of every layer (``wkv_<l>``, ``[H, N, N]`` each, fp32)."""
-
-    def __init__(self, template: RWKVState):
-        super().__init__()
-        self.wkv = nn.ParameterList([nn.Parameter(t[0].detach().clone().float()) for t in template.wkv])
-
-    def apply(self, state: RWKVState) -> RWKVState:
-        """``state`` with each layer's wkv replaced by the learned one, broadcast over the batch (differentiable)."""
-        B = state.batch_size
-        wkv = [p.unsqueeze(0).expand(B, *p.shape).to(t.dtype) for p, t in zip(self.wkv, state.wkv)]
-        return RWKVState(list(state.shift_att), list(state.shift_ffn), wkv, dict(state.meta))
-
-    def as_state(self, template: RWKVState) -> RWKVState:
-        """An ``RWKVState`` of batch 1 to save: zero token-shift states, the learned wkv states."""
-        one = template.select(slice(0, 1))
-        return RWKVState([t.detach().clone() for t in one.shift_att], [t.detach().clone() for t in one.shift_ffn],
-                         [p.detach().clone().unsqueeze(0) for p in self.wkv], dict(one.meta))
-
-
-def freeze_for_finetune(model: nn.Module, train_also: tuple = (), everything: bool = False) -> list[str]:
-    """``requires_grad`` for the fine-tuning mode: all parameters when ``everything`` (full fine-tuning), else only
-    LoRA factors, the initial state and parameters whose name contains one of ``train_also``. Returns the trainable
-    names; raises ValueError when nothing would train."""
-    names = []
-    for n, p in model.named_parameters():
-        train = everything or ".lora_" in n or n.startswith("state0.") or any(s in n for s in train_also)
-        p.requires_grad_(train)
-        if train:
-            names.append(n)
-    if not names:
-        raise ValueError("nothing to train: give --lora-rank, --train-state or --train-also NAMES")
-    return names
-
-
-def trainable_state_dict(model: nn.Module) -> dict:
-    """Only the trainable tensors (what a LoRA or state-tuning checkpoint needs beside its ``init_from`` weights)."""
-    keep = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in keep}
-
-
-def load_init_weights(path) -> tuple[str, object]:
-    """What ``--init-from PATH`` names: ``("run", checkpoint dict)`` for a training run (folder or ``ckpt-*.pt``),
-    ``("model", RWKV)`` for a native model directory or an official ``.pth``. Raises ValueError for anything else."""
-    from ..checkpoints import load
-    from .checkpointing import CHECKPOINT_FORMAT, find_checkpoint
-
-    p = Path(path)
-    if (p.is_dir() and any(p.glob("ckpt-*.pt"))) or (p.is_file() and p.suffix == ".pt"):
-        ck = torch.load(find_checkpoint(p), map_location="cpu", weights_only=True)
-        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"--init-from {path}: not an rwkv-torch training checkpoint")
-        return "run", ck
-    try:
-        return "model", load(p, dtype=torch.float32)
-    except FileNotFoundError:
-        raise ValueError(f"--init-from {path}: no such file or directory") from None
-    except ValueError as e:
-        raise ValueError(f"--init-from {path}: {e}") from None
-
+from ..task import load_init_weights
+from ..task.lora import (  # noqa: F401 (the fine-tuning pieces, re-exported)
+    DEFAULT_LORA_TARGETS,
+    LoRALinear,
+    apply_lora,
+    freeze_for_finetune,
+    has_lora,
+    merge_lora,
+    trainable_state_dict,
+)
+from ..task.model import InitialState  # noqa: F401
 
 ARCHITECTURE = ("backbone", "hidden_size", "num_layers", "head_size")
 
@@ -162,7 +33,7 @@ def init_config(cfg, given: dict):
     """``cfg`` with the architecture of the ``init_from`` weights (backbone version, width, depth, head size, and a
     text model's tokenizer); a flag the user gave (``given``, None meaning not given) that contradicts them raises
     ValueError naming both."""
-    from ..tokenizer import _BY_VOCAB
+    from ..tokenizer import TOKENIZER_BY_VOCAB
 
     kind, loaded = load_init_weights(cfg.init_from)
     if kind == "run":
@@ -172,7 +43,7 @@ def init_config(cfg, given: dict):
         c = loaded.config
         arch = dict(backbone=f"rwkv{c.version}", hidden_size=c.hidden_size, num_layers=c.num_layers,
                     head_size=c.head_size)
-        tokenizer = _BY_VOCAB.get(c.vocab_size) if c.vocab_size else None
+        tokenizer = TOKENIZER_BY_VOCAB.get(c.vocab_size) if c.vocab_size else None
     if tokenizer is not None:  # a text model keeps its tokenizer
         arch["tokenizer"] = tokenizer
     for k, v in arch.items():

@@ -8,7 +8,7 @@ from pathlib import Path
 from .units import LN2, axis_label, bits_unit
 
 
-def _write_plot(run_dir: Path) -> bool:
+def write_plot(run_dir: Path) -> bool:
     """Write ``loss.png``; False when matplotlib is not installed (nothing written)."""
     try:
         import matplotlib

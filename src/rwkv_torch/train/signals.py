@@ -1,10 +1,10 @@
-"""``_StopSignal``: SIGINT/SIGTERM stop the training loop after the current step (with a checkpoint)."""
+"""``StopSignal``: SIGINT/SIGTERM stop the training loop after the current step (with a checkpoint)."""
 
 import signal
 import threading
 
 
-class _StopSignal:
+class StopSignal:
     """SIGINT/SIGTERM set a flag the loop checks after each step (a second SIGINT interrupts at once)."""
 
     def __init__(self):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ..state import RWKVState
 from .config import TrainConfig
 from .data import Dataset, make_batch, window_plans
-from .model import _unwrap
+from .model import unwrap_model
 
 
 class L2Wrap(torch.autograd.Function):
@@ -47,13 +47,13 @@ def task_loss(outs: dict, ys: dict, targets: list, lm: bool) -> tuple:
     return total, parts
 
 
-def _state_tensors(state) -> list:
+def state_tensors(state) -> list:
     if isinstance(state, RWKVState):
         return state.flat()
     return list(state)
 
 
-def _state_like(template, tensors: list):
+def state_like(template, tensors: list):
     if isinstance(template, RWKVState):
         return RWKVState.from_flat(tensors, template.meta)
     return tuple(tensors)
@@ -62,10 +62,10 @@ def _state_like(template, tensors: list):
 def _reset_rows(state, fresh, reset: torch.Tensor):
     """Rows where ``reset`` is True start a new sequence (the fresh state); the others keep theirs, detached."""
     out = []
-    for s, f in zip(_state_tensors(state), _state_tensors(fresh)):
+    for s, f in zip(state_tensors(state), state_tensors(fresh)):
         r = reset.view(-1, *[1] * (s.dim() - 1))
         out.append(torch.where(r, f.to(s.dtype), s.detach()))
-    return _state_like(fresh, out)
+    return state_like(fresh, out)
 
 
 def _to_tensors(data: Dataset, batch: tuple, device) -> tuple:
@@ -84,7 +84,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def train_step(model, opt, data: Dataset, batch: tuple, state, cfg: TrainConfig, device) -> tuple:
     """One optimizer step over one window (split into ``truncate_bptt`` spans); returns (loss, parts, state)."""
     x, ys, reset = _to_tensors(data, batch, device)
-    state = _reset_rows(state, _unwrap(model).init_state(x.shape[0], device=device), reset)
+    state = _reset_rows(state, unwrap_model(model).init_state(x.shape[0], device=device), reset)
     model.train()
     opt.zero_grad(set_to_none=True)
     T = x.shape[1]
@@ -99,7 +99,7 @@ def train_step(model, opt, data: Dataset, batch: tuple, state, cfg: TrainConfig,
             outs, state = model(x[:, a:b], state)
         loss, p = task_loss(outs, {k: v[:, a:b] for k, v in ys.items()}, data.targets, data.is_text)
         (loss * ((b - a) / T)).backward()
-        state = _state_like(state, [t.detach() for t in _state_tensors(state)])
+        state = state_like(state, [t.detach() for t in state_tensors(state)])
         total += loss.item() * (b - a) / T
         for k, v in p.items():
             parts[k] = parts.get(k, 0.0) + v.item() * (b - a) / T
@@ -125,18 +125,18 @@ def _full_bptt(model, data: Dataset, x, ys: dict, state, cfg: TrainConfig, devic
 
     def chunk(xs, ys_chunk, *flat):
         with _autocast(cfg, device):
-            outs, st = model(xs, _state_like(meta, list(flat)))
+            outs, st = model(xs, state_like(meta, list(flat)))
         loss, p = task_loss(outs, dict(zip(names, ys_chunk)), data.targets, data.is_text)
-        return (loss, torch.stack([p[n].detach() for n in names]), *_state_tensors(st))
+        return (loss, torch.stack([p[n].detach() for n in names]), *state_tensors(st))
 
-    total, parts_sum, flat = 0.0, torch.zeros(len(names)), _state_tensors(state)
+    total, parts_sum, flat = 0.0, torch.zeros(len(names)), state_tensors(state)
     for a in range(0, T, span):
         b = min(T, a + span)
         loss, p, *flat = checkpoint(chunk, x[:, a:b], [ys[n][:, a:b] for n in names], *flat, use_reentrant=False)
         total = total + loss * ((b - a) / T)
         parts_sum += p.float().cpu() * ((b - a) / T)
     total.backward()
-    state = _state_like(meta, [t.detach() for t in flat])
+    state = state_like(meta, [t.detach() for t in flat])
     return total.item(), dict(zip(names, parts_sum.tolist())), state
 
 
