@@ -253,7 +253,7 @@ def test_train_summary_line_names_the_unit(monkeypatch, capsys):
     from rwkv_torch import demo as demo_module
 
     res = dict(step=2, loss=1.0, val_loss=2.0, checkpoint="ck", rank=0, loss_unit="nats/frame")
-    monkeypatch.setattr(demo_module, "train", lambda args: res)
+    monkeypatch.setattr(demo_module, "train", lambda args, **kw: res)
     demo_module.train_and_report({"steps": 2})
     out = capsys.readouterr().out
     assert out == "step 2: loss 1.0000 nats/frame (1.44 bits/frame), val_loss 2.0000 nats/frame (2.89 bits/frame); " \
@@ -264,7 +264,7 @@ def test_loss_plot_has_title_and_unit_labels(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib.figure
 
-    from rwkv_torch.train.plots import _write_plot
+    from rwkv_torch.train.plots import write_plot
 
     rows = [{"step": s, "loss": 3.0 / s, "loss_unit": "nats/byte", **({"val_loss": 3.5 / s} if s % 2 == 0 else {})}
             for s in range(1, 5)]
@@ -279,7 +279,7 @@ def test_loss_plot_has_title_and_unit_labels(tmp_path, monkeypatch):
         return real(fig, *a, **k)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
-    assert _write_plot(tmp_path) and (tmp_path / "loss.png").stat().st_size > 0
+    assert write_plot(tmp_path) and (tmp_path / "loss.png").stat().st_size > 0
     assert "nats/byte" in seen["title"] and seen["x"] == "optimizer step" and seen["y"] == "loss (nats/byte)"
     assert seen["right"] == ["loss (bits/byte)"]
 

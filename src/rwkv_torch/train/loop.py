@@ -43,6 +43,7 @@ from .model import adamw, build_model, lr_factor, param_groups
 from .plots import write_plot
 from .signals import StopSignal
 from .step import evaluate, state_like, state_tensors, train_step
+from .units import bar_postfix, label_metrics, loss_unit
 
 
 def train(args_or_config, *, sources: dict | None = None) -> dict:
@@ -263,6 +264,7 @@ def run_loop(run: Run) -> Stop:
     configured; the last step is logged and checkpointed however the loop ends."""
     cfg, world, device = run.cfg, run.world, run.device
     unit = "tokens" if run.data.is_text else "frames"
+    loss_u = loss_unit(run.data, cfg.tokenizer)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, run.step + cfg.stop_after)
     loss, last_eval, ckpt_path, per_step = float("nan"), {}, None, cfg.batch_size * cfg.window_size
     from tqdm.auto import tqdm
@@ -293,14 +295,14 @@ def run_loop(run: Run) -> Stop:
             if run.lead and run.val_data is not None and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
                 last_eval = evaluate(run.model, run.val_data, cfg, device)
                 row.update(last_eval)
+            label_metrics(row, loss_u)
             logged = run.step % cfg.log_every == 0 or "val_loss" in row or run.step == end
             if logged:
                 log.write(row)
             if run.lead and "val_loss" in row:
                 log.plot()
             bar.update(1)
-            bar.set_postfix({"loss": f"{loss:.4f}", f"{unit}/s": f"{rate:,.0f}",
-                             **({"val": f"{last_eval['val_loss']:.4f}"} if last_eval else {})})
+            bar.set_postfix(bar_postfix(loss, loss_u, rate, unit, last_eval.get("val_loss")))
             if run.step % cfg.save_every == 0 and run.step < end:
                 ckpt_path = save(run)
         bar.close()
@@ -331,4 +333,5 @@ def finish(run: Run, stop: Stop) -> dict:
               f"rwkv-torch train --resume {run.run_dir}", flush=True)
     return dict(model_dir=model_dir, step=run.step, loss=stop.loss, val_loss=stop.last_eval.get("val_loss"),
                 run_dir=str(run.run_dir), checkpoint=str(stop.checkpoint), interrupted=stop.interrupted,
-                signal=stop.signum, params=stop.params, rank=run.rank, world_size=run.world)
+                loss_unit=loss_unit(run.data, cfg.tokenizer), signal=stop.signum, params=stop.params, rank=run.rank,
+                world_size=run.world)
