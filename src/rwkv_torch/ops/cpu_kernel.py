@@ -17,7 +17,8 @@ The C files are compiled with the system C compiler (``$CC``, else ``cc``/``gcc`
 ``torch.compile`` needs on CPU) into a cache directory (``$RWKV_TORCH_CACHE``, else ``~/.cache/rwkv_torch``) keyed by
 the source, flags, compiler and CPU, and loaded with ``ctypes``; no build step at install time. Where there is no
 compiler, ``auto`` falls back to the chunked form with one warning; ``backend="recurrent"`` on CPU raises with the
-compiler's message. ``RWKV_TORCH_CPU_KERNEL=0`` turns the kernel off.
+compiler's message. ``RWKV_TORCH_CPU_KERNEL=0`` turns the kernel off; ``RWKV_TORCH_KERNEL_LIB=PATH`` loads a library
+built ahead of time from these sources instead (no compiler needed: ``slippi.bot`` ships them in a bot's folder).
 
 Each call is registered as a ``torch.library`` custom op, so a ``torch.compile``-d model keeps it as one opaque
 kernel inside its graph.
@@ -119,11 +120,12 @@ def _load() -> ctypes.CDLL:
         try:
             if not _enabled():
                 raise RuntimeError("the CPU WKV kernel is turned off (RWKV_TORCH_CPU_KERNEL=0)")
-            cc = _compiler()
-            if cc is None:
+            prebuilt = os.environ.get("RWKV_TORCH_KERNEL_LIB")  # built ahead of time (a UMI bot's folder)
+            cc = None if prebuilt else _compiler()
+            if cc is None and not prebuilt:
                 raise RuntimeError("the CPU WKV kernel needs a C compiler (cc, gcc or clang, or $CC); none was found "
                                    "(e.g. `apt install gcc`)")
-            lib = ctypes.CDLL(str(_build(cc)))
+            lib = ctypes.CDLL(prebuilt or str(_build(cc)))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _error = str(e)
             raise RuntimeError(_error) from None

@@ -18,8 +18,11 @@ Its delay is the run's ``--action-delay``: 18 and 21 enter the Delay 18 / Delay 
 from 0 to 30 the imitation leaderboard only.
 """
 
+import hashlib
 import os
+import platform
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -188,6 +191,72 @@ def save_weights(run, path) -> dict:
     return ckpt["config"]
 
 
+# ---- the C kernels a bot carries: built at `bot` time for three x86-64 levels, the best one the CPU runs picked
+# at start (no compiler needed there, no -march=native binary)
+
+V3 = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"})
+KERNEL_LEVELS = (("x86-64-v4", ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+                  V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+                 ("x86-64-v3", ["-march=x86-64-v3"], V3), ("x86-64", ["-march=x86-64"], frozenset()))
+
+
+def _kernel_key() -> str:
+    """The hash of the kernel sources: a library is used only with the sources it was built from."""
+    from ..ops import cpu_kernel
+
+    return hashlib.sha256(b"\0".join(p.read_bytes() for p in cpu_kernel.SOURCES)).hexdigest()[:16]
+
+
+def _cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def build_kernels(dest) -> list[str]:
+    """Compile the C kernels into ``dest`` for each of ``KERNEL_LEVELS`` (x86-64 with a C compiler only; none
+    elsewhere). Returns the libraries written."""
+    from ..ops import cpu_kernel
+
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for level, flags, _ in KERNEL_LEVELS:
+        out = dest / f"wkv_cpu-{_kernel_key()}-{level}.so"
+        cmd = [cc, *cpu_kernel._BASE, *flags, "-fopenmp", *map(str, cpu_kernel.SOURCES), "-o", str(out)]
+        jobs.append((out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+    built = []
+    for out, proc in jobs:
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode == 0:
+            built.append(str(out))
+        elif out.exists():
+            out.unlink()
+    return built
+
+
+def use_kernels(folder) -> str | None:
+    """Point the C kernels at the best library of ``folder`` this CPU runs (``RWKV_TORCH_KERNEL_LIB``), unless
+    that is set already; returns the library, or None (then they are built here, or the step runs in PyTorch)."""
+    if os.environ.get("RWKV_TORCH_KERNEL_LIB"):
+        return os.environ["RWKV_TORCH_KERNEL_LIB"]
+    if folder is None:
+        return None
+    flags = _cpu_flags()
+    for level, _, need in KERNEL_LEVELS:
+        lib = Path(folder) / f"wkv_cpu-{_kernel_key()}-{level}.so"
+        if lib.is_file() and need <= flags:
+            os.environ["RWKV_TORCH_KERNEL_LIB"] = str(lib)
+            return str(lib)
+    return None
+
+
 # ---- the umi.Bot
 
 def set_threads() -> int:
@@ -232,12 +301,14 @@ def _bot_class():
         name = "rwkv-torch"
         deterministic = True
         weights: str | None = None
+        kernels: str | None = None  # the folder of the bundled C kernels
         sample = False
         seed = 0
 
         def setup(self, session) -> None:
             set_threads()
             writable_cache()
+            use_kernels(self.kernels)
             self.policy = BatchPolicy.load(self.weights, sample=self.sample,
                                            seed=(int(session.rng_seed) * 1_000_003 + int(self.seed)) % 2**63)
 
@@ -282,6 +353,7 @@ class Bot(RWKVBot):
     sample = {sample!r}
     seed = {seed!r}
     weights = str(HERE / {weights!r})
+    kernels = str(HERE / "kernels")
 
 
 if __name__ == "__main__":
@@ -310,8 +382,9 @@ def _requirements() -> str:
 
 
 def write_bot(run, out, *, name: str | None = None, characters: str = "12", sample: bool = False,
-              seed: int = 0) -> dict:
-    """Write the bot folder ``out`` (``run.py``, ``requirements.txt``, ``weights/``) and ``out.zip`` of it."""
+              seed: int = 0, kernels: bool = True) -> dict:
+    """Write the bot folder ``out`` (``run.py``, ``requirements.txt``, ``weights/``, and with ``kernels`` the C
+    kernels built for three x86-64 levels in ``kernels/``) and ``out.zip`` of it."""
     try:
         from umi.frame import canonical_characters, valid_delay
     except ImportError as e:
@@ -330,16 +403,18 @@ def write_bot(run, out, *, name: str | None = None, characters: str = "12", samp
                                               deterministic=not sample, sample=bool(sample), seed=int(seed),
                                               weights=WEIGHTS, board=leaderboards(delay)))
     (out / "requirements.txt").write_text(_requirements())
+    libs = build_kernels(out / "kernels") if kernels else []
     zip_path = shutil.make_archive(str(out), "zip", root_dir=out)
     return dict(out=str(out), zip=zip_path, name=name, characters=chars, delay=delay,
-                leaderboards=leaderboards(delay), deterministic=not sample)
+                leaderboards=leaderboards(delay), deterministic=not sample, kernels=libs)
 
 
 def bot_command(args) -> dict:
     info = write_bot(args.run, args.out, name=args.name, characters=args.characters, sample=args.sample,
-                     seed=args.seed)
+                     seed=args.seed, kernels=args.kernels)
     print(f"wrote {info['out']} and {info['zip']}: bot {info['name']!r}, characters {info['characters']}, "
-          f"delay {info['delay']}: {info['leaderboards']}")
+          f"delay {info['delay']}: {info['leaderboards']}; prebuilt C kernels: "
+          f"{', '.join(Path(k).name for k in info['kernels']) or 'none (built where it starts, else PyTorch steps)'}")
     print(f'check it: umi-conform --cmd "python {info["out"]}/run.py" --realtime')
     return info
 
@@ -354,4 +429,6 @@ def add_parser(sub):
                    'joined by +, e.g. FOX+FALCO (default 12)')
     p.add_argument("--sample", action="store_true", help="sample the controller (seeded per game) instead of greedy")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling, with the session's rng_seed")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false",
+                   help="do not ship the C kernels prebuilt (default: built for x86-64, -v3 and -v4, picked at start)")
     p.set_defaults(call=bot_command, ok=lambda r: True, errors=(ValueError, ImportError, FileNotFoundError))
