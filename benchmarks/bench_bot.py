@@ -75,7 +75,7 @@ def pct(ms) -> str:
     return f"{np.median(ms):.2f} / {np.percentile(ms, 99):.2f}"
 
 
-def timed(fn, steps: int, warm: int = 3) -> np.ndarray:
+def timed(fn, steps: int, warm: int = 5) -> np.ndarray:
     out = []
     for i in range(steps + warm):
         t0 = time.perf_counter()
