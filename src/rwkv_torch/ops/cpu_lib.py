@@ -5,7 +5,8 @@ The C files are compiled with the system C compiler (``$CC``, else ``cc``/``gcc`
 ``torch.compile`` needs on CPU) into a cache directory (``$RWKV_TORCH_CACHE``, else ``~/.cache/rwkv_torch``) keyed by
 the source, flags, compiler and CPU, and loaded with ``ctypes``; no build step at install time. Where there is no
 compiler, ``auto`` falls back to the chunked form with one warning; ``backend="recurrent"`` on CPU raises with the
-compiler's message. ``RWKV_TORCH_CPU_KERNEL=0`` turns the kernels off.
+compiler's message. ``RWKV_TORCH_CPU_KERNEL=0`` turns the kernels off; ``RWKV_TORCH_KERNEL_LIB=PATH`` loads a library
+built ahead of time from these sources instead (no compiler needed: ``slippi.bot`` ships them in a bot's folder).
 
 The kernels and their Python wrappers, each signature declared next to its wrapper (``Kernel``):
 
@@ -40,7 +41,7 @@ SOURCES = [Path(__file__).with_name("csrc") / name for name in ("wkv_cpu.c", "wk
 # Reassociation lets the compiler vectorise the sums (results differ from the naive loop at rounding level only,
 # which the tests bound); no -ffinite-math-only, so NaN and inf still propagate.
 _FAST_MATH = ["-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
-_BASE = ["-O3", "-fPIC", "-shared", "-pthread", *_FAST_MATH]
+BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", *_FAST_MATH]
 _NATIVE = ["-march=native", "-mprefer-vector-width=512"]
 
 # The argument types of the C signatures.
@@ -94,7 +95,7 @@ def _build(cc: str) -> Path:
     errors = []
     # -march=native where the compiler knows it, else portable code; OpenMP (PyTorch's own runtime, already loaded)
     # where available, else pthreads.
-    for flags in (_BASE + _NATIVE + ["-fopenmp"], _BASE + ["-fopenmp"], _BASE + _NATIVE, _BASE):
+    for flags in (BASE_FLAGS + _NATIVE + ["-fopenmp"], BASE_FLAGS + ["-fopenmp"], BASE_FLAGS + _NATIVE, BASE_FLAGS):
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), _cpu_id().encode()]))
         target = _cache_dir() / f"wkv_cpu-{key.hexdigest()[:16]}.so"
         if target.exists():
@@ -126,11 +127,12 @@ def _load() -> ctypes.CDLL:
         try:
             if not _enabled():
                 raise RuntimeError("the CPU WKV kernel is turned off (RWKV_TORCH_CPU_KERNEL=0)")
-            cc = _compiler()
-            if cc is None:
+            prebuilt = os.environ.get("RWKV_TORCH_KERNEL_LIB")  # built ahead of time (a UMI bot's folder)
+            cc = None if prebuilt else _compiler()
+            if cc is None and not prebuilt:
                 raise RuntimeError("the CPU WKV kernel needs a C compiler (cc, gcc or clang, or $CC); none was found "
                                    "(e.g. `apt install gcc`)")
-            lib = ctypes.CDLL(str(_build(cc)))
+            lib = ctypes.CDLL(prebuilt or str(_build(cc)))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _error = str(e)
             raise RuntimeError(_error) from None
@@ -162,6 +164,11 @@ def available() -> bool:
 # sets this flag), without its ``import torch._dynamo`` (~5 s) at ``import rwkv_torch``; ``available`` stays a plain
 # function.
 available._dynamo_marked_constant = True
+
+
+def loaded() -> bool:
+    """Whether the library is loaded in this process (built, found in the cache or ``$RWKV_TORCH_KERNEL_LIB``)."""
+    return _lib is not None
 
 
 def library() -> ctypes.CDLL:

@@ -3,16 +3,19 @@ controller targets, and a streaming policy.
 
 ``parse`` (one ``.slp`` -> numpy columns), ``features`` (the feature table), ``targets`` (controller heads),
 ``replays`` (episodes, the folder loader and its cache), ``policy`` (a trained run -> one frame at a time),
-``live`` (the same features from a libmelee ``GameState``).
+``live`` (the same features from a libmelee ``GameState``), ``umi`` (replays as UMI frames, UMI frames to the same
+rows), ``bot`` (a run as a UMI bot for the Computer Melee Championship).
 """
 
 from .features import FRAME_WIDTH, ID_CLASSES
 from .live import gamestate_features
 from .replays import DATA_SOURCES, DEFAULT_ACTION_DELAY, cache_dir, load_dataset, load_replay, load_replays
 from .targets import BUTTONS, STICKS
+from .umi import replay_to_umi, umi_rows
 
 __all__ = ["BUTTONS", "DATA_SOURCES", "DEFAULT_ACTION_DELAY", "FRAME_WIDTH", "ID_CLASSES", "STICKS", "Controller",
-           "Policy", "cache_dir", "gamestate_features", "load_dataset", "load_replay", "load_replays"]
+           "Policy", "cache_dir", "gamestate_features", "load_dataset", "load_replay", "load_replays", "replay_to_umi",
+           "umi_rows"]
 
 
 def __getattr__(name):  # the policy needs the training package (torch); parsing and features do not

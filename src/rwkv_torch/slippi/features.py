@@ -10,12 +10,12 @@ Float columns (``frames``, ``[T, 113]``), in this order:
 | items / projectiles, 4 nearest to self | 4 x 6 | present, x, y (/100), vx, vy (/3), owned by self (0/1) |
 
 ``PLAYER_FEATURES`` (one player block, 19 columns): x, y (/100, stage units); self velocity x air, y, x ground and
-knockback x, y (/3, units per frame; zeros before replay 3.5); facing (+1 right, -1 left); percent (/100); stocks
-(/4); shield (/60, full = 1); jumps left (/6); airborne (0/1); hitlag frames left (/10; zeros before 3.8); in
-hitstun (0/1: a damage action state, 0x4B-0x5B) and hitstun frames left (/30, ``misc_as`` while in hitstun, clipped
-to 150); action-state age (/60, clipped to 0..5); invulnerable (hurtbox state != 0); present (1; 0 for an absent
-Nana: then the whole block is zeros). Frame counts (hitlag, hitstun, age) are whole frames, as libmelee reads them,
-so ``slippi.live`` gives the same row from a live ``GameState``.
+knockback x, y (/3, units per frame; zeros before replay 3.5); facing (+1 right, -1 left); percent (floored, as UMI
+carries it, /100); stocks (/4); shield (/60, full = 1); jumps left (/6); airborne (0/1); hitlag frames left (/10; zeros
+before 3.8); in hitstun (0/1: a damage action state, 0x4B-0x5B) and hitstun frames left (/30, ``misc_as`` while in
+hitstun, clipped to 150); action-state age (/60, clipped to 0..5); invulnerable (hurtbox state != 0); present (1; 0 for
+an absent Nana: then the whole block is zeros). Frame counts (hitlag, hitstun, age) are whole frames, as libmelee reads
+them, so ``slippi.live`` gives the same row from a live ``GameState``.
 
 Integer ids (embedded by the model with learned tables, ``ids_<name>``):
 
@@ -48,7 +48,8 @@ FRAME_WIDTH = 4 * len(PLAYER_FEATURES) + len(CONTROLLER_FEATURES) + ITEM_SLOTS *
 ID_CLASSES = {"action": 512, "character": 33, "stage": 64, "item": 256}
 # The id every value outside a table maps to (see the module doc): the table's last row.
 UNKNOWN_ID = {name: classes - 1 for name, classes in ID_CLASSES.items()}
-FEATURE_VERSION = 2  # bump when a column or an id table changes: cached episodes are keyed by it
+FEATURE_VERSION = 3  # bump when a column or an id table changes: cached episodes are keyed by it (3: percent floored,
+# sticks as UMI carries them)
 # Melee's damage (hitstun) action states, DAMAGE_HIGH_1 (0x4B) to DAMAGE_FLY_ROLL (0x5B): "in hitstun" is read from
 # the action state, which replays and live game states (libmelee) both carry.
 HITSTUN_ACTIONS = (0x4B, 0x5B)
@@ -76,7 +77,7 @@ def player_block(c: dict | None, n: int) -> np.ndarray:
     hitstun = (action >= HITSTUN_ACTIONS[0]) & (action <= HITSTUN_ACTIONS[1])
     whole = lambda k: np.trunc(np.nan_to_num(f(k)))  # noqa: E731 - frame counts as libmelee reads them (int())
     cols = [f("x") / 100, f("y") / 100, f("vx_air") / 3, f("vy") / 3, f("vx_ground") / 3, f("kb_x") / 3,
-            f("kb_y") / 3, np.sign(f("facing")), f("percent") / 100, f("stocks") / 4, f("shield") / 60,
+            f("kb_y") / 3, np.sign(f("facing")), np.floor(f("percent")) / 100, f("stocks") / 4, f("shield") / 60,
             f("jumps") / 6, (f("airborne") != 0).astype(np.float32), whole("hitlag") / 10,
             hitstun.astype(np.float32), np.where(hitstun, np.clip(whole("misc_as"), 0, 150), 0) / 30,
             np.clip(whole("state_age") / 60, 0, 5), (f("hurtbox") != 0).astype(np.float32),
@@ -89,8 +90,15 @@ def controller_block(c: dict) -> np.ndarray:
     from .targets import button_bits
 
     bits = button_bits(c["buttons"]).astype(np.float32)
-    axes = [np.asarray(c[k], dtype=np.float32) for k in ("stick_x", "stick_y", "cstick_x", "cstick_y", "trigger")]
-    return np.concatenate([bits, np.stack(axes, axis=-1)], axis=-1)
+    sticks = [2 * stick_unit(c[k]).astype(np.float64) - 1 for k in ("stick_x", "stick_y", "cstick_x", "cstick_y")]
+    axes = sticks + [np.asarray(c["trigger"], dtype=np.float32)]
+    return np.concatenate([bits, np.stack(axes, axis=-1).astype(np.float32)], axis=-1)
+
+
+def stick_unit(v) -> np.ndarray:
+    """A stick axis in [-1, 1] as UMI and libmelee carry it: float32 in [0, 1], 0.5 neutral. The stick columns are
+    read through this value, so a replay, a libmelee state and a UMI frame give the same column."""
+    return ((np.asarray(v, dtype=np.float64) + 1) / 2).astype(np.float32)
 
 
 def item_block(items: list | None, x: np.ndarray, y: np.ndarray, port: int) -> tuple[np.ndarray, np.ndarray]:
