@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from umi.frame import CHARACTERS, FRAME  # noqa: E402
 
 from rwkv_torch.cli import main as cli  # noqa: E402
-from rwkv_torch.slippi import Policy, load_replay, replay_to_umi  # noqa: E402
+from rwkv_torch.slippi import DATA_SOURCES, Policy, load_replay, replay_to_umi  # noqa: E402
 from rwkv_torch.slippi.bot import NEUTRAL, BatchPolicy  # noqa: E402
 from rwkv_torch.train import train  # noqa: E402
 
@@ -40,7 +40,7 @@ def bot(tmp_path_factory):
         warnings.simplefilter("ignore")
         train(dict(data=str(d), hidden_size=32, num_layers=2, head_size=16, window_size=16, batch_size=2, steps=3,
                    eval_every=3, eval_batches=1, out=str(root / "run"), progress=False, val_fraction=0.0, lr=1e-2,
-                   action_delay=DELAY))
+                   action_delay=DELAY), sources=DATA_SOURCES)
     assert cli(["bot", str(root / "run"), "--out", str(root / "tiny"), "--name", "tiny", "--characters", "12",
                 "--no-kernels"]) == 0
     return root / "run", root / "tiny"

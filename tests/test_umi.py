@@ -63,7 +63,7 @@ def test_umi_rows_of_a_batch_of_games_and_what_an_arena_may_send():
     assert np.isfinite(rows).all()
     for name, v in ids.items():
         assert (v >= 0).all() and (v < ID_CLASSES[name]).all()
-    assert (ids["stage"] == 0).all() and (ids["item"] == ID_CLASSES["item"] - 1).all()
+    assert (ids["stage"] == ID_CLASSES["stage"] - 1).all() and (ids["item"] == ID_CLASSES["item"] - 1).all()
     nana = slice(3 * 19, 4 * 19)
     assert rows[0, nana][-1] == 1 and not rows[1, nana].any() and rows[2, nana][-1] == 1
     with pytest.raises(ValueError, match="FRAME records"):

@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     try:
         result = args.call(args)
     except args.errors as e:  # a bad file or option: the message names it (the flag, where the library names a field)
-        print(f"rwkv-torch {args.command}: error: {flag_message(str(e), args.flags)}", file=sys.stderr)
+        print(f"rwkv-torch {args.command}: error: {flag_message(str(e), getattr(args, 'flags', {}))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside training's own handler (loading data, a benchmark): one line, 130
         print(f"rwkv-torch {args.command}: interrupted (Ctrl-C)", file=sys.stderr)

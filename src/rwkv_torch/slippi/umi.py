@@ -9,16 +9,16 @@ player in ``players[0]``, the opponent in ``players[1]``, Nana in ``nana``, item
 ``umi_rows(replay_to_umi(f, p))`` equals ``load_replay(f, p)``'s rows exactly (``tests/test_umi.py``).
 
 What UMI carries, the features read: percent floored, sticks as float32 in [0, 1] (``features.stick_unit``), frame
-counts whole. Limits of the conversion: only the six legal stages have a UMI (internal) id (others become 0, which
-the features read as stage 0); a frame with more than 15 items keeps the 15 oldest; each item keeps its slot for its
-lifetime (by spawn id), and the features take the nearest four in slot order, so two items at exactly the same
-distance can rank differently from the replay's order. Ids outside the model's tables are clamped into them here
-(``_clamp``) until ``features`` maps them to an 'unknown' id of its own.
+counts whole. Limits of the conversion: only the six legal stages have a UMI (internal) id (others become the stage
+table's unknown id, as in the libmelee source); a frame with more than 15 items keeps the 15 oldest; each item keeps
+its slot for its lifetime (by spawn id), and the features take the nearest four in slot order, so two items at
+exactly the same distance can rank differently from the replay's order. Ids outside the model's tables map to each
+table's unknown id (``features.known_ids``, as for every source).
 """
 
 import numpy as np
 
-from .features import FRAME_WIDTH, ID_CLASSES, PLAYER_FEATURES, game_features, stick_unit
+from .features import FRAME_WIDTH, PLAYER_FEATURES, game_features, stick_unit
 from .live import STAGE_FROM_LIBMELEE
 from .parse import Player, read_replay
 from .targets import BUTTON_BITS, BUTTONS
@@ -171,11 +171,6 @@ def _item_lists(items) -> list:
     return out
 
 
-def _clamp(ids: dict) -> dict:
-    """Ids into ``[0, classes)`` (whatever arrives: an arena may send ids the tables have never seen)."""
-    return {k: np.clip(v, 0, ID_CLASSES[k] - 1).astype(np.int64) for k, v in ids.items()}
-
-
 def umi_rows(frames) -> tuple[np.ndarray, dict]:
     """UMI frames ``FRAME [N]`` (each from its bot's seat; one game's frames or one frame of many games) ->
     ``(rows float32 [N, FRAME_WIDTH], {name: int64 [N, K]})``, the rows ``load_replay`` gives for the same frames."""
@@ -190,7 +185,7 @@ def umi_rows(frames) -> tuple[np.ndarray, dict]:
     for s in range(2):
         follower = _columns(nana[:, s]) if has_nana[:, s].any() else None
         seats.append(Player(1 + s, 0, False, _columns(players[:, s]), follower))
-    stage = np.asarray([STAGE_FROM_LIBMELEE.get(int(v), 0) for v in frames["stage"]], np.int64)
+    stage = np.asarray([STAGE_FROM_LIBMELEE.get(int(v), -1) for v in frames["stage"]], np.int64)
     items = _item_lists(frames["items"])
     rows = np.zeros((n, FRAME_WIDTH), np.float32)
     ids: dict = {}
@@ -204,7 +199,7 @@ def umi_rows(frames) -> tuple[np.ndarray, dict]:
         gone = ~has_nana[:, s]
         rows[gone, block * _BLOCK:(block + 1) * _BLOCK] = 0
         ids["action"][gone, block] = 0
-    return rows, _clamp(ids)
+    return rows, ids
 
 
 def _subset(p: Player, at: np.ndarray) -> Player:
