@@ -9,7 +9,7 @@ import torch
 
 import rwkv_torch as rt
 from rwkv_torch import decode
-from rwkv_torch.decode import c_step
+from rwkv_torch.decode import batched, c_step
 from rwkv_torch.generate import generate
 from rwkv_torch.ops import cpu_kernel
 from tests.test_model import assert_states_close, perturbed
@@ -260,3 +260,85 @@ def test_importing_the_package_registers_no_global_hook():
 
     hooks = [getattr(module, n) for n in dir(module) if n.startswith("_global_") and n.endswith("_hooks")]
     assert hooks and all(not h for h in hooks if isinstance(h, dict))
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """Counts the steps that ran in the batched engine; every format takes it from 2 rows on, bf16 matrix units or
+    not (elsewhere the engine's bf16 GEMMs are only slow, not wrong)."""
+    count = []
+    real = batched.blocks_step
+    monkeypatch.setattr(batched, "blocks_step", lambda *a: count.append(a[3].shape[0]) or real(*a))
+    monkeypatch.setattr(batched, "MIN_ROWS", dict.fromkeys(batched.MIN_ROWS, 2))
+    monkeypatch.setattr(batched, "bf16_matmul", lambda: True)
+    return count
+
+
+def quantized(model, fmt: str):
+    return model if fmt == "fp32" else rt.quantize(copy.deepcopy(model), fmt).eval()
+
+
+def rows_one_by_one(model, x, start):
+    """Each row of ``x [B, T, ...]`` stepped alone (batch 1: the fused C step) from its row of ``start``."""
+    outs, states = [], []
+    for b in range(x.shape[0]):
+        y, s = run_steps(model, x[b:b + 1], start.select(slice(b, b + 1)).clone())
+        outs.append(y)
+        states.append(s)
+    return torch.cat(outs), rt.RWKVState.cat(states)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("head_size", [16, 64])
+def test_batched_step_equals_single_steps(fmt, head_size, engine):
+    """N streams in one batched step (GEMMs over the rows) equal the N streams stepped one by one (fp32 to fp32
+    rounding; bf16/int8, whose engine rounds the GEMMs' inputs and outputs to bf16, to bf16 rounding) and, fp32, the
+    float64 parallel form."""
+    model, x = build("frames", head_size)
+    x = torch.cat([x, -x, 2 * x])  # 9 streams
+    model = quantized(model, fmt)
+    start = random_state(model, 9)
+    with torch.no_grad():
+        out, state = run_steps(model, x, start)
+        assert engine == [9] * x.shape[1]
+        ref, ref_state = rows_one_by_one(model, x, start)
+        again = start.clone()
+        inplace = torch.stack([model.step_(x[:, t], again) for t in range(x.shape[1])], 1)
+    rtol = 1e-5 if fmt == "fp32" else 2e-2
+    assert_close(f"{fmt} batched vs one by one", ref, out, rtol)
+    assert_states_close(ref_state, state, rtol)
+    assert torch.equal(out, inplace)
+    assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), again.tensors().values()))
+    if fmt == "fp32":
+        spec, spec_state = model.double()(x.double(), start.to(dtype=torch.float64), return_sequence=True,
+                                          return_state=True)
+        assert_close("batched vs float64 forward", spec, out, 1e-5)
+        assert_states_close(spec_state, state, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_batched_step_follows_weight_changes(fmt, engine):
+    """The engine's own derived forms (int8: bf16 copies of the integers) follow in-place weight changes."""
+    model, x = build("tokens", 16)
+    model = quantized(model, fmt)
+    dw = model.decode_weights()
+    with torch.no_grad():
+        run_steps(model, x, model.init_state(3), weights=dw)
+        w = model.blocks[1].ffn.key.weight
+        w.copy_(-w)  # int8 stays int8
+        out, _ = run_steps(model, x, model.init_state(3), weights=dw)
+        ref, _ = rows_one_by_one(model, x, model.init_state(3))
+    assert dw.rebuilds == (fmt == "int8")  # fp32 reads the matrix live; int8 rebuilds its bf16 copies, once
+    assert_close("after an in-place change", ref, out, 1e-5 if fmt == "fp32" else 2e-2)
+
+
+def test_batched_engine_picks_by_rows_and_format(monkeypatch):
+    model, _ = build("tokens", 16)
+    dw = model.decode_weights().current()
+    monkeypatch.setattr(batched, "bf16_matmul", lambda: False)
+    assert not batched.applies(dw, batched.MIN_ROWS[torch.float32] - 1)
+    assert batched.applies(dw, batched.MIN_ROWS[torch.float32])
+    q = quantized(model, "bf16").decode_weights().current()
+    assert not batched.applies(q, 256)  # no bf16 matrix units: the fused step reads bf16 faster than a slow GEMM
+    monkeypatch.setattr(batched, "bf16_matmul", lambda: True)
+    assert batched.applies(q, batched.MIN_ROWS[torch.bfloat16])

@@ -179,12 +179,14 @@ class DecodeWeights:
     each step then costs a few identity and version checks over this model's objects, never a rebuild unless one of
     them changed. ``current()`` returns the up-to-date handle (``layers`` valid); ``rebuilds`` counts the rebuilds
     after the first build. ``table`` is free for the C step to hang its pointer table on (built from these tensors,
-    valid as long as they are; dropped at every rebuild). A deep copy of the model copies an unbuilt handle."""
+    valid as long as they are) and ``extras`` for further derived forms (the batched engine's); both are dropped at
+    every rebuild. A deep copy of the model copies an unbuilt handle."""
 
     def __init__(self, model):
         self.model = model
         self.layers: list[RWKV7LayerWeights] | None = None
         self.table = None
+        self.extras: dict = {}  # further derived forms (the batched engine's), dropped at every rebuild
         self.rebuilds = 0
         self._builds = 0
 
@@ -197,7 +199,7 @@ class DecodeWeights:
         self._epoch = model._decode_epoch
         self._dicts, self._keys, self._objs = (tuple(x) for x in zip(*reader.slots))
         self._watched, self._versions = tuple(watched), list(map(_version, watched))
-        self.layers, self.table = [w for w, _ in built], None
+        self.layers, self.table, self.extras = [w for w, _ in built], None, {}
         self.rebuilds += self._builds > 0
         self._builds += 1
 
@@ -208,6 +210,12 @@ class DecodeWeights:
             return False
         return list(map(_version, self._watched)) == self._versions
 
+    def watch(self, params) -> None:
+        """Add tensors that a further derived form (``extras``) was computed from to the version rule."""
+        params = [p for p in params if not p.is_inference()]
+        self._watched += tuple(params)
+        self._versions += list(map(_version, params))
+
     def current(self) -> "DecodeWeights":
         """This handle with its layers up to date (rebuilt here if stale)."""
         if not self.is_current():
@@ -217,6 +225,7 @@ class DecodeWeights:
     def clear(self) -> None:
         """Drop the layers (rebuilt on the next ``current()``)."""
         self.layers = self.table = None
+        self.extras = {}
 
     def __deepcopy__(self, memo):
         return DecodeWeights(copy.deepcopy(self.model, memo))

@@ -368,3 +368,84 @@ int rwkv7_blocks_step(int64_t L, int64_t B, int64_t C, int64_t H, int64_t F, int
     free(buf);
     return 0;
 }
+
+/* ---- The batched step's pieces (rwkv_torch.decode.batched): the same math as rwkv7_blocks_step for B independent
+ * rows, with the projections and LoRAs left to the caller's matrix-matrix products. params and l address layer l's
+ * pointer table as above. Rows are shared out across the threads; every piece may run in place on the state
+ * (*_in == *_out). */
+
+/* ln1(x) and the six token-shift mixes: xs [6, B, C]; sa_out[b] = ln1(x[b]) (the new shift_att). */
+void rwkv7_batch_att_in(int64_t B, int64_t C, const void *const *params, int64_t l, double eps, const float *x,
+                        const float *sa_in, float *sa_out, float *xs, int threads) {
+    const float *const *P = (const float *const *)params + l * NP;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float xa[C];
+        const float *prev = sa_in + b * C;
+        norm_affine(x + b * C, xa, P[P_LN1W], P[P_LN1B], C, eps);
+        for (int m = 0; m < 6; m++) {
+            const float *mu = P[P_MUS] + m * C;
+            float *o = xs + (m * B + b) * C;
+            for (int64_t c = 0; c < C; c++) o[c] = xa[c] + (prev[c] - xa[c]) * mu[c];
+        }
+        memcpy(sa_out + b * C, xa, sizeof(float) * C);
+    }
+}
+
+/* Everything between the projections and the output projection, one (row, head) pair per item: the decay, a and
+ * value-residual gates from the LoRA outputs lo [n, B, C] (the last two already through tanh), kk, k, b, the WKV
+ * state update (wkv_in -> wkv_out, [B, H, N, N]), the group norm, the bonus and the gate. y [B, C] is the output
+ * projection's input; v_first [B, C] is written in layer 0 and read after. r, k, v [B, C] are overwritten. */
+void rwkv7_batch_att_mid(int64_t B, int64_t C, int64_t H, const void *const *params, int64_t l, int64_t n,
+                         double epsx, const float *r, float *k, float *v, const float *lo, float *vfirst,
+                         const float *wkv_in, float *wkv_out, float *y, int threads) {
+    const float *const *P = (const float *const *)params + l * NP;
+    const int64_t N = C / H, BC = B * C;
+    const float *lv = n == 4 ? lo : 0, *la = lo + (n - 3) * BC, *lw = la + BC, *g = lo + (n - 1) * BC;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t o = bh * N, c0 = (bh % H) * N;
+        float dec[N], kk[N], bv[N], a[N];
+        for (int64_t j = 0; j < N; j++) {
+            const int64_t c = c0 + j, i = o + j;
+            dec[j] = expf(-DECAY_SCALE * sigmoidf_(lw[i]));
+            a[j] = sigmoidf_(la[i]);
+            if (lv) v[i] += (vfirst[i] - v[i]) * sigmoidf_(lv[i]);
+            kk[j] = k[i] * P[P_KK][c];
+            k[i] *= P[P_OMKA][c] + a[j] * P[P_KA][c];
+        }
+        if (l == 0) memcpy(vfirst + o, v + o, sizeof(float) * N);
+        double ss = 0;
+        for (int64_t j = 0; j < N; j++) ss += (double)kk[j] * kk[j];
+        const double nrm = sqrt(ss);
+        const float inv = (float)(1.0 / (nrm > 1e-12 ? nrm : 1e-12));
+        for (int64_t j = 0; j < N; j++) {
+            kk[j] *= inv;
+            bv[j] = kk[j] * a[j];
+        }
+        float *yo = y + o;
+        wkv_head(wkv_in + bh * N * N, wkv_out + bh * N * N, r + o, dec, k + o, v + o, kk, bv, yo, N);
+        norm_affine(yo, yo, P[P_LNXW] + c0, P[P_LNXB] + c0, N, epsx);
+        float bonus = 0;
+        for (int64_t j = 0; j < N; j++) bonus += r[o + j] * k[o + j] * P[P_RK][c0 + j];
+        for (int64_t j = 0; j < N; j++) yo[j] = (yo[j] + bonus * v[o + j]) * g[o + j];
+    }
+}
+
+/* ln2(x) and the ffn's token-shift mix: xm [B, C]; sf_out[b] = ln2(x[b]) (the new shift_ffn). */
+void rwkv7_batch_ffn_in(int64_t B, int64_t C, const void *const *params, int64_t l, double eps, const float *x,
+                        const float *sf_in, float *sf_out, float *xm, int threads) {
+    const float *const *P = (const float *const *)params + l * NP;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float xf[C];
+        const float *prev = sf_in + b * C, *mu = P[P_FXK];
+        float *o = xm + b * C;
+        norm_affine(x + b * C, xf, P[P_LN2W], P[P_LN2B], C, eps);
+        for (int64_t c = 0; c < C; c++) o[c] = xf[c] + (prev[c] - xf[c]) * mu[c];
+        memcpy(sf_out + b * C, xf, sizeof(float) * C);
+    }
+}
