@@ -1,11 +1,12 @@
 """The batched RWKV-7 step on CPU against its GEMM floor (issue 33, "Many games per step").
 
 For each shape, weight format and batch N: ``model.step_`` over N independent streams (``decode.blocks_step``: the
-fused C step below ``decode.batched.MIN_ROWS`` rows, the batched engine from there), p50/p99 of the wall time per
-step, beside the GEMM floor: 2 x parameters x N FLOPs at the matrix-product rate torch reaches on this machine for
-the model's own projections at that N (``torch.mm`` over the six matrices of every layer in fp32; for bf16/int8 on a
-CPU with bf16 matrix units, the better of that and the same products in bf16, which the engine runs), and, with
-``--fused``, the fused C step at the same N. Prints the CPU flags that matter, torch's version and one table.
+fused C step below ``decode.batched.MIN_ROWS`` rows, the batched engine from there): p50/p99 of the wall time per
+step, and the p50 of this thread's CPU time per step (``cpu ms``: what the step itself cost on a machine shared with
+other work). Beside it the GEMM floor: 2 x parameters x N FLOPs at the matrix-product rate torch reaches here for the
+model's own projections at that N (``torch.mm`` over the six matrices of every layer in fp32; for bf16/int8 on a CPU
+with bf16 matrix units, the better of that and the same products in bf16, which the engine runs); with ``--fused``,
+the fused C step at the same N. Prints the CPU flags that matter, torch's version and one table.
 
     PYTHONPATH=src python benchmarks/bench_step.py                 # ~1-2 minutes, 1 thread
     PYTHONPATH=src python benchmarks/bench_step.py --threads 2 --fused --shapes C256L6
@@ -35,14 +36,19 @@ def cpu_flags() -> str:
     return " ".join(f for f in keep if f in flags)
 
 
-def times(fn, budget_s: float, min_reps: int = 5, max_reps: int = 400) -> list[float]:
+def times(fn, budget_s: float, min_reps: int = 5, max_reps: int = 400, cpu: list | None = None) -> list[float]:
+    """Sorted wall times of ``fn``; ``cpu`` (a list) gets the sorted CPU times of this thread (what the step cost
+    itself on a machine shared with other work)."""
     fn()
     fn()
-    out, t_end = [], time.perf_counter() + budget_s
+    out, used, t_end = [], [], time.perf_counter() + budget_s
     while len(out) < max_reps and (len(out) < min_reps or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         fn()
         out.append(time.perf_counter() - t0)
+        used.append(time.thread_time() - c0)
+    if cpu is not None:
+        cpu.extend(sorted(used))
     return sorted(out)
 
 
@@ -80,7 +86,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU: {cpu_flags()}; bf16 matrix units: "
           f"{batched.bf16_matmul()}; engine from N = { {str(k)[6:]: v for k, v in batched.MIN_ROWS.items()} }")
-    head = f"{'shape':7} {'fmt':5} {'N':>4} {'p50 ms':>8} {'p99 ms':>8} {'floor ms':>8} {'x floor':>7} {'GF/s':>6}"
+    head = (f"{'shape':7} {'fmt':5} {'N':>4} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms':>8} {'floor ms':>8} {'x floor':>7} "
+            f"{'GF/s':>6}")
     print(head + (f" {'fused ms':>8}" if args.fused else ""))
     for shape in args.shapes.split(","):
         C, L = SHAPES[shape]
@@ -97,13 +104,14 @@ def main() -> None:
                     model.step_(x, state, weights=dw)
 
                 with torch.no_grad():
-                    ts = times(step, args.budget)
+                    cpu: list[float] = []
+                    ts = times(step, args.budget, cpu=cpu)
                     rate = gemm_rate(model, n, torch.float32, args.budget / 2)
                     if narrow:  # the better of the two rates torch has for these products
                         rate = max(rate, gemm_rate(model, n, torch.bfloat16, args.budget / 2))
                     floor = 2 * P * n / rate * 1e3
-                    row = (f"{shape:7} {fmt:5} {n:4d} {pct(ts, 0.5):8.3f} {pct(ts, 0.99):8.3f} {floor:8.3f} "
-                           f"{pct(ts, 0.5) / floor:7.2f} {rate / 1e9:6.1f}")
+                    row = (f"{shape:7} {fmt:5} {n:4d} {pct(ts, 0.5):8.3f} {pct(ts, 0.99):8.3f} {pct(cpu, 0.5):8.3f} "
+                           f"{floor:8.3f} {pct(ts, 0.5) / floor:7.2f} {rate / 1e9:6.1f}")
                     if args.fused:
                         saved = batched.MIN_ROWS
                         batched.MIN_ROWS = dict.fromkeys(saved, 1 << 30)

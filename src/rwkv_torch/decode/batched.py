@@ -2,11 +2,11 @@
 
 The fused C step (``rwkv7_blocks_step``) reads every weight row once for all rows, but its products are
 matrix-vector dot products per row: at N >= 8 it runs at ~1.5-1.8x the time of the same products as matrix-matrix
-products (measured, C256 L6, 1 thread). Here the projections (r, k, v, o, ffn key and value) and the LoRAs are
-matrix-matrix products over the N rows (``torch.mm``/``bmm``: MKL or oneDNN GEMMs), and everything between them,
-row by row, is C (``rwkv7_batch_*`` in ``ops/csrc/rwkv7_step.c``: ln1 and the token-shift mixes; the gates, the
-WKV state update, group norm, bonus and gate; ln2 and the ffn mix): the same math as the fused step, three C calls and
-about nine GEMMs per layer.
+products (measured, C256 L6, 1 thread). Here the projections (r, k, v, o, ffn key and value) and the LoRAs (each at
+its own rank) are matrix-matrix products over the N rows (``torch.mm``/``addmm``: MKL or oneDNN GEMMs), and
+everything between them, row by row, is C (``rwkv7_batch_*`` in ``ops/csrc/rwkv7_step.c``: ln1 and the token-shift
+mixes; the gates, the WKV state update, group norm, bonus and gate; ln2 and the ffn mix): the same math as the fused
+step, three C calls and about sixteen GEMMs per layer.
 
 Weight formats: fp32 always; bf16 and int8 only on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX, read
 from ``/proc/cpuinfo`` at run time), where a bf16 GEMM runs ~4x the fp32 rate: the activations entering the six
@@ -64,7 +64,7 @@ def _declare(lib) -> None:
 
 class _Layer:
     """One layer as the GEMMs take it: the six matrices as transposed views ``[in, out]`` (int8: bf16 copies of the
-    integers) with their scales (int8, else None), and the LoRA bias as ``[n, 1, C]``."""
+    integers) with their scales (int8, else None), and each LoRA's two matrices and bias."""
 
     def __init__(self, w):
         mats = [w.w_r, w.w_k, w.w_v, w.w_o, w.ffn_key, w.ffn_value]
@@ -74,8 +74,12 @@ class _Layer:
         else:
             self.scales = [None] * 6
         self.r, self.k, self.v, self.o, self.key, self.value = (m.t() for m in mats)
-        self.bias = w.lora_bias[:, None]
-        self.n = w.n_lora
+        self.n = n = w.n_lora
+        # Each LoRA at its own rank (views into the zero-padded stacks: no padding multiplied), mix 6 - n + i
+        # feeding LoRA i: (first [C, r], second [r, C], bias [C]).
+        self.loras = [(w.lora_first[i, :, :r], w.lora_second[i, :r], w.lora_bias[i])
+                      for i, r in enumerate(w.lora_ranks)]
+        assert len(self.loras) == n
 
 
 def _plan(weights) -> list[_Layer]:
@@ -112,7 +116,7 @@ def blocks_step(lib, table, weights, h: torch.Tensor, ins, outs) -> torch.Tensor
     B, threads = h.shape[0], torch.get_num_threads()
     x = h.contiguous().clone()
     xs = x.new_empty(6, B, C)  # the six token-shift mixes (r, k, v, a, w, g); the ffn's mix reuses row 0
-    z, lo = x.new_empty(4, B, D), x.new_empty(4, B, C)
+    lo = x.new_empty(4, B, C)
     r, k, v, y, vfirst = (x.new_empty(B, C) for _ in range(5))
     kf = x.new_empty(B, F)
     narrow = weights.layers[0].weight_dtype != torch.float32
@@ -132,10 +136,12 @@ def blocks_step(lib, table, weights, h: torch.Tensor, ins, outs) -> torch.Tensor
             torch.mm(xs_r, m.r, out=r)
             torch.mm(xs_k, m.k, out=k)
             torch.mm(xs_v, m.v, out=v)
-        zn, lon = z[:n], lo[:n]
-        torch.bmm(xs[6 - n:], w.lora_first, out=zn)
-        zn[n - 2:].tanh_()
-        torch.baddbmm(m.bias, zn, w.lora_second, out=lon)
+        lon = lo[:n]
+        for i, (first, second, bias) in enumerate(m.loras):
+            zi = torch.mm(xs[6 - n + i], first)
+            if i >= n - 2:  # the decay and gate LoRAs
+                zi.tanh_()
+            torch.addmm(bias, zi, second, out=lon[i])
         att_mid(B, C, H, params, l, n, w.eps_ln_x, rp, kp, vp, _ptr(lon), vfp, _ptr(ins[2][l]), _ptr(outs[2][l]),
                 yp, threads)
         if narrow:

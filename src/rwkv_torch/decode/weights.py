@@ -69,6 +69,7 @@ class RWKV7LayerWeights:
     eps_ln1: float
     eps_ln2: float
     eps_ln_x: float
+    lora_ranks: tuple[int, ...] = ()  # each LoRA's own rank (lora_first/second are zero-padded to the largest)
 
     @classmethod
     def tensor_fields(cls) -> list[str]:
@@ -163,7 +164,8 @@ def rwkv7_layer_weights(block, reader: _Reader | None = None) -> tuple[RWKV7Laye
         ffn_x_k=w(ffn, "x_k"), ffn_key=w(fkey), ffn_value=w(fval),
         s_r=_scale(r, lin["receptance"]), s_k=_scale(r, lin["key"]), s_v=_scale(r, lin["value"]),
         s_o=_scale(r, lin["output"]), s_ffn_key=_scale(r, fkey), s_ffn_value=_scale(r, fval),
-        n_lora=len(loras), eps_ln1=ln1.eps, eps_ln2=ln2.eps, eps_ln_x=lin["ln_x"].eps,
+        n_lora=len(loras), lora_ranks=tuple(m.shape[1] for m, _, _ in loras),
+        eps_ln1=ln1.eps, eps_ln2=ln2.eps, eps_ln_x=lin["ln_x"].eps,
     )
     return weights, derived_from
 
