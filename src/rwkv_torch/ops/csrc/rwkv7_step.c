@@ -243,10 +243,12 @@ static void lora_second(const float *restrict A2, const float *restrict bias, co
     }
 }
 
-/* One head's state update and read-out: sa = S kk; S = S diag(decay) - sa bᵀ + v kᵀ; y = S r. */
-static void wkv_head(const float *Sin, float *S, const float *restrict r, const float *restrict dec,
-                     const float *restrict k, const float *restrict v, const float *restrict kk,
-                     const float *restrict bv, float *restrict y, int64_t N) {
+/* One head's state update and read-out: sa = S kk; S = S diag(decay) - sa bᵀ + v kᵀ; y = S r. Inlined into
+ * wkv_head below twice: once for N = 64 (the usual head size: the row loops unroll and r, decay, k, kk and b stay in
+ * registers across the rows), once for any N. */
+static inline void wkv_head_n(const float *Sin, float *S, const float *restrict r, const float *restrict dec,
+                              const float *restrict k, const float *restrict v, const float *restrict kk,
+                              const float *restrict bv, float *restrict y, int64_t N) {
     if (Sin != S) memcpy(S, Sin, sizeof(float) * N * N);
     for (int64_t i = 0; i < N; i++) {
         float *row = S + i * N;
@@ -260,6 +262,13 @@ static void wkv_head(const float *Sin, float *S, const float *restrict r, const 
         }
         y[i] = yi;
     }
+}
+
+static void wkv_head(const float *Sin, float *S, const float *restrict r, const float *restrict dec,
+                     const float *restrict k, const float *restrict v, const float *restrict kk,
+                     const float *restrict bv, float *restrict y, int64_t N) {
+    if (N == 64) wkv_head_n(Sin, S, r, dec, k, v, kk, bv, y, 64);
+    else wkv_head_n(Sin, S, r, dec, k, v, kk, bv, y, N);
 }
 
 typedef struct {
