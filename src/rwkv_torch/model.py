@@ -339,11 +339,11 @@ class RWKV(nn.Module):
         """One token ``[B]`` or frame ``[B, embed_dim]`` -> ``(out [B, out], new state)``; O(1) time and memory.
 
         The given state is not modified. fp32 (or ``quantize``d) RWKV-7 on CPU without autograd, autocast or active
-        dropout runs the C step (``decode/``) over ``weights``, a handle from ``decode_weights()``; without one it
-        uses the model's own handle (same rule, same cost). Callers that step in a loop should hold one
-        (``dw = model.decode_weights()``, then ``model.step(x, s, weights=dw)``): its rebuilds (``dw.rebuilds``) are
-        then this caller's alone. Everything else runs the spec form at T = 1 (``forward``'s blocks over one
-        position). Both compute the same function.
+        dropout runs the C step (``decode/``; many rows: the batched engine, GEMMs over the rows) over ``weights``, a
+        handle from ``decode_weights()``; without one it uses the model's own handle (same rule, same cost). Callers
+        that step in a loop should hold one (``dw = model.decode_weights()``, then ``model.step(x, s, weights=dw)``):
+        its rebuilds (``dw.rebuilds``) are then this caller's alone. Everything else runs the spec form at T = 1
+        (``forward``'s blocks over one position). Both compute the same function.
         """
         h = self._embed(x_t, time_axis=False)  # [B, C]
         if state is None:

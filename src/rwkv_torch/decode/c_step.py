@@ -4,7 +4,8 @@ On a small model each PyTorch op's dispatch costs as much as its arithmetic; thi
 ``DecodeWeights`` in C, one OpenMP team for the whole stack, so a C=256 6-layer step costs about what reading its
 weights costs. It applies to fp32 RWKV-7 models on CPU without autograd or autocast (``RWKV.step``/``step_`` pick it
 by themselves); ``RWKV_TORCH_CPU_KERNEL=0`` or a missing C compiler leaves the spec form at T = 1. The embedding,
-ln0, ln_out and the head stay in PyTorch.
+ln0, ln_out and the head stay in PyTorch. ``blocks_step`` is the one place that steps many streams: from
+``batched.MIN_ROWS`` rows on it hands them to the batched engine (``decode/batched.py``: GEMMs over the rows).
 """
 
 import ctypes
