@@ -72,9 +72,11 @@ def prefill(model: RWKV, tokens: torch.Tensor, state: RWKVState | None = None, c
     return state
 
 
-def decode_one_token(model: RWKV, token: torch.Tensor, state: RWKVState) -> tuple[torch.Tensor, RWKVState]:
-    """One token per row ``[B]`` -> ``(logits [B, V], state)``."""
-    return model.step(token, state)
+def decode_one_token(model: RWKV, token: torch.Tensor, state: RWKVState, weights=None
+                     ) -> tuple[torch.Tensor, RWKVState]:
+    """One token per row ``[B]`` -> ``(logits [B, V], state)``; ``weights``: the caller's decode-weights handle
+    (``model.decode_weights()``), or None for the model's own."""
+    return model.step(token, state, weights=weights)
 
 
 def _rows(prompt) -> list[list[int]]:
@@ -170,8 +172,9 @@ def _decode(model, rows, state, max_tokens, opts, penalty, stop_tokens, seed):
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     tokens = [[] for _ in range(B)]
+    weights = model.decode_weights()  # this generation's own handle: rebuilt only if the model's weights change
     for _ in range(max_tokens):
-        logits, new_state = decode_one_token(model, pending, state)
+        logits, new_state = decode_one_token(model, pending, state, weights)
         state = _where(done, state, new_state) if bool(done.any()) else new_state
         logits = logits.float() - presence * seen - frequency * counts
         nxt = torch.where(done, pending, sample(logits, generator=gen, **opts))

@@ -69,7 +69,8 @@ class RWKV(nn.Module):
         self.config = c = config
         self.gradient_checkpointing = False
         self.check_inputs = True
-        self._decode_weights: decode.DecodeWeights | None = None  # see decode_weights()
+        self._decode_epoch = 0  # bumped by _apply and clear_decode_weights: every DecodeWeights handle rebuilds
+        self._decode_weights = decode.DecodeWeights(self)  # the handle of steps given none (see step)
         C = c.hidden_size
         if c.vocab_size is not None:
             self.emb = nn.Embedding(c.vocab_size, C)
@@ -125,23 +126,25 @@ class RWKV(nn.Module):
         return self
 
     def decode_weights(self) -> decode.DecodeWeights:
-        """The RWKV-7 decode weights the C step reads: built on first use, rebuilt when stale by the rule of
-        ``decode.weights`` (parameter versions, parameter replacement, ``.to()``)."""
-        dw = self._decode_weights
-        if dw is None or not dw.is_current():
-            dw = self._decode_weights = decode.DecodeWeights(self)
-        return dw
+        """A new handle on the RWKV-7 decode weights the C step reads, for ``step(..., weights=dw)``: built on first
+        use, rebuilt when stale by the rule of ``decode.weights`` (the version counters of the parameters they were
+        derived from, parameter or module replacement, ``.to()``/casts of the model). Hold one wherever you step in
+        a loop (``Stream``, ``generate`` and ``Policy`` do)."""
+        return decode.DecodeWeights(self)
 
     def clear_decode_weights(self) -> None:
-        """Drop the decode weights (rebuilt on the next step). Needed only after ``param.data = other_tensor``, the
-        one parameter change the invalidation rule does not see."""
-        self._decode_weights = None
+        """Mark every decode-weights handle of this model stale (each rebuilds at its next step). Needed only after
+        ``param.data = other_tensor`` or a cast of a submodule alone, the changes the invalidation rule does not
+        see."""
+        self._decode_epoch += 1
+        self._decode_weights.clear()
 
     clear_step_cache = clear_decode_weights  # the old name
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .float() / .cuda() ...: the decode weights would keep the old tensors alive.
-        self.clear_decode_weights()
+        # .to() / .float() / .cuda() ...: parameters change through .data, unseen by versions and identities.
+        if "_decode_weights" in self.__dict__:  # not yet set while nn.Module.__init__ runs
+            self.clear_decode_weights()
         return super()._apply(fn, *args, **kwargs)
 
     @property
@@ -339,12 +342,15 @@ class RWKV(nn.Module):
         out = self._head(h if return_sequence else h[:, -1])  # the head only where it is asked for
         return (out, state) if return_state else out
 
-    def step(self, x_t, state: RWKVState | None = None):
+    def step(self, x_t, state: RWKVState | None = None, *, weights: decode.DecodeWeights | None = None):
         """One token ``[B]`` or frame ``[B, embed_dim]`` -> ``(out [B, out], new state)``; O(1) time and memory.
 
-        The given state is not modified. fp32 RWKV-7 on CPU without autograd, autocast or active dropout runs the C
-        step (``decode/``, over ``decode_weights()``); everything else runs the spec form at T = 1 (``forward``'s
-        blocks over one position). Both compute the same function.
+        The given state is not modified. fp32 (or ``quantize``d) RWKV-7 on CPU without autograd, autocast or active
+        dropout runs the C step (``decode/``; many rows: the batched engine, GEMMs over the rows) over ``weights``, a
+        handle from ``decode_weights()``; without one it uses the model's own handle (same rule, same cost). Callers
+        that step in a loop should hold one (``dw = model.decode_weights()``, then ``model.step(x, s, weights=dw)``):
+        its rebuilds (``dw.rebuilds``) are then this caller's alone. Everything else runs the spec form at T = 1
+        (``forward``'s blocks over one position). Both compute the same function.
         """
         h = self._embed(x_t, time_axis=False)  # [B, C]
         if state is None:
@@ -352,24 +358,24 @@ class RWKV(nn.Module):
         else:
             self._check_state(state, h.shape[0])
         if self._c_step_applies(h, state):
-            done = decode.blocks_step(self.decode_weights(), self.config, h, state, inplace=False)
+            done = decode.blocks_step(self._weights(weights), self.config, h, state, inplace=False)
             if done is not None:
                 h, (shift_att, shift_ffn, wkv) = done
                 return self._head(h), RWKVState(shift_att, shift_ffn, wkv, dict(state.meta))
         return self._spec_step(h, state)
 
-    def step_(self, x_t, state: RWKVState) -> torch.Tensor:
+    def step_(self, x_t, state: RWKVState, *, weights: decode.DecodeWeights | None = None) -> torch.Tensor:
         """``step`` that overwrites ``state``'s tensors with the new state and returns only ``out [B, out]``.
 
         Saves allocating a new state per token on the C step; ``Stream`` uses it. Anything aliasing the state's
-        tensors sees the update (take ``state.clone()`` to keep a copy).
+        tensors sees the update (take ``state.clone()`` to keep a copy). ``weights`` as for ``step``.
         """
         h = self._embed(x_t, time_axis=False)
         self._check_state(state, h.shape[0])
         if self._c_step_applies(h, state) and all(
             a.dtype == f.dtype == h.dtype for a, f in zip(state.shift_att, state.shift_ffn)
         ):
-            done = decode.blocks_step(self.decode_weights(), self.config, h, state, inplace=True)
+            done = decode.blocks_step(self._weights(weights), self.config, h, state, inplace=True)
             if done is not None:
                 return self._head(done[0])
         out, new = self._spec_step(h, state)
@@ -377,6 +383,13 @@ class RWKV(nn.Module):
             for old, t in zip(state.flat(), new.flat()):
                 old.copy_(t)
         return out
+
+    def _weights(self, weights: decode.DecodeWeights | None) -> decode.DecodeWeights:
+        if weights is None:
+            weights = self._decode_weights
+        elif not isinstance(weights, decode.DecodeWeights) or weights.model is not self:
+            raise ValueError("weights= must be a decode-weights handle of this model (model.decode_weights())")
+        return weights.current()
 
     def _spec_step(self, h, state: RWKVState):
         """h [B, C] (after ln0) through the blocks' forward at T = 1 and the head: (out, a new state)."""

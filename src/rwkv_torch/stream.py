@@ -12,7 +12,9 @@ class Stream:
     returns the output for that position. ``snapshot()`` returns an independent copy of the state;
     ``restore(snap)`` rewinds to it, so restore-then-replay reproduces the same outputs bit for bit (netplay
     rollback). ``reset()`` starts a fresh sequence. With an ``RWKV`` model the state is updated in place
-    (``model.step_``): ``stream.state`` is owned by the stream, copy it with ``snapshot()``.
+    (``model.step_``): ``stream.state`` is owned by the stream, copy it with ``snapshot()``; the stream holds its own
+    decode-weights handle (``model.decode_weights()``, ``None`` for other models), rebuilt only when the model's
+    weights change.
     """
 
     def __init__(self, model, batch_size: int = 1):
@@ -20,6 +22,7 @@ class Stream:
         self.batch_size = batch_size
         if isinstance(model, torch.nn.Module):
             model.eval()
+        self.decode_weights = model.decode_weights() if hasattr(model, "decode_weights") else None
         self.reset()
 
     def reset(self) -> None:
@@ -32,7 +35,9 @@ class Stream:
         single = x.dim() == (0 if self.model.is_token_model else 1)
         if single:
             x = x.unsqueeze(0)
-        if hasattr(self.model, "step_"):
+        if self.decode_weights is not None:
+            y = self.model.step_(x, self.state, weights=self.decode_weights)
+        elif hasattr(self.model, "step_"):
             y = self.model.step_(x, self.state)
         else:
             y, self.state = self.model.step(x, self.state)

@@ -4,7 +4,8 @@ On a small model each PyTorch op's dispatch costs as much as its arithmetic; thi
 ``DecodeWeights`` in C, one OpenMP team for the whole stack, so a C=256 6-layer step costs about what reading its
 weights costs. It applies to fp32 RWKV-7 models on CPU without autograd or autocast (``RWKV.step``/``step_`` pick it
 by themselves); ``RWKV_TORCH_CPU_KERNEL=0`` or a missing C compiler leaves the spec form at T = 1. The embedding,
-ln0, ln_out and the head stay in PyTorch.
+ln0, ln_out and the head stay in PyTorch. ``blocks_step`` is the one place that steps many streams: from
+``batched.MIN_ROWS`` rows on it hands them to the batched engine (``decode/batched.py``: GEMMs over the rows).
 """
 
 import ctypes
@@ -13,6 +14,7 @@ import torch
 
 from ..ops import cpu_lib
 from ..ops.cpu_lib import WEIGHT_FORMAT_CODES as WEIGHT_FORMATS
+from . import batched
 from .weights import DecodeWeights, RWKV7LayerWeights
 
 _checked = []
@@ -80,7 +82,8 @@ def _ptrs(tensors) -> ctypes.Array:
 
 
 def blocks_step(weights: DecodeWeights, config, h: torch.Tensor, state, *, inplace: bool):
-    """h [B, C] (after ln0) through every block: returns (h [B, C] before ln_out, the new per-layer state lists
+    """h [B, C] (after ln0) through every block (from ``batched.MIN_ROWS`` rows on, the batched engine where its
+    weight format applies; else the fused C step): returns (h [B, C] before ln_out, the new per-layer state lists
     (shift_att, shift_ffn, wkv)), or None when these weights cannot run in C. ``inplace`` overwrites ``state``'s
     tensors; otherwise they are only read."""
     if weights.table is None:
@@ -88,9 +91,11 @@ def blocks_step(weights: DecodeWeights, config, h: torch.Tensor, state, *, inpla
     table = weights.table
     if not table.ok:
         return None
-    x = h.contiguous().clone()  # updated in place by the kernel: the residual stream
     ins = (state.shift_att, state.shift_ffn, state.wkv)
     outs = ins if inplace else tuple([torch.empty_like(t) for t in ts] for ts in ins)
+    if batched.applies(weights, h.shape[0]):  # many rows: the projections as matrix-matrix products
+        return batched.blocks_step(_library(), table, weights, h, ins, outs), outs
+    x = h.contiguous().clone()  # updated in place by the kernel: the residual stream
     L, C, H, F, D = table.dims
     err = _library().rwkv7_blocks_step(
         L, x.shape[0], C, H, F, D, table.params, table.n_lora, table.eps, table.wfmt, ctypes.c_void_p(x.data_ptr()),

@@ -8,29 +8,27 @@ Most fields are the parameters themselves (views, no copy); a few are derived on
 no value-residual LoRA), their biases, and ``1 - k_a``. The gate's ``sigmoid(u) @ g2`` is rewritten as
 ``tanh(u / 2) @ (g2 / 2) + sum(g2 / 2)`` so that one tanh pass serves both the decay and the gate LoRA.
 
-The invalidation rule (``DecodeWeights.is_current``): the weights stay valid while every parameter they were derived
-from keeps its version counter (bumped by every in-place update: optimizer steps, ``load_state_dict``, ``copy_``/
-``add_`` under no_grad), while no module anywhere had a parameter replaced (``module.w = nn.Parameter(...)``,
-``load_state_dict(assign=True)``: a global registration hook counts these) and while the model is not moved or cast
-(``RWKV._apply`` drops them). The parameters read directly are read live through their own memory. The one change
-not seen is ``param.data = other_tensor``; call ``RWKV.clear_decode_weights()`` after it.
+``DecodeWeights`` (``RWKV.decode_weights()``) is an explicit handle, held by whoever steps (``Stream``, ``generate``,
+the replay policy) and passed to ``RWKV.step(..., weights=dw)``; ``dw.current()`` gives the layers, rebuilt when
+stale. The invalidation rule (``DecodeWeights.is_current``), checked per step over this model's own objects only:
+
+* every parameter copied into a derived field keeps its version counter (bumped by every in-place update: optimizer
+  steps, ``load_state_dict``, ``copy_``/``add_`` under no_grad); the parameters read directly are read live;
+* every module and parameter the weights were read from is still in its place (``module.w = nn.Parameter(...)``,
+  ``load_state_dict(assign=True)``, ``quantize``'s module surgery: identity checks, ``is``);
+* the model was not moved or cast since (``RWKV._apply`` and ``RWKV.clear_decode_weights()`` bump the model's
+  ``_decode_epoch``).
+
+Nothing outside the model is watched: no global hook, so building or changing other modules costs nothing here. The
+changes not seen are ``param.data = other_tensor`` and a ``.to()``/cast of a submodule alone (not through the
+model); call ``RWKV.clear_decode_weights()`` after one.
 """
 
+import copy
 import dataclasses
+import operator
 
 import torch
-import torch.nn as nn
-
-# Bumped whenever any module registers or replaces a parameter; decode weights remember the value they were built at.
-_generation = [0]
-
-
-def _on_parameter_registered(module, name, param):
-    _generation[0] += 1
-
-
-if hasattr(nn.modules.module, "register_module_parameter_registration_hook"):
-    nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registered)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +69,7 @@ class RWKV7LayerWeights:
     eps_ln1: float
     eps_ln2: float
     eps_ln_x: float
+    lora_ranks: tuple[int, ...] = ()  # each LoRA's own rank (lora_first/second are zero-padded to the largest)
 
     @classmethod
     def tensor_fields(cls) -> list[str]:
@@ -106,62 +105,135 @@ def _stack_padded(mats: list[torch.Tensor], dim: int) -> torch.Tensor:
     return out
 
 
-def _scale(linear) -> torch.Tensor:
+class _Reader:
+    """Reads modules and parameters by name and records every hop as (container dict, key, object): the identity
+    part of the invalidation rule is that each container still holds the same object under the same key."""
+
+    def __init__(self):
+        self.slots: list[tuple[dict, str, object]] = []
+
+    def child(self, module, name: str):
+        obj = module._modules[name]
+        self.slots.append((module._modules, name, obj))
+        return obj
+
+    def param(self, module, name: str):
+        obj = module._parameters.get(name)
+        if obj is None:
+            return None
+        self.slots.append((module._parameters, name, obj))
+        return obj
+
+
+def _scale(r: _Reader, linear) -> torch.Tensor:
     """An int8 ``QuantLinear``'s per-row scale (read live), else an empty fp32 tensor (the C step ignores it)."""
-    scale = getattr(linear, "scale", None)
+    scale = r.param(linear, "scale")
     return scale.detach() if scale is not None else linear.weight.new_empty(0, dtype=torch.float32)
 
 
 @torch.no_grad()
-def rwkv7_layer_weights(block) -> tuple[RWKV7LayerWeights, list[torch.nn.Parameter]]:
-    """The decode weights of one RWKV-7 ``Block`` and the parameters whose values were copied into derived fields."""
-    att, ffn = block.att, block.ffn
-    g1, g2 = att.g1 / 2, att.g2 / 2
-    loras = [(att.a1, att.a2, att.a0), (att.w1, att.w2, att.w0), (g1, g2, g2.sum(0))]
-    derived_from = [att.x_r, att.x_k, att.x_v, att.x_a, att.x_w, att.x_g, att.a1, att.a2, att.a0, att.w1, att.w2,
-                    att.w0, att.g1, att.g2, att.k_a]
+def rwkv7_layer_weights(block, reader: _Reader | None = None) -> tuple[RWKV7LayerWeights, list[torch.nn.Parameter]]:
+    """The decode weights of one RWKV-7 ``Block`` and the parameters whose values were copied into derived fields
+    (``reader`` records every module and parameter read)."""
+    r = reader or _Reader()
+    att, ffn, ln1, ln2 = (r.child(block, n) for n in ("att", "ffn", "ln1", "ln2"))
+    lin = {n: r.child(att, n) for n in ("receptance", "key", "value", "output", "ln_x")}
+    fkey, fval = r.child(ffn, "key"), r.child(ffn, "value")
+    p = {n: r.param(att, n) for n in ("x_r", "x_k", "x_v", "x_a", "x_w", "x_g", "a0", "a1", "a2", "w0", "w1", "w2",
+                                      "g1", "g2", "k_a", "k_k", "r_k", "v0", "v1", "v2")}
+    g1, g2 = p["g1"] / 2, p["g2"] / 2
+    loras = [(p["a1"], p["a2"], p["a0"]), (p["w1"], p["w2"], p["w0"]), (g1, g2, g2.sum(0))]
+    derived_from = [p[n] for n in ("x_r", "x_k", "x_v", "x_a", "x_w", "x_g", "a1", "a2", "a0", "w1", "w2", "w0",
+                                   "g1", "g2", "k_a")]
     if att.layer_id > 0:
-        loras.insert(0, (att.v1, att.v2, att.v0))
-        derived_from += [att.v1, att.v2, att.v0]
+        loras.insert(0, (p["v1"], p["v2"], p["v0"]))
+        derived_from += [p["v1"], p["v2"], p["v0"]]
+
+    def w(module, name="weight"):
+        return r.param(module, name).detach()
+
     weights = RWKV7LayerWeights(
-        ln1_w=block.ln1.weight.detach(), ln1_b=block.ln1.bias.detach(),
-        ln2_w=block.ln2.weight.detach(), ln2_b=block.ln2.bias.detach(),
-        mus=torch.stack([att.x_r, att.x_k, att.x_v, att.x_a, att.x_w, att.x_g]),
+        ln1_w=w(ln1), ln1_b=w(ln1, "bias"), ln2_w=w(ln2), ln2_b=w(ln2, "bias"),
+        mus=torch.stack([p[n] for n in ("x_r", "x_k", "x_v", "x_a", "x_w", "x_g")]),
         lora_first=_stack_padded([m for m, _, _ in loras], dim=1).contiguous(),
         lora_second=_stack_padded([m for _, m, _ in loras], dim=0).contiguous(),
         lora_bias=torch.stack([b for _, _, b in loras]),
-        one_minus_k_a=1 - att.k_a, k_a=att.k_a.detach(), k_k=att.k_k.detach(), r_k=att.r_k.detach().view(-1),
-        w_r=att.receptance.weight.detach(), w_k=att.key.weight.detach(), w_v=att.value.weight.detach(),
-        w_o=att.output.weight.detach(), ln_x_w=att.ln_x.weight.detach(), ln_x_b=att.ln_x.bias.detach(),
-        ffn_x_k=ffn.x_k.detach(), ffn_key=ffn.key.weight.detach(), ffn_value=ffn.value.weight.detach(),
-        s_r=_scale(att.receptance), s_k=_scale(att.key), s_v=_scale(att.value), s_o=_scale(att.output),
-        s_ffn_key=_scale(ffn.key), s_ffn_value=_scale(ffn.value),
-        n_lora=len(loras), eps_ln1=block.ln1.eps, eps_ln2=block.ln2.eps, eps_ln_x=att.ln_x.eps,
+        one_minus_k_a=1 - p["k_a"], k_a=p["k_a"].detach(), k_k=p["k_k"].detach(), r_k=p["r_k"].detach().view(-1),
+        w_r=w(lin["receptance"]), w_k=w(lin["key"]), w_v=w(lin["value"]), w_o=w(lin["output"]),
+        ln_x_w=w(lin["ln_x"]), ln_x_b=w(lin["ln_x"], "bias"),
+        ffn_x_k=w(ffn, "x_k"), ffn_key=w(fkey), ffn_value=w(fval),
+        s_r=_scale(r, lin["receptance"]), s_k=_scale(r, lin["key"]), s_v=_scale(r, lin["value"]),
+        s_o=_scale(r, lin["output"]), s_ffn_key=_scale(r, fkey), s_ffn_value=_scale(r, fval),
+        n_lora=len(loras), lora_ranks=tuple(m.shape[1] for m, _, _ in loras),
+        eps_ln1=ln1.eps, eps_ln2=ln2.eps, eps_ln_x=lin["ln_x"].eps,
     )
     return weights, derived_from
 
 
-def _version(p: torch.Tensor) -> int:
-    """The version counter; inference tensors (made under ``torch.inference_mode``, e.g. a model loaded there) have
-    none, and their in-place changes go unseen (call ``RWKV.clear_decode_weights()`` after one)."""
-    return -1 if p.is_inference() else p._version
+_version = operator.attrgetter("_version")
+_get = dict.get
 
 
 class DecodeWeights:
-    """Every block's ``RWKV7LayerWeights`` and what decides whether they are current (the module docstring's rule).
+    """Every block's ``RWKV7LayerWeights`` for one model, rebuilt when stale by the module docstring's rule.
 
-    ``table`` is free for the C step to hang its pointer table on (built from these tensors, valid as long as they
-    are)."""
+    Get one with ``model.decode_weights()`` and hold it for as long as you step (``model.step(x, s, weights=dw)``):
+    each step then costs a few identity and version checks over this model's objects, never a rebuild unless one of
+    them changed. ``current()`` returns the up-to-date handle (``layers`` valid); ``rebuilds`` counts the rebuilds
+    after the first build. ``table`` is free for the C step to hang its pointer table on (built from these tensors,
+    valid as long as they are) and ``extras`` for further derived forms (the batched engine's); both are dropped at
+    every rebuild. A deep copy of the model copies an unbuilt handle."""
 
     def __init__(self, model):
-        built = [rwkv7_layer_weights(block) for block in model.blocks]
-        self.layers = [w for w, _ in built]
-        self._watched = [p for _, ps in built for p in ps]
-        self._versions = [_version(p) for p in self._watched]
-        self._generation = _generation[0]
+        self.model = model
+        self.layers: list[RWKV7LayerWeights] | None = None
         self.table = None
+        self.extras: dict = {}  # further derived forms (the batched engine's), dropped at every rebuild
+        self.rebuilds = 0
+        self._builds = 0
+
+    def _build(self) -> None:
+        model = self.model
+        reader = _Reader()
+        blocks = reader.child(model, "blocks")
+        built = [rwkv7_layer_weights(reader.child(blocks, str(i)), reader) for i in range(len(blocks))]
+        watched = [p for _, ps in built for p in ps if not p.is_inference()]  # inference tensors have no version
+        self._epoch = model._decode_epoch
+        self._dicts, self._keys, self._objs = (tuple(x) for x in zip(*reader.slots))
+        self._watched, self._versions = tuple(watched), list(map(_version, watched))
+        self.layers, self.table, self.extras = [w for w, _ in built], None, {}
+        self.rebuilds += self._builds > 0
+        self._builds += 1
 
     def is_current(self) -> bool:
-        if self._generation != _generation[0]:
+        if self.layers is None or self.model._decode_epoch != self._epoch:
             return False
-        return all(_version(p) == v for p, v in zip(self._watched, self._versions))
+        if not all(map(operator.is_, map(_get, self._dicts, self._keys), self._objs)):
+            return False
+        return list(map(_version, self._watched)) == self._versions
+
+    def watch(self, params) -> None:
+        """Add tensors that a further derived form (``extras``) was computed from to the version rule."""
+        params = [p for p in params if not p.is_inference()]
+        self._watched += tuple(params)
+        self._versions += list(map(_version, params))
+
+    def current(self) -> "DecodeWeights":
+        """This handle with its layers up to date (rebuilt here if stale)."""
+        if not self.is_current():
+            self._build()
+        return self
+
+    def clear(self) -> None:
+        """Drop the layers (rebuilt on the next ``current()``)."""
+        self.layers = self.table = None
+        self.extras = {}
+
+    def __deepcopy__(self, memo):
+        return DecodeWeights(copy.deepcopy(self.model, memo))
+
+    def __getstate__(self):
+        return {"model": self.model}
+
+    def __setstate__(self, state):
+        self.__init__(state["model"])

@@ -84,6 +84,7 @@ class Policy:
         self.generator = torch.Generator().manual_seed(seed)
         self.frame_dim = model.frame_dim
         self.id_columns = {s.name: s.columns for s in model.id_specs}
+        self.decode_weights = model.backbone.decode_weights()  # this policy's handle, rebuilt only on weight changes
         self.reset()
 
     @classmethod
@@ -123,7 +124,7 @@ class Policy:
     def logits(self, frame, ids: dict) -> dict:
         """Advance one frame; the heads' raw outputs ``{head: [size]}``."""
         x = self.model._join_ids(self.row(frame, ids))
-        h = self.model.backbone.step_(x, self.state)
+        h = self.model.backbone.step_(x, self.state, weights=self.decode_weights)
         self.position += 1
         return {name: head(h)[0] for name, head in self.model.heads.items()}
 

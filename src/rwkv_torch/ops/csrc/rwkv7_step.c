@@ -37,7 +37,29 @@ const char *rwkv7_step_fields(void) {
 
 #define DECAY_SCALE 0.60653065971263342f /* exp(-0.5) */
 
-static float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* e^x, branch-free so that loops calling it vectorise (libm's expf does not without -ffast-math): 2^n e^r with
+ * n = rint(x log2 e), r = x - n ln 2 (Cody-Waite, two parts), e^r by its Taylor series to r^7 (|r| <= ln2 / 2: error
+ * below 6e-9 relative, under one float ulp). x is clamped to [-87, 88] (2^n stays a normal float); NaN propagates. */
+static inline float exp_f(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float sigmoidf_(float x) { return 1.0f / (1.0f + exp_f(-x)); }
 
 /* mean and biased variance, accumulated in double */
 static void moments(const float *x, int64_t n, double *mean, double *var) {
@@ -221,10 +243,12 @@ static void lora_second(const float *restrict A2, const float *restrict bias, co
     }
 }
 
-/* One head's state update and read-out: sa = S kk; S = S diag(decay) - sa bᵀ + v kᵀ; y = S r. */
-static void wkv_head(const float *Sin, float *S, const float *restrict r, const float *restrict dec,
-                     const float *restrict k, const float *restrict v, const float *restrict kk,
-                     const float *restrict bv, float *restrict y, int64_t N) {
+/* One head's state update and read-out: sa = S kk; S = S diag(decay) - sa bᵀ + v kᵀ; y = S r. Inlined into
+ * wkv_head below twice: once for N = 64 (the usual head size: the row loops unroll and r, decay, k, kk and b stay in
+ * registers across the rows), once for any N. */
+static inline void wkv_head_n(const float *Sin, float *S, const float *restrict r, const float *restrict dec,
+                              const float *restrict k, const float *restrict v, const float *restrict kk,
+                              const float *restrict bv, float *restrict y, int64_t N) {
     if (Sin != S) memcpy(S, Sin, sizeof(float) * N * N);
     for (int64_t i = 0; i < N; i++) {
         float *row = S + i * N;
@@ -238,6 +262,13 @@ static void wkv_head(const float *Sin, float *S, const float *restrict r, const 
         }
         y[i] = yi;
     }
+}
+
+static void wkv_head(const float *Sin, float *S, const float *restrict r, const float *restrict dec,
+                     const float *restrict k, const float *restrict v, const float *restrict kk,
+                     const float *restrict bv, float *restrict y, int64_t N) {
+    if (N == 64) wkv_head_n(Sin, S, r, dec, k, v, kk, bv, y, 64);
+    else wkv_head_n(Sin, S, r, dec, k, v, kk, bv, y, N);
 }
 
 typedef struct {
@@ -306,7 +337,7 @@ int rwkv7_blocks_step(int64_t L, int64_t B, int64_t C, int64_t H, int64_t F, int
             float *lv = n == 4 ? s.lo : 0, *la = s.lo + (n - 3) * BC, *lw = la + BC;
             for (int64_t j = 0; j < BC; j++) {
                 const int64_t c = j % C;
-                s.dec[j] = expf(-DECAY_SCALE * sigmoidf_(lw[j]));
+                s.dec[j] = exp_f(-DECAY_SCALE * sigmoidf_(lw[j]));
                 const float a = sigmoidf_(la[j]);
                 if (lv) s.v[j] += (s.vfirst[j] - s.v[j]) * sigmoidf_(lv[j]);
                 s.kk[j] = s.k[j] * P[P_KK][c];
@@ -367,4 +398,89 @@ int rwkv7_blocks_step(int64_t L, int64_t B, int64_t C, int64_t H, int64_t F, int
     }
     free(buf);
     return 0;
+}
+
+/* ---- The batched step's pieces (rwkv_torch.decode.batched): the same math as rwkv7_blocks_step for B independent
+ * rows, with the projections and LoRAs left to the caller's matrix-matrix products. params and l address layer l's
+ * pointer table as above. Rows are shared out across the threads; every piece may run in place on the state
+ * (*_in == *_out). */
+
+/* ln1(x) and the six token-shift mixes: xs [6, B, C]; sa_out[b] = ln1(x[b]) (the new shift_att). */
+void rwkv7_batch_att_in(int64_t B, int64_t C, const void *const *params, int64_t l, double eps, const float *x,
+                        const float *sa_in, float *sa_out, float *xs, int threads) {
+    const float *const *P = (const float *const *)params + l * NP;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float xa[C];
+        const float *prev = sa_in + b * C;
+        norm_affine(x + b * C, xa, P[P_LN1W], P[P_LN1B], C, eps);
+        for (int m = 0; m < 6; m++) {
+            const float *mu = P[P_MUS] + m * C;
+            float *o = xs + (m * B + b) * C;
+            for (int64_t c = 0; c < C; c++) o[c] = xa[c] + (prev[c] - xa[c]) * mu[c];
+        }
+        memcpy(sa_out + b * C, xa, sizeof(float) * C);
+    }
+}
+
+/* Everything between the projections and the output projection, one (row, head) pair per item: the decay, a and
+ * value-residual gates from the LoRA outputs lo [n, B, C] (the last two already through tanh), kk, k, b, the WKV
+ * state update (wkv_in -> wkv_out, [B, H, N, N]), the group norm, the bonus and the gate. y [B, C] is the output
+ * projection's input; v_first [B, C] is written in layer 0 and read after. r, k, v [B, C] are overwritten. */
+void rwkv7_batch_att_mid(int64_t B, int64_t C, int64_t H, const void *const *params, int64_t l, int64_t n,
+                         double epsx, const float *r, float *k, float *v, const float *lo, float *vfirst,
+                         const float *wkv_in, float *wkv_out, float *y, int threads) {
+    const float *const *P = (const float *const *)params + l * NP;
+    const int64_t N = C / H, BC = B * C;
+    const float *lv = n == 4 ? lo : 0, *la = lo + (n - 3) * BC, *lw = la + BC, *g = lo + (n - 1) * BC;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t o = bh * N, c0 = (bh % H) * N;
+        float dec[N], kk[N], bv[N], a[N];
+        const float *lwo = lw + o, *lao = la + o, *kkw = P[P_KK] + c0, *omka = P[P_OMKA] + c0, *ka = P[P_KA] + c0;
+        float *ko = k + o, *vo = v + o;
+        for (int64_t j = 0; j < N; j++) {
+            dec[j] = exp_f(-DECAY_SCALE * sigmoidf_(lwo[j]));
+            a[j] = sigmoidf_(lao[j]);
+            kk[j] = ko[j] * kkw[j];
+            ko[j] *= omka[j] + a[j] * ka[j];
+        }
+        if (lv) {
+            const float *lvo = lv + o, *vfo = vfirst + o;
+            for (int64_t j = 0; j < N; j++) vo[j] += (vfo[j] - vo[j]) * sigmoidf_(lvo[j]);
+        }
+        if (l == 0) memcpy(vfirst + o, v + o, sizeof(float) * N);
+        double ss = 0;
+        for (int64_t j = 0; j < N; j++) ss += (double)kk[j] * kk[j];
+        const double nrm = sqrt(ss);
+        const float inv = (float)(1.0 / (nrm > 1e-12 ? nrm : 1e-12));
+        for (int64_t j = 0; j < N; j++) {
+            kk[j] *= inv;
+            bv[j] = kk[j] * a[j];
+        }
+        float *yo = y + o;
+        wkv_head(wkv_in + bh * N * N, wkv_out + bh * N * N, r + o, dec, k + o, v + o, kk, bv, yo, N);
+        norm_affine(yo, yo, P[P_LNXW] + c0, P[P_LNXB] + c0, N, epsx);
+        float bonus = 0;
+        for (int64_t j = 0; j < N; j++) bonus += r[o + j] * k[o + j] * P[P_RK][c0 + j];
+        for (int64_t j = 0; j < N; j++) yo[j] = (yo[j] + bonus * v[o + j]) * g[o + j];
+    }
+}
+
+/* ln2(x) and the ffn's token-shift mix: xm [B, C]; sf_out[b] = ln2(x[b]) (the new shift_ffn). */
+void rwkv7_batch_ffn_in(int64_t B, int64_t C, const void *const *params, int64_t l, double eps, const float *x,
+                        const float *sf_in, float *sf_out, float *xm, int threads) {
+    const float *const *P = (const float *const *)params + l * NP;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float xf[C];
+        const float *prev = sf_in + b * C, *mu = P[P_FXK];
+        float *o = xm + b * C;
+        norm_affine(x + b * C, xf, P[P_LN2W], P[P_LN2B], C, eps);
+        for (int64_t c = 0; c < C; c++) o[c] = xf[c] + (prev[c] - xf[c]) * mu[c];
+        memcpy(sf_out + b * C, xf, sizeof(float) * C);
+    }
 }
