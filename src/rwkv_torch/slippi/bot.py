@@ -158,13 +158,13 @@ def _draw(logits: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 def load_weights(path):
     """The ``TaskModel`` of a run (folder or ``ckpt-*.pt``) or of a bot's ``weights/model.pt``, eval mode, CPU."""
-    from ..train import finetune
-    from ..train.model import load_task_model
+    from ..task import load_task_model
+    from ..task.model import InitialState
 
     model, ckpt = load_task_model(path)
     if ckpt.get("state0_wkv") is not None:
         template = model.backbone.init_state(1)
-        model.state0 = finetune.InitialState(template)
+        model.state0 = InitialState(template)
         with torch.no_grad():
             for p, t in zip(model.state0.wkv, ckpt["state0_wkv"]):
                 p.copy_(t)
@@ -174,7 +174,7 @@ def load_weights(path):
 def save_weights(run, path) -> dict:
     """A run's model (a fine-tune merged: LoRA folded in, its base's weights included) as one plain checkpoint
     that ``load_weights`` reads; returns its training config."""
-    from ..train.model import load_task_model
+    from ..task import load_task_model
 
     model, ckpt = load_task_model(run)
     c = model.backbone.config

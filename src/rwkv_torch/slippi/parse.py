@@ -52,7 +52,8 @@ class Replay:
     missing: list = field(default_factory=list)
 
 
-def _peppi():
+def peppi_modules():
+    """peppi-py's raw reader, its ``Start`` type and ``dc_from_json`` (ImportError naming the extra without it)."""
     try:
         import peppi_py._peppi as raw
         from peppi_py.game import Start
@@ -62,7 +63,8 @@ def _peppi():
     return raw, Start, dc_from_json
 
 
-def _field(arr, path: str):
+def arrow_field(arr, path: str):
+    """The nested field ``path`` ("a.b.c") of an Arrow struct array, or None where the file's version lacks it."""
     for part in path.split("."):
         try:
             arr = arr.field(part)
@@ -79,7 +81,7 @@ def _numpy(arr, order: np.ndarray) -> np.ndarray:
 def _columns(data, order: np.ndarray, missing: set, prefix: str) -> dict:
     out = {}
     for name, path in COLUMNS:
-        arr = _field(data, path)
+        arr = arrow_field(data, path)
         if arr is None:
             missing.add(f"{prefix}{path}")
             out[name] = np.zeros(len(order), dtype=np.float32)
@@ -89,12 +91,12 @@ def _columns(data, order: np.ndarray, missing: set, prefix: str) -> dict:
 
 
 def _items(frames, order: np.ndarray) -> list | None:
-    lists = _field(frames, "item")
+    lists = arrow_field(frames, "item")
     if lists is None:
         return None
     offsets = np.asarray(lists.offsets.to_numpy(zero_copy_only=False))
     flat = lists.flatten()
-    cols = {name: np.asarray(_field(flat, path).to_numpy(zero_copy_only=False)) for name, path in ITEM_COLUMNS}
+    cols = {name: np.asarray(arrow_field(flat, path).to_numpy(zero_copy_only=False)) for name, path in ITEM_COLUMNS}
     return [{k: v[offsets[i]:offsets[i + 1]] for k, v in cols.items()} for i in order]
 
 
@@ -117,7 +119,7 @@ def _check_magic(path: str) -> None:
 def read_replay(path) -> Replay:
     """Parse ``path`` (a ``.slp`` file). Raises ValueError naming the file and the reason it is refused, ImportError
     naming the ``melee`` extra when peppi-py is missing."""
-    raw, Start, dc_from_json = _peppi()
+    raw, Start, dc_from_json = peppi_modules()
     path = str(path)
     _check_magic(path)
     try:
@@ -143,10 +145,10 @@ def read_replay(path) -> Replay:
     out = []
     for p in players:
         name = f"P{int(p.port) + 1}"
-        data = _field(ports, name)
+        data = arrow_field(ports, name)
         if data is None:
             raise ValueError(f"{path}: port {name} is in the game start but has no frame data")
-        follower = _field(data, "follower")
+        follower = arrow_field(data, "follower")
         out.append(Player(int(p.port) + 1, int(p.character), int(p.type) != 0,
                           _columns(data.field("leader"), order, missing, ""),
                           None if follower is None else _columns(follower, order, missing, "follower.")))

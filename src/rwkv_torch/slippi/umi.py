@@ -112,15 +112,15 @@ def replay_frames(replay, port: int, spawn: list | None = None) -> np.ndarray:
 
 def _spawn_ids(path) -> list | None:
     """Each frame's item spawn ids (peppi's ``item.id``), rollbacks resolved as ``parse.read_replay`` does."""
-    from .parse import _field, _peppi
+    from .parse import arrow_field, peppi_modules
 
-    raw, _, _ = _peppi()
+    raw, _, _ = peppi_modules()
     frames = raw.read_slippi(str(path), False).frames
     ids = np.asarray(frames.field("id").to_numpy(zero_copy_only=False)).astype(np.int64)
     uniq, last_from_end = np.unique(ids[::-1], return_index=True)
     order = (len(ids) - 1 - last_from_end)[np.argsort(uniq)]
-    lists = _field(frames, "item")
-    spawn = None if lists is None else _field(lists.flatten(), "id")
+    lists = arrow_field(frames, "item")
+    spawn = None if lists is None else arrow_field(lists.flatten(), "id")
     if spawn is None:
         return None
     offsets = np.asarray(lists.offsets.to_numpy(zero_copy_only=False))
