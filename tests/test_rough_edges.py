@@ -357,3 +357,24 @@ def test_state_and_model_files_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "s.safetensors").stat().st_mode) == usual
     assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == usual
     assert stat.S_IMODE((tmp_path / "m" / "config.json").stat().st_mode) == usual
+
+
+def test_max_bytes_zero_from_python_is_refused_by_the_config():
+    from rwkv_torch.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"max_bytes=0: must be None or >= 1"):
+        TrainConfig(max_bytes=0)
+
+
+def test_no_matplotlib_is_one_line_above_the_bar_not_a_warning(tmp_path, monkeypatch, capfd, recwarn):
+    from rwkv_torch.train import loop, train
+
+    monkeypatch.setattr(loop, "write_plot", lambda run_dir: False)
+    from tests.test_train import write_episodes
+
+    eps = str(write_episodes(tmp_path / "eps", n=3, T=40))
+    train(dict(data=eps, hidden_size=16, num_layers=1, head_size=8, window_size=8, batch_size=2, steps=4,
+               eval_every=2, eval_batches=1, warmup=0, out=str(tmp_path / "run"), progress=False, val_fraction=0.0))
+    err = capfd.readouterr().err
+    assert err.count("matplotlib is not installed") == 1
+    assert not [w for w in recwarn if "matplotlib" in str(w.message)]

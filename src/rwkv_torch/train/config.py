@@ -74,7 +74,7 @@ class TrainConfig:
                   "save_every", "eval_every", "keep_checkpoints", "log_every"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)!r}: must be >= 1")
-        for f in ("stride", "truncate_bptt", "stop_after"):
+        for f in ("stride", "truncate_bptt", "stop_after", "max_bytes"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)!r}: must be None or >= 1")
         if self.bptt not in ("chunk", "full"):

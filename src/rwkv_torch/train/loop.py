@@ -24,6 +24,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -243,8 +244,10 @@ class Log:
     def plot(self) -> None:
         if not write_plot(self.run.run_dir) and not self.plot_said:
             self.plot_said = True
-            warnings.warn("matplotlib is not installed: no loss.png is written (pip install rwkv-torch[plot] adds "
-                          "it)", stacklevel=2)
+            from tqdm.auto import tqdm  # one line above the progress bar, not a warning that breaks into it
+
+            tqdm.write("note: matplotlib is not installed: no loss.png is written (pip install rwkv-torch[plot] adds "
+                       "it)", file=sys.stderr)
 
 
 @dataclass
