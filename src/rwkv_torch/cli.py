@@ -19,6 +19,7 @@ from .demo import (  # noqa: F401  (bench_stream, DEMO_PROMPT: re-exported for s
     stream_bench,
     train_and_report,
 )
+from .slippi.prepare import add_parser as _add_prepare_replays
 from .train import BACKBONES
 
 
@@ -207,7 +208,7 @@ def _add_merge(sub):
 
 COMMANDS = {"demo": _add_demo, "check": _add_check, "stream-bench": _add_stream_bench, "export": _add_export,
             "train": _add_train, "generate": _add_generate, "info": _add_info, "convert": _add_convert,
-            "merge": _add_merge}
+            "merge": _add_merge, "prepare-replays": _add_prepare_replays}
 
 
 def main(argv=None) -> int:
