@@ -13,8 +13,10 @@ The game files keep the parser's dtypes, so ``replay_from_file`` rebuilds the ex
 episodes equal ``load_replay``'s. Features are computed when the data is read: a feature change needs no re-parse.
 """
 
+import dataclasses
 import json
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -229,6 +231,9 @@ class Episodes:
 
         self.ds, self.delay, self.progress = Path(ds), _check_delay(action_delay), progress
         self.games, self.dropped = filters.apply(read_metadata(ds))
+        short = [g for g in self.games if g[0]["frames"] <= self.delay]  # no frame left to predict
+        self.games = [g for g in self.games if g[0]["frames"] > self.delay]
+        self.dropped["short"] += len(short)
         if not self.games:
             raise ValueError(f"{ds}: no game passes the filters ({filters}); dropped per rule: {self.dropped}")
 
@@ -259,3 +264,65 @@ def load_dataset(ds, action_delay: int = 1, filters: Filters | None = None, prog
     """A prepared dataset -> its episodes in ``load_replays``' format (``[(name, episode, game)]``, lazily: a game
     file is read when the episodes are iterated). ``filters``: default the ones saved by ``prepare-replays``."""
     return Episodes(ds, action_delay, Filters.load(ds) if filters is None else filters, progress)
+
+
+class _Side:
+    """One player side of one game, as the trainer sees a ``train.data.Sequence`` (``name``, ``group``, ``len``,
+    ``x``, ``y``), with ``x`` and ``y`` built from the game file on first use and kept in a small cache."""
+
+    def __init__(self, games: "_GameCache", k: int, name: str, group: str, length: int):
+        self.games, self.k, self.name, self.group, self.length = games, k, name, group, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def x(self):
+        return self.games.get(self.k)[self.name].x
+
+    @property
+    def y(self) -> dict:
+        return self.games.get(self.k)[self.name].y
+
+
+class _GameCache:
+    """The featurized sequences of the ``size`` most recently used games (a stateful batch walks one game per lane
+    for many steps, so a cache of a few batches of games is read once per game and epoch)."""
+
+    def __init__(self, episodes: Episodes, build, size: int):
+        self.episodes, self.build, self.size, self.cache = episodes, build, size, OrderedDict()
+
+    def get(self, k: int) -> dict:
+        if k in self.cache:
+            self.cache.move_to_end(k)
+        else:
+            seqs = self.build(self.episodes.game(k), str(self.episodes.ds)).sequences
+            self.cache[k] = {s.name: s for s in seqs}
+            while len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+        return self.cache[k]
+
+
+def training_data(ds, episodes_dataset, action_delay: int = 1, progress: bool = True, filters: Filters | None = None,
+                  cache_games: int = 256):
+    """A prepared dataset as the trainer's ``Dataset``, resident memory bounded by ``cache_games`` games whatever
+    the number of games: the sequences are read from their game files when a batch first touches them.
+
+    ``episodes_dataset`` is the trainer's builder (``train.data.episodes_dataset``, passed in so this module does
+    not import the trainer); it makes the first game's dataset, whose targets and ids (every class count is fixed
+    by the features) the whole dataset shares, and each game's sequences when they are read. Lengths come from the
+    metadata (frames - action_delay), so the window plan (and ``--resume``'s replay of it) reads no game file.
+    """
+    eps = load_dataset(ds, action_delay, filters, progress)
+    games = _GameCache(eps, episodes_dataset, cache_games)
+    first = next((k for k in range(len(eps.games)) if eps.game(k)), None)
+    if first is None:
+        raise ValueError(f"{ds}: no human player side among the {len(eps.games)} games that pass the filters")
+    spec = episodes_dataset(eps.game(first), str(ds))
+    sides = []
+    for k, (row, kept) in enumerate(eps.games):
+        for i in kept:
+            if row["types"][i] == "human" and row["frames"] > eps.delay:
+                port = row["ports"][i]
+                sides.append(_Side(games, k, f"{row['source']}:P{port}", row["source"], row["frames"] - eps.delay))
+    return dataclasses.replace(spec, sequences=sides)

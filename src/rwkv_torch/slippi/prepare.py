@@ -198,6 +198,13 @@ def prepare_replays(sources, out, workers: int | None = None, filters: Filters |
     return summary
 
 
+def _worker_init() -> None:
+    """Workers ignore Ctrl-C: the main process handles it (it cancels what has not started and saves the rest)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run(todo: list, out: Path, workers: int, per_source: bool, rows: dict, progress: bool) -> int:
     """Parse ``todo`` into ``rows`` (by source), flushing the table every ``FLUSH_SECONDS`` and on any exit."""
     from tqdm.auto import tqdm
@@ -220,7 +227,7 @@ def _run(todo: list, out: Path, workers: int, per_source: bool, rows: dict, prog
             for job in todo:
                 take(_process(job, str(out), per_source))
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
                 pending, it = set(), iter(todo)
                 try:
                     while True:
@@ -234,9 +241,11 @@ def _run(todo: list, out: Path, workers: int, per_source: bool, rows: dict, prog
                         finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                         for f in finished:
                             take(f.result())
-                except BaseException:
+                except BaseException:  # Ctrl-C: the running jobs finish (their rows are kept), the rest are dropped
+                    pool.shutdown(wait=True, cancel_futures=True)
                     for f in pending:
-                        f.cancel()
+                        if f.done() and not f.cancelled() and f.exception() is None:
+                            take(f.result())
                     raise
     finally:
         bar.close()

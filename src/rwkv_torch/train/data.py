@@ -337,9 +337,9 @@ def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte", 
         return default_corpus(DEFAULT_CORPUS_BYTES if max_bytes is None else max_bytes, tokenizer)
     p = Path(path)
     if (p / "metadata.parquet").is_file():  # a dataset from `rwkv-torch prepare-replays` (rwkv_torch.slippi.dataset)
-        from ..slippi.dataset import load_dataset
+        from ..slippi.dataset import training_data
 
-        return episodes_dataset(load_dataset(p, action_delay, progress=progress), str(p))
+        return training_data(p, episodes_dataset, action_delay, progress)
     if p.suffix == ".slp" or (p.is_dir() and next(p.rglob("*.npz"), None) is None
                               and next(p.rglob("*.slp"), None) is not None):
         return load_slippi(p, action_delay, progress)
