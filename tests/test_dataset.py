@@ -76,6 +76,21 @@ def test_folder_and_zip_give_load_replays_episodes(prepared):
     assert sum("!" in g for g in seen.values()) == 10
 
 
+def test_sevenzip_archive(tmp_path):
+    py7zr = pytest.importorskip("py7zr", reason="py7zr (the sevenzip extra) is not installed")
+    archive = tmp_path / "replays.7z"
+    with py7zr.SevenZipFile(archive, "w") as z:
+        for name in ("unranked_game1.slp", "KirbyVMario-nB.slp"):
+            z.write(SLP / name, f"dump/{name}")
+    ds = tmp_path / "DS"
+    first = prep.prepare_replays([archive], ds, workers=1, filters=OPEN, progress=False, log=None)
+    assert first["ok"] == 2 and prep.prepare_replays([archive], ds, workers=1, progress=False, log=None)["parsed"] == 0
+    eps = load_dataset(ds, filters=OPEN)
+    assert len(eps) == 3
+    for name, ep, game in eps:
+        _same(ep, load_replay(SLP / Path(game).name, port=int(name.rsplit(":P", 1)[1]))[0])
+
+
 def test_rerun_skips_and_partial_rerun_adds(prepared, sources, tmp_path):
     ds, _ = prepared
     again = prep.prepare_replays(list(sources), ds, workers=1, filters=OPEN, progress=False, log=None)

@@ -25,7 +25,7 @@ SEVENZIP_EXTRA = "pip install 'rwkv-torch[sevenzip]' (or: pip install py7zr)"
 FLUSH_SECONDS = 5.0
 
 
-def _jobs(sources, scratch: Path) -> list[dict]:
+def _jobs(sources) -> list[dict]:
     """``[{source, size, path, member}]`` for every ``.slp`` under the sources (sorted within each source)."""
     jobs = []
     for src in sources:
@@ -39,7 +39,7 @@ def _jobs(sources, scratch: Path) -> list[dict]:
                          for i in sorted(z.infolist(), key=lambda i: i.filename)
                          if not i.is_dir() and i.filename.lower().endswith(".slp")]
         elif src.suffix.lower() == ".7z" and src.is_file():
-            jobs += _sevenzip_jobs(src, scratch)
+            jobs += _sevenzip_jobs(src)
         elif src.suffix.lower() == ".slp" and src.is_file():
             jobs.append(dict(source=str(src), size=src.stat().st_size, path=str(src), member=None))
         elif src.exists():
@@ -49,18 +49,36 @@ def _jobs(sources, scratch: Path) -> list[dict]:
     return jobs
 
 
-def _sevenzip_jobs(src: Path, scratch: Path) -> list[dict]:
-    """A 7z archive (solid: members cannot be read one by one cheaply) is unpacked once into ``scratch``."""
+def _sevenzip():
     try:
         import py7zr
     except ImportError as e:
-        raise ImportError(f"{src}: reading .7z archives needs py7zr, the `sevenzip` extra: {SEVENZIP_EXTRA}") from e
-    dest = scratch / hashlib.sha256(str(src).encode()).hexdigest()[:16]
-    with py7zr.SevenZipFile(src) as z:
-        names = sorted(n for n in z.getnames() if n.lower().endswith(".slp"))
-        z.extract(path=dest, targets=names)
-    return [dict(source=f"{src}!{n}", size=(dest / n).stat().st_size, path=str(dest / n), member=None)
-            for n in names if (dest / n).is_file()]
+        raise ImportError(f"reading .7z archives needs py7zr, the `sevenzip` extra: {SEVENZIP_EXTRA}") from e
+    return py7zr
+
+
+def _sevenzip_jobs(src: Path) -> list[dict]:
+    """The ``.slp`` members of a 7z archive (listed only; ``_unpack`` extracts those a run needs)."""
+    with _sevenzip().SevenZipFile(src) as z:
+        infos = sorted((i for i in z.list() if not i.is_directory and i.filename.lower().endswith(".slp")),
+                       key=lambda i: i.filename)
+    return [dict(source=f"{src}!{i.filename}", size=int(i.uncompressed), path=str(src), member=i.filename,
+                 sevenzip=True) for i in infos]
+
+
+def _unpack(todo: list, scratch: Path) -> None:
+    """A 7z archive is solid (a member cannot be read alone cheaply): the members to parse are extracted in one
+    pass into ``scratch`` (under ``$TMPDIR``, removed at the end) and read from there."""
+    by_archive: dict = {}
+    for j in todo:
+        if j.get("sevenzip"):
+            by_archive.setdefault(j["path"], []).append(j)
+    for archive, jobs in by_archive.items():
+        dest = scratch / hashlib.sha256(archive.encode()).hexdigest()[:16]
+        with _sevenzip().SevenZipFile(archive) as z:
+            z.extract(path=dest, targets=[j["member"] for j in jobs])
+        for j in jobs:
+            j.update(path=str(dest / j["member"]), member=None)
 
 
 def _damage_dealt(replay) -> list[float]:
@@ -170,9 +188,10 @@ def prepare_replays(sources, out, workers: int | None = None, filters: Filters |
     workers = max(1, workers or os.cpu_count() or 1)
     scratch = Path(tempfile.mkdtemp(prefix="rwkv-prepare-"))
     try:
-        jobs = _jobs(sources, scratch)
+        jobs = _jobs(sources)
         done = {r["source"]: r for r in read_metadata(out)}
         todo = [j for j in jobs if done.get(j["source"], {}).get("size") != j["size"]]
+        _unpack(todo, scratch)
         rows, t0 = dict(done), time.perf_counter()
         frames = _run(todo, out, workers, per_source_files, rows, progress)
         seconds = time.perf_counter() - t0
