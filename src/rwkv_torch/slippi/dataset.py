@@ -27,6 +27,7 @@ from .parse import COLUMNS, ITEM_COLUMNS, Player, Replay
 FORMAT_VERSION = 1
 META_FILE = "metadata.parquet"
 FILTERS_FILE = "filters.json"
+DEFAULT_GAME_CACHE = 128  # games kept featurized by training_data (see there)
 HEADER_KEY = "rwkv_torch"  # a game file's key-value metadata: the game's header and metadata row (JSON)
 CHARACTERS = ("FALCON", "DK", "FOX", "GAME_AND_WATCH", "KIRBY", "BOWSER", "LINK", "LUIGI", "MARIO", "MARTH",
               "MEWTWO", "NESS", "PEACH", "PIKACHU", "ICE_CLIMBERS", "JIGGLYPUFF", "SAMUS", "YOSHI", "ZELDA", "SHEIK",
@@ -320,9 +321,11 @@ class _GameCache:
 
 
 def training_data(ds, episodes_dataset, action_delay: int = 1, progress: bool = True, filters: Filters | None = None,
-                  cache_games: int = 256):
+                  cache_games: int | None = None):
     """A prepared dataset as the trainer's ``Dataset``, resident memory bounded by ``cache_games`` games whatever
-    the number of games: the sequences are read from their game files when a batch first touches them.
+    the number of games: the sequences are read from their game files when a batch first touches them. The cache
+    (default ``$RWKV_TORCH_GAME_CACHE``, else 128 games) must hold the games a batch walks at once (one per lane,
+    plus the held-out batches), or games are read again: give it at least twice the batch size.
 
     ``episodes_dataset`` is the trainer's builder (``train.data.episodes_dataset``, passed in so this module does
     not import the trainer); it makes the first game's dataset, whose targets and ids (every class count is fixed
@@ -330,7 +333,9 @@ def training_data(ds, episodes_dataset, action_delay: int = 1, progress: bool = 
     metadata (frames - action_delay), so the window plan (and ``--resume``'s replay of it) reads no game file.
     """
     eps = load_dataset(ds, action_delay, filters, progress)
-    games = _GameCache(eps, episodes_dataset, cache_games)
+    if cache_games is None:
+        cache_games = int(os.environ.get("RWKV_TORCH_GAME_CACHE", DEFAULT_GAME_CACHE))
+    games = _GameCache(eps, episodes_dataset, max(1, cache_games))
     first = next((k for k in range(len(eps.games)) if eps.game(k)), None)
     if first is None:
         raise ValueError(f"{ds}: no human player side among the {len(eps.games)} games that pass the filters")
