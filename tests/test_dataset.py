@@ -17,7 +17,14 @@ pytest.importorskip("pyarrow")
 
 from rwkv_torch.slippi import load_replay  # noqa: E402
 from rwkv_torch.slippi import prepare as prep  # noqa: E402
-from rwkv_torch.slippi.dataset import Filters, character_ids, is_dataset, load_dataset, read_metadata  # noqa: E402
+from rwkv_torch.slippi.dataset import (  # noqa: E402
+    Filters,
+    character_ids,
+    is_dataset,
+    load_dataset,
+    read_metadata,
+    training_data,
+)
 
 SLP = Path(__file__).resolve().parent / "data" / "slippi"
 GOOD = ["KirbyVMario-nB.slp", "PuffVFalcon-Sing.slp", "ranked_game1_tiebreak.slp", "realtimeTest.slp",
@@ -193,6 +200,22 @@ def test_filters_drop_what_they_say(prepared):
         character_ids("FOX,NOBODY")
 
 
+def test_training_data_reads_games_lazily_into_a_bounded_cache(prepared):
+    from rwkv_torch.train.data import episodes_dataset
+
+    ds, _ = prepared
+    lazy = training_data(ds, episodes_dataset, filters=OPEN, cache_games=2)
+    eager = episodes_dataset(load_dataset(ds, filters=OPEN), str(ds))
+    assert [s.name for s in lazy.sequences] == [s.name for s in eager.sequences]
+    assert (lazy.targets, lazy.ids, lazy.embed_dim) == (eager.targets, eager.ids, eager.embed_dim)
+    cache = lazy.sequences[0].games.cache
+    assert not cache or len(cache) == 1  # only the first game, read for the targets and ids
+    for a, b in zip(lazy.sequences, eager.sequences):
+        assert len(a) == len(b) and a.group == b.group and np.array_equal(a.x, b.x)
+        assert all(np.array_equal(a.y[k], b.y[k]) for k in b.y)
+        assert len(cache) <= 2
+
+
 def test_training_from_the_dataset_equals_training_from_the_folder(prepared, tmp_path, monkeypatch):
     from rwkv_torch.train import train
 
@@ -209,7 +232,10 @@ def test_training_from_the_dataset_equals_training_from_the_folder(prepared, tmp
         warnings.simplefilter("ignore")
         a = train(dict(opts, data=str(folder), out=str(tmp_path / "a")))
         b = train(dict(opts, data=str(ds), out=str(tmp_path / "b")))
-    assert a["step"] == b["step"] == 4
+        train(dict(opts, data=str(ds), out=str(tmp_path / "c"), stop_after=2))  # interrupted, then --resume
+        c = train(dict(resume=str(tmp_path / "c"), steps=4, progress=False))
+    assert a["step"] == b["step"] == c["step"] == 4
+    assert c["val_loss"] == b["val_loss"] and c["loss"] == b["loss"]  # the resumed run: the same windows, in order
     la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     import json
