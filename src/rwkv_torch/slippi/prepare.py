@@ -110,13 +110,21 @@ def _row(job: dict, **kw) -> dict:
     return row
 
 
+_ZIPS: dict = {}  # per process: an archive's central directory is read once, not once per member
+
+
+def _zip(path: str) -> zipfile.ZipFile:
+    if path not in _ZIPS:
+        _ZIPS[path] = zipfile.ZipFile(path)
+    return _ZIPS[path]
+
+
 def _process(job: dict, out: str, per_source: bool) -> dict:
     """One source file -> its metadata row (and its game file). Never raises for a bad replay."""
     tmp = None
     try:
         if job["member"] is not None:
-            with zipfile.ZipFile(job["path"]) as z:
-                data = z.read(job["member"])
+            data = _zip(job["path"]).read(job["member"])
             fd, tmp = tempfile.mkstemp(suffix=".slp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -197,6 +205,9 @@ def prepare_replays(sources, out, workers: int | None = None, filters: Filters |
         seconds = time.perf_counter() - t0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        for z in _ZIPS.values():  # (workers=1 read them here)
+            z.close()
+        _ZIPS.clear()
     filters.save(out)
     kept, dropped = filters.apply(list(rows.values()))
     new = [rows[j["source"]] for j in todo]
@@ -237,7 +248,7 @@ def _run(todo: list, out: Path, workers: int, per_source: bool, rows: dict, prog
         frames += row["frames"]
         bar.update(1)
         bar.set_postfix_str(f"{frames / max(bar.format_dict['elapsed'], 1e-9):,.0f} frames/s", refresh=False)
-        if time.perf_counter() - last > FLUSH_SECONDS:
+        if time.perf_counter() - last > max(FLUSH_SECONDS, len(rows) / 20_000):  # a rewrite stays a small share
             write_metadata(out, list(rows.values()))
             last = time.perf_counter()
 
