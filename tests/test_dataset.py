@@ -242,3 +242,10 @@ def test_training_from_the_dataset_equals_training_from_the_folder(prepared, tmp
 
     keys = lambda r: {k: v for k, v in json.loads(r).items() if "loss" in k or "acc" in k}  # noqa: E731
     assert [keys(r) for r in la] == [keys(r) for r in lb] and keys(la[-1])
+
+
+def test_sevenzip_without_the_extra_names_it(tmp_path, monkeypatch):
+    (tmp_path / "a.7z").write_bytes(b"7z")
+    monkeypatch.setitem(sys.modules, "py7zr", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"sevenzip.*py7zr"):
+        prep.prepare_replays([tmp_path / "a.7z"], tmp_path / "DS", workers=1, progress=False, log=None)

@@ -34,10 +34,13 @@ def _jobs(sources) -> list[dict]:
             jobs += [dict(source=str(f), size=f.stat().st_size, path=str(f), member=None)
                      for f in sorted(src.rglob("*.slp")) if f.is_file()]
         elif src.suffix.lower() == ".zip" and src.is_file():
-            with zipfile.ZipFile(src) as z:
-                jobs += [dict(source=f"{src}!{i.filename}", size=i.file_size, path=str(src), member=i.filename)
-                         for i in sorted(z.infolist(), key=lambda i: i.filename)
-                         if not i.is_dir() and i.filename.lower().endswith(".slp")]
+            try:
+                with zipfile.ZipFile(src) as z:
+                    jobs += [dict(source=f"{src}!{i.filename}", size=i.file_size, path=str(src), member=i.filename)
+                             for i in sorted(z.infolist(), key=lambda i: i.filename)
+                             if not i.is_dir() and i.filename.lower().endswith(".slp")]
+            except zipfile.BadZipFile as e:
+                raise ValueError(f"{src}: not a readable zip archive ({e})") from None
         elif src.suffix.lower() == ".7z" and src.is_file():
             jobs += _sevenzip_jobs(src)
         elif src.suffix.lower() == ".slp" and src.is_file():
@@ -59,7 +62,12 @@ def _sevenzip():
 
 def _sevenzip_jobs(src: Path) -> list[dict]:
     """The ``.slp`` members of a 7z archive (listed only; ``_unpack`` extracts those a run needs)."""
-    with _sevenzip().SevenZipFile(src) as z:
+    py7zr = _sevenzip()
+    try:
+        z = py7zr.SevenZipFile(src)
+    except py7zr.Bad7zFile as e:
+        raise ValueError(f"{src}: not a readable 7z archive ({e})") from None
+    with z:
         infos = sorted((i for i in z.list() if not i.is_directory and i.filename.lower().endswith(".slp")),
                        key=lambda i: i.filename)
     return [dict(source=f"{src}!{i.filename}", size=int(i.uncompressed), path=str(src), member=i.filename,
