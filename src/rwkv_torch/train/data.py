@@ -146,11 +146,13 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES, tokenizer: str = "byte
 def data_kind(path) -> str:
     """What ``load_data`` makes of ``path``: ``"default"`` (None: the built-in corpus), ``"episodes"`` (``.npz``
     files, or a directory holding any), ``"slippi"`` (a ``.slp`` replay, or a directory holding some and no
-    ``.npz``) or ``"text"``."""
+    ``.npz``), ``"slippi-dataset"`` (a folder written by ``rwkv-torch prepare-replays``) or ``"text"``."""
     if path is None:
         return "default"
     p = Path(path)
     has = lambda pattern: p.is_dir() and next(p.rglob(pattern), None) is not None  # noqa: E731
+    if (p / "metadata.parquet").is_file():  # a dataset from `rwkv-torch prepare-replays` (rwkv_torch.slippi.dataset)
+        return "slippi-dataset"
     if p.suffix == ".slp" or (not has("*.npz") and has("*.slp")):
         return "slippi"
     if p.suffix == ".npz" or has("*.npz"):
@@ -158,7 +160,8 @@ def data_kind(path) -> str:
     return "text"
 
 
-SOURCE_SUFFIX = {"slippi": ".slp"}  # data kinds read by a loader given in ``sources``, by file suffix
+# Data kinds read by a loader given in ``sources`` (``rwkv_torch.slippi.DATA_SOURCES``), by their key there.
+SOURCE_SUFFIX = {"slippi": ".slp", "slippi-dataset": "slippi-dataset"}
 
 
 def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte", action_delay: int = 1,
@@ -177,7 +180,7 @@ def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte", 
     if kind in SOURCE_SUFFIX:
         loader = (sources or {}).get(SOURCE_SUFFIX[kind])
         if loader is None:
-            raise ValueError(f"{p}: {SOURCE_SUFFIX[kind]} replays are read by rwkv_torch.slippi: pass "
+            raise ValueError(f"{p}: {kind} data is read by rwkv_torch.slippi: pass "
                              f"sources=rwkv_torch.slippi.DATA_SOURCES (the rwkv-torch CLI does)")
         return loader(p, action_delay=action_delay, progress=progress)
     if kind == "episodes":
