@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("peppi_py", reason="peppi-py (the melee extra) is not installed: pip install -e '.[melee]'")
 pytest.importorskip("pyarrow")
 
-from rwkv_torch.slippi import load_replay  # noqa: E402
+from rwkv_torch.slippi import DATA_SOURCES, load_replay  # noqa: E402
 from rwkv_torch.slippi import prepare as prep  # noqa: E402
 from rwkv_torch.slippi.dataset import (  # noqa: E402
     Filters,
@@ -230,10 +230,11 @@ def test_training_from_the_dataset_equals_training_from_the_folder(prepared, tmp
                 eval_batches=1, progress=False, val_fraction=0.3, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a = train(dict(opts, data=str(folder), out=str(tmp_path / "a")))
-        b = train(dict(opts, data=str(ds), out=str(tmp_path / "b")))
-        train(dict(opts, data=str(ds), out=str(tmp_path / "c"), stop_after=2))  # interrupted, then --resume
-        c = train(dict(resume=str(tmp_path / "c"), steps=4, progress=False))
+        a = train(dict(opts, data=str(folder), out=str(tmp_path / "a")), sources=DATA_SOURCES)
+        b = train(dict(opts, data=str(ds), out=str(tmp_path / "b")), sources=DATA_SOURCES)
+        # interrupted, then --resume
+        train(dict(opts, data=str(ds), out=str(tmp_path / "c"), stop_after=2), sources=DATA_SOURCES)
+        c = train(dict(resume=str(tmp_path / "c"), steps=4, progress=False), sources=DATA_SOURCES)
     assert a["step"] == b["step"] == c["step"] == 4
     assert c["val_loss"] == b["val_loss"] and c["loss"] == b["loss"]  # the resumed run: the same windows, in order
     la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()

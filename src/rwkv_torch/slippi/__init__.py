@@ -9,7 +9,8 @@ rows), ``bot`` (a run as a UMI bot for the Computer Melee Championship).
 
 from .features import FRAME_WIDTH, ID_CLASSES
 from .live import gamestate_features
-from .replays import DATA_SOURCES, DEFAULT_ACTION_DELAY, cache_dir, load_dataset, load_replay, load_replays
+from .replays import DEFAULT_ACTION_DELAY, cache_dir, load_dataset, load_replay, load_replays
+from .sources import DATA_SOURCES
 from .targets import BUTTONS, STICKS
 from .umi import replay_to_umi, umi_rows
 

@@ -244,9 +244,9 @@ class Episodes:
     game read from its file and featurized when iterated (nothing is held here but the metadata rows)."""
 
     def __init__(self, ds, action_delay: int, filters: "Filters", progress: bool = True):
-        from .replays import _check_delay
+        from .replays import check_delay
 
-        self.ds, self.delay, self.progress = Path(ds), _check_delay(action_delay), progress
+        self.ds, self.delay, self.progress = Path(ds), check_delay(action_delay), progress
         self.games, self.dropped = filters.apply(read_metadata(ds))
         short = [g for g in self.games if g[0]["frames"] <= self.delay]  # no frame left to predict
         self.games = [g for g in self.games if g[0]["frames"] > self.delay]
@@ -258,12 +258,12 @@ class Episodes:
         return sum(r["types"][i] == "human" for r, s in self.games for i in s)
 
     def game(self, k: int) -> list[tuple[str, dict, str]]:
-        from .replays import _perspectives
+        from .replays import player_perspectives
 
         row, sides = self.games[k]
         replay = replay_from_file(self.ds / row["file"], row["source"])
         out = []
-        for port, ep in _perspectives(replay, None, self.delay):
+        for port, ep in player_perspectives(replay, None, self.delay):
             i = [p.port for p in replay.players].index(port)
             if i in sides:
                 out.append((f"{row['source']}:P{port}", ep, row["source"]))

@@ -160,9 +160,9 @@ def _process(job: dict, out: str, per_source: bool) -> dict:
 
 
 def _parse(job: dict, path: str, digest: str, rel: str, game: Path) -> dict:
-    from .parse import _peppi, read_replay
+    from .parse import peppi_modules, read_replay
 
-    raw, Start, dc_from_json = _peppi()
+    raw, Start, dc_from_json = peppi_modules()
     try:
         head = raw.read_slippi(path, True)
         start = dc_from_json(Start, head.start)

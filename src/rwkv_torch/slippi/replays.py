@@ -42,7 +42,7 @@ def _episode(replay, me, opp, action_delay: int) -> dict:
     return ep
 
 
-def _check_delay(action_delay) -> int:
+def check_delay(action_delay) -> int:
     if not isinstance(action_delay, (int, np.integer)) or isinstance(action_delay, bool) or action_delay < 0:
         raise ValueError(f"action_delay={action_delay!r}: must be an int >= 0 (frames between state and input)")
     return int(action_delay)
@@ -60,10 +60,10 @@ def load_replay(path, port: int | None = None, action_delay: int = DEFAULT_ACTIO
     Returns episodes (dicts of arrays, see the module doc). Raises ValueError naming the file and the reason for a
     truncated, unsupported (peppi's message), non-1v1 or CPU-only replay, or a port not in the game.
     """
-    return [ep for _, ep in _perspectives(read_replay(path), port, _check_delay(action_delay))]
+    return [ep for _, ep in player_perspectives(read_replay(path), port, check_delay(action_delay))]
 
 
-def _perspectives(replay, port: int | None, delay: int) -> list[tuple[int, dict]]:
+def player_perspectives(replay, port: int | None, delay: int) -> list[tuple[int, dict]]:
     """``[(port, episode)]``: the player on ``port``, or every human player, against the other player."""
     ports = [p.port for p in replay.players]
     if port is not None:
@@ -118,7 +118,7 @@ def _cached(path: Path, delay: int, cache: Path | None) -> list[tuple[int, dict]
             return sorted(by_port.items())
         except (OSError, ValueError):  # a damaged cache file: parse again
             pass
-    out = _perspectives(read_replay(path), None, delay)
+    out = player_perspectives(read_replay(path), None, delay)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")
@@ -140,7 +140,7 @@ def load_replays(path, action_delay: int = DEFAULT_ACTION_DELAY, *, cache: bool 
     is skipped with one line on stderr naming it and the reason, and a count at the end; a folder with no usable
     replay, or a single bad file, raises ValueError.
     """
-    delay = _check_delay(action_delay)
+    delay = check_delay(action_delay)
     path = Path(path)
     files = input_files(path, ".slp", "replay")
     where = None if cache is False else (cache_dir() if cache is True else Path(cache))
@@ -176,16 +176,3 @@ def load_dataset(path, action_delay: int = DEFAULT_ACTION_DELAY, progress: bool 
     """A ``.slp`` replay or a folder of them as a training Dataset (``load_replays``: parsed once and cached, bad
     files skipped with a warning): one episode per human player, held out by game (file)."""
     return episodes_dataset(load_replays(path, action_delay, progress=progress), str(path))
-
-
-# What ``rwkv_torch.train`` reads through this package: ``train(config, sources=DATA_SOURCES)`` (the CLI passes it).
-def load_prepared(path, action_delay: int = DEFAULT_ACTION_DELAY, progress: bool = True) -> Dataset:
-    """A dataset written by ``rwkv-torch prepare-replays`` as a training Dataset, its games read from their files
-    when a batch first touches them (``slippi.dataset.training_data``: resident memory bounded, not one list of
-    every episode); the filters saved with it applied."""
-    from .dataset import training_data  # pyarrow: only a prepared dataset needs it
-
-    return training_data(Path(path), episodes_dataset, action_delay, progress)
-
-
-DATA_SOURCES = {".slp": load_dataset, "slippi-dataset": load_prepared}

@@ -180,7 +180,8 @@ def load_data(path=None, max_bytes: int | None = None, tokenizer: str = "byte", 
     if kind in SOURCE_SUFFIX:
         loader = (sources or {}).get(SOURCE_SUFFIX[kind])
         if loader is None:
-            raise ValueError(f"{p}: {kind} data is read by rwkv_torch.slippi: pass "
+            what = ".slp replays are" if kind == "slippi" else "a prepared replay dataset is"
+            raise ValueError(f"{p}: {what} read by rwkv_torch.slippi: pass "
                              f"sources=rwkv_torch.slippi.DATA_SOURCES (the rwkv-torch CLI does)")
         return loader(p, action_delay=action_delay, progress=progress)
     if kind == "episodes":
