@@ -135,6 +135,9 @@ def _add_train(sub):
     a("--max-bytes", type=int, default=None, help="read at most this many bytes of text (default corpus: 8 MB)")
     a("--tokenizer", choices=["byte", "world"], default=None,
       help="text as bytes (vocab 256, default) or RWKV World tokens (vocab 65536; needs the rwkv package)")
+    a("--controller-head", choices=["autoregressive", "independent"], default=None,
+      help="episode heads: autoregressive (buttons, main stick, C-stick, shoulder, each seeing the ones before; "
+           "the default for .slp replays) or independent (the default for .npz)")
     a("--action-delay", type=int, default=None,
       help=".slp replays: predict the controller K frames after the observed state (default 1, the least a bot has)")
     a("--val-fraction", type=float, default=None, help="fraction of episodes/documents held out (default 0.05)")

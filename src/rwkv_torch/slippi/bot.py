@@ -1,22 +1,22 @@
-"""A training run as a bot for the Computer Melee Championship (CMC), which talks UMI (the ``umi-melee`` package,
-the ``umi`` extra): ``rwkv-torch bot RUN --out DIR`` writes ``DIR/run.py`` (a ``umi.Bot`` subclass, started by
+"""A training run as a bot for the Computer Melee Championship (CMC), which talks UMI (the ``umi-melee`` package, the
+``umi`` extra): ``rwkv-torch bot RUN --out DIR`` writes ``DIR/run.py`` (a ``umi.Bot`` subclass, started by
 ``umi.serve``), ``DIR/requirements.txt``, ``DIR/weights/model.pt`` and ``DIR.zip`` of the three.
 
 ``BatchPolicy`` plays many games in one step: ``initial_state(n)`` is the RWKV state of n new games as a list of
-tensors with the batch on axis 0 (the flat order of ``RWKVState.flat``) plus each game's frame counter;
-``act(frames, state, first, games)`` turns the UMI frames into rows (``slippi.umi.umi_rows``, the features of
-``load_replay``), resets the rows of games on their first frame, steps every row at once (``RWKV.step_`` at batch N:
-the C step on CPU) and returns the controller rows, f32 ``[N, 13]`` in UMI's order (sticks and shoulder in [0, 1],
-0.5 a neutral stick, then the 8 buttons as 0/1). Rows are independent: a padding row changes no real game.
-Greedy by default (arg-max classes, buttons above one half: the same controller as ``Policy.act``); ``sample=True``
-draws each game's controller from a counter-based generator keyed by (seed, game handle, frame), so a game's draws
-depend on nothing else in its batch. Rows are never NaN or out of range: a row whose outputs are not finite gets
-the neutral controller and its game a fresh state.
+tensors with the batch on axis 0 (the flat order of ``RWKVState.flat``) plus each game's frame counter; ``act(frames,
+state, first, games)`` turns the UMI frames into rows (``slippi.umi.umi_rows``, the features of ``load_replay``),
+resets the rows of games on their first frame, steps every row at once (``RWKV.step_`` at batch N: the C step on CPU)
+and returns the controller rows, f32 ``[N, 13]`` in UMI's order (sticks and shoulder in [0, 1], 0.5 a neutral stick,
+then the 8 buttons as 0/1). Rows are independent: a padding row changes no real game. Greedy by default (arg-max
+classes, buttons above one half: the same controller as ``Policy.act``); ``sample=True`` draws each game's controller
+from a counter-based generator keyed by (seed, game handle, frame), so a game's draws depend on nothing else in its
+batch. An autoregressive head is decoded in its order (buttons, main stick, C-stick, shoulder), each head fed the
+values drawn (or picked) before it, from the same uniforms. Rows are never NaN or out of range: a row whose outputs
+are not finite gets the neutral controller and its game a fresh state.
 
 ``RWKVBot`` (``from rwkv_torch.slippi.bot import RWKVBot``; needs umi) is the ``umi.Bot`` that ``run.py`` subclasses.
-Its delay is the run's ``--action-delay``: 18 and 21 enter the Delay 18 / Delay 21 leaderboards, any other delay
-from 0 to 30 the imitation leaderboard only.
-"""
+Its delay is the run's ``--action-delay``: 18 and 21 enter the Delay 18 / Delay 21 leaderboards, any other delay from
+0 to 30 the imitation leaderboard only."""
 
 import hashlib
 import os
@@ -76,8 +76,10 @@ class BatchPolicy:
         return torch.from_numpy(np.concatenate(cols, axis=1))
 
     @torch.inference_mode()
-    def step(self, x: torch.Tensor, state: list, first=None) -> tuple[dict, list]:
-        """One step of every row: ``({head: [N, size]}, state)``; rows with ``first`` start from a fresh state."""
+    def step(self, x: torch.Tensor, state: list, first=None, u=None) -> tuple[dict, list]:
+        """One step of every row: ``({head: [N, size]}, state)``; rows with ``first`` start from a fresh state. An
+        autoregressive head is decoded greedily, or with ``u`` (``[N, 13]`` uniforms, see ``controls``) by the
+        draws ``controls`` makes from them."""
         state = [t.contiguous() for t in state]
         if first is not None and np.any(first):
             rows = torch.from_numpy(np.flatnonzero(first))
@@ -86,8 +88,32 @@ class BatchPolicy:
         flat, t = state[:-1], state[-1]
         rwkv = RWKVState.from_flat(flat, self.meta)
         h = self.model.backbone.step_(self.model._join_ids(x), rwkv)
-        heads = {name: head(h) for name, head in self.model.heads.items()}
+        choose = None
+        if self.model.order:
+            def choose(name, logits):
+                v = self._choose(name, logits.detach().double().numpy(), u)
+                return torch.from_numpy(v).to(logits.dtype if name == "buttons" else torch.long)
+        heads, _ = self.model.decode_heads(h, choose=choose)
         return heads, rwkv.flat() + [t + 1]
+
+    def _choose(self, name: str, logits: np.ndarray, u) -> np.ndarray:
+        """One head's value per row (class ids, or button bits as 0/1) from its float64 outputs: greedy, or drawn
+        from the uniforms ``u`` (columns: ``STICKS`` and the shoulder, then the buttons)."""
+        temp = self.temperature
+        if name == "buttons":
+            if not self.sample:
+                return (logits > 0).astype(np.float64)  # sigmoid above one half
+            with np.errstate(over="ignore"):
+                return (u[:, 5:] < 1 / (1 + np.exp(-logits / temp))).astype(np.float64)
+        j = (*STICKS, "shoulder").index(name)
+        return _draw(logits / temp, u[:, j]) if self.sample else np.argmax(np.nan_to_num(logits, nan=-np.inf), 1)
+
+    def uniforms(self, n: int, games=None, t=None):
+        """The ``[n, 13]`` uniforms of each row's draws when sampling (None when greedy)."""
+        if not self.sample:
+            return None
+        return _uniforms(self.seed, np.zeros(n) if games is None else games, np.zeros(n) if t is None else t,
+                         len(BUTTONS) + len(STICKS) + 1)
 
     def controls(self, heads: dict, games=None, t=None) -> tuple[np.ndarray, np.ndarray]:
         """The heads' outputs -> (controller rows f32 ``[N, 13]``, bool ``[N]``: rows whose outputs were not finite,
@@ -95,28 +121,23 @@ class BatchPolicy:
         sampling)."""
         out = {k: v.detach().double().numpy() for k, v in heads.items()}
         n = len(out["buttons"])
-        temp = self.temperature
-        if self.sample:
-            u = _uniforms(self.seed, np.zeros(n) if games is None else games, np.zeros(n) if t is None else t,
-                          len(BUTTONS) + len(STICKS) + 1)
+        u = self.uniforms(n, games, t)
         ctrl = np.empty((n, CTRL_WIDTH), np.float32)
         for j, (name, values) in enumerate([(s, STICK_UNIT) for s in STICKS] + [("shoulder", SHOULDER_VALUES)]):
-            logits = out[name]
-            cls = _draw(logits / temp, u[:, j]) if self.sample else np.argmax(np.nan_to_num(logits, nan=-np.inf), 1)
-            ctrl[:, j] = values[cls]
-        b = out["buttons"]
-        if self.sample:
-            with np.errstate(over="ignore"):
-                ctrl[:, 5:] = u[:, 5:] < 1 / (1 + np.exp(-b / temp))
-        else:
-            ctrl[:, 5:] = b > 0  # sigmoid above one half
+            ctrl[:, j] = values[self._choose(name, out[name], u)]
+        ctrl[:, 5:] = self._choose("buttons", out["buttons"], u)
         bad = ~np.all([np.isfinite(v).all(axis=1) for v in out.values()], axis=0)
         ctrl[bad] = NEUTRAL
         return np.clip(np.nan_to_num(ctrl, nan=0.5), 0.0, 1.0), bad
 
     def act(self, frames, state: list, first=None, games=None) -> tuple[np.ndarray, list]:
         """UMI frames of N games -> (controller rows f32 ``[N, 13]``, their new state)."""
-        heads, state = self.step(self.inputs(frames), state, first)
+        x = self.inputs(frames)
+        t = np.asarray(state[-1]).copy()  # each row's frame (rows with ``first`` restart at 0)
+        if first is not None:
+            t[np.asarray(first, bool)] = 0
+        u = self.uniforms(len(x), games, t) if self.model.order else None
+        heads, state = self.step(x, state, first, u)
         ctrl, bad = self.controls(heads, games, state[-1].numpy() - 1)
         if bad.any():  # a game whose outputs went non-finite starts over rather than play NaN forever
             rows = torch.from_numpy(np.flatnonzero(bad))
@@ -185,6 +206,7 @@ def save_weights(run, path) -> dict:
     out = dict(format=ckpt["format"], format_version=ckpt.get("format_version", 1), step=ckpt.get("step", 0),
                config={**ckpt["config"], **arch, **plain}, targets=ckpt["targets"], embed_dim=ckpt["embed_dim"],
                ids=ckpt.get("ids", []), vocab_size=ckpt["vocab_size"], partial=False, model=state,
+               data_meta=ckpt.get("data_meta", {}), held_out=ckpt.get("held_out", []),
                state0_wkv=None if model.state0 is None else [p.detach().clone() for p in model.state0.wkv])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
