@@ -296,3 +296,59 @@ def test_onnx_decodes_the_ar_head_with_metadata(ar_run, tmp_path):
         heads, flat = outs[0][0], outs[1:]
         want = torch.cat(list(pol.logits(frame, ids).values())).numpy()
         np.testing.assert_allclose(heads, want, rtol=1e-4, atol=1e-4)
+
+
+# ---- rwkv-torch eval
+
+def test_eval_scores_the_held_out_games_as_the_policy_plays_them(ar_run, monkeypatch):
+    from rwkv_torch.slippi import Policy, evaluate
+    from rwkv_torch.slippi.replays import load_replay
+    from rwkv_torch.slippi.targets import BUTTONS, STICK_VALUES
+    from rwkv_torch.task import find_checkpoint
+
+    held = torch.load(find_checkpoint(ar_run), weights_only=True)["held_out"]
+    res = evaluate.evaluate_run(ar_run)
+    assert res["games"] == len(held) and res["action_delay"] == 3 and res["controller_head"] == "autoregressive"
+    rows = res["components"]
+    assert list(rows) == ["buttons", "main_x", "main_y", "c_x", "c_y", "shoulder", "all"]
+    assert rows["all"]["nll_bits"] == pytest.approx(sum(r["nll_bits"] for n, r in rows.items() if n != "all"))
+    assert all(0 < r["nll_bits"] < 64 for r in rows.values())
+    monkeypatch.setattr(evaluate, "CHUNK", 7)  # the state carried across chunks: the same numbers
+    again = evaluate.evaluate_run(ar_run)["components"]
+    for n, r in rows.items():
+        for k, v in r.items():
+            assert v == pytest.approx(again[n][k], rel=1e-4, abs=1e-6), (n, k)
+    # the greedy controllers scored are those Policy.act presses, frame by frame from the game's start
+    file, _, port = held[0].rpartition(":P")
+    ep = load_replay(file, port=int(port), action_delay=3)[0]
+    pol = Policy.from_run(ar_run)
+    acted = [pol.act(*_rows(ep, t)) for t in range(len(ep["frames"]))]
+    g = evaluate.score_game(pol.model, _targets(ar_run), ep, 3, keep=True)
+    for name in ("main_x", "c_y"):
+        cls = np.array([int(np.argmin(np.abs(STICK_VALUES - getattr(c, name)))) for c in acted])
+        np.testing.assert_array_equal(g["pred"][name], cls)
+        assert g[name]["hit"] == int((cls == ep[f"target_{name}"])[3:].sum())
+    bits = np.array([[c.buttons[b] for b in BUTTONS] for c in acted])
+    np.testing.assert_array_equal(g["pred"]["buttons"], bits)
+    assert g["buttons"]["hit"] == int((bits == ep["target_buttons"]).all(1)[3:].sum())
+    copy = ep["target_main_y"][3:] == ep["target_main_y"][:-3]
+    assert g["main_y"]["copy"] == int(copy.sum()) and g["main_y"]["change"] == int((~copy).sum())
+
+
+def _targets(run):
+    from rwkv_torch.task import Target, find_checkpoint
+
+    return [Target(**t) for t in torch.load(find_checkpoint(run), weights_only=True)["targets"]]
+
+
+def test_eval_command_and_a_residual_lstm_run(ar_run, tmp_path, capsys):
+    from rwkv_torch.cli import main as cli
+
+    assert cli(["eval", str(ar_run), "--max-games", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "autoregressive head, action delay 3; 1 games" in out and "NLL bits/frame" in out and "copy rule" in out
+    _train(tmp_path, out=str(tmp_path / "res"), backbone="residual-lstm", val_fraction=0.0, steps=2)
+    assert cli(["eval", str(tmp_path / "res")]) == 2
+    assert "records no held-out games" in capsys.readouterr().err
+    assert cli(["eval", str(tmp_path / "res"), "--data", str(SLP / "unranked_game2.slp")]) == 0
+    assert "residual-lstm, autoregressive head" in capsys.readouterr().out

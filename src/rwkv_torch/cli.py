@@ -21,6 +21,7 @@ from .demo import (  # noqa: F401  (bench_stream, DEMO_PROMPT: re-exported for s
     train_and_report,
 )
 from .slippi.bot import add_parser as _add_bot
+from .slippi.evaluate import add_parser as _add_eval
 from .train import BACKBONES
 
 
@@ -239,7 +240,7 @@ def _add_merge(sub):
 
 COMMANDS = {"demo": _add_demo, "check": _add_check, "stream-bench": _add_stream_bench, "export": _add_export,
             "train": _add_train, "generate": _add_generate, "info": _add_info, "convert": _add_convert,
-            "merge": _add_merge, "bot": _add_bot}
+            "merge": _add_merge, "bot": _add_bot, "eval": _add_eval}
 
 
 def main(argv=None) -> int:

@@ -206,7 +206,7 @@ def save_weights(run, path) -> dict:
     out = dict(format=ckpt["format"], format_version=ckpt.get("format_version", 1), step=ckpt.get("step", 0),
                config={**ckpt["config"], **arch, **plain}, targets=ckpt["targets"], embed_dim=ckpt["embed_dim"],
                ids=ckpt.get("ids", []), vocab_size=ckpt["vocab_size"], partial=False, model=state,
-               data_meta=ckpt.get("data_meta", {}), held_out=ckpt.get("held_out", []),
+               data_meta=ckpt.get("data_meta", {}), held_out=ckpt.get("held_out", []), run_cwd=ckpt.get("run_cwd"),
                state0_wkv=None if model.state0 is None else [p.detach().clone() for p in model.state0.wkv])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)

@@ -237,6 +237,7 @@ def save(run: Run):
                    targets=[dataclasses.asdict(t) for t in data.targets], embed_dim=data.embed_dim,
                    ids=[dataclasses.asdict(i) for i in data.ids], vocab_size=data.vocab_size,
                    partial=cfg.finetune_mode, held_out=run.held_out, data_meta=dict(data.meta),
+                   run_cwd=os.getcwd(),  # where the held-out names' relative paths start
                    model=trainable_state_dict(model) if cfg.finetune_mode else model.state_dict(),
                    optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), plans=run.plans.state_dict(),
                    rng_cpu=torch.get_rng_state(), rng_cpu_ranks=rngs if run.world > 1 else None,
