@@ -15,7 +15,8 @@ Frames are scored from the ``delay``-th on (before it the input held is unknown)
 sequences the run held out (recorded in its checkpoints: ``<file>:P<port>``); with ``--data``, every human player of
 those ``.slp`` replays (or the episodes of those ``.npz`` files). A recurrent backbone runs each game in chunks with
 its state carried, which equals stepping it frame by frame (the policy's step; tests check); the transformer baseline
-sees windows of its training length.
+reads a sliding window of its training length. ``score_sequence`` and ``summarise`` are the same scoring for
+``benchmarks/quality/melee.py``.
 """
 
 import math
@@ -64,47 +65,75 @@ def _inputs(model, ep: dict) -> torch.Tensor:
     T = len(ep["frames"])
     cols = [ep["frames"].astype(np.float32)]
     cols += [np.asarray(ep[f"ids_{s.name}"]).reshape(T, -1).astype(np.float32) for s in model.id_specs]
-    return torch.from_numpy(np.concatenate(cols, axis=1))[None]
+    return torch.from_numpy(np.concatenate(cols, axis=1))
 
 
 @torch.no_grad()
-def score_game(model, targets: list, ep: dict, delay: int, keep: bool = False) -> dict:
-    """Sums over one game's scored frames: ``{component: {nll, hit, change, hit_change, copy}}`` and ``frames``;
-    with ``keep`` also ``pred``: the greedy values of every frame, ``{component: array}``."""
-    x = _inputs(model, ep)
-    kinds = {t.name: t.kind for t in targets}
-    ys = {n: torch.from_numpy(np.asarray(ep[f"target_{n}"]).astype(np.float32 if kinds[n] == "bernoulli"
-                                                                    else np.int64))[None] for n in kinds}
-    T = x.shape[1]
-    chunk = min(CHUNK, getattr(model.backbone, "max_len", CHUNK))
-    carried = not hasattr(model.backbone, "max_len")  # the transformer baseline: each window alone
-    state = model.init_state(1, device="cpu")
-    nll, pred = {n: [] for n in kinds}, {n: [] for n in kinds}
-    for a in range(0, T, chunk):
-        b = min(T, a + chunk)
-        if not carried:
-            state = model.init_state(1, device="cpu")
-        h, state = model.backbone(model._join_ids(x[:, a:b]), state, return_sequence=True, return_state=True)
-        y = {n: v[:, a:b] for n, v in ys.items()}
-        forced, _ = model.decode_heads(h, targets=y)
-        for n, v in frame_nll(forced, y, targets).items():
-            nll[n].append(v[0])
-        greedy, values = model.decode_heads(h)
-        for n in kinds:
-            pred[n].append((values[n] if n in values else model_greedy(kinds[n], greedy[n]))[0])
-    out, lo = {"frames": max(0, T - delay)}, delay
-    for n in kinds:
-        y = ys[n][0]
-        p = torch.cat(pred[n])
-        same = (lambda u, v: (u == v).all(-1)) if kinds[n] == "bernoulli" else (lambda u, v: u == v)
-        hit = same(p, y)[lo:]
+def hidden(model, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's outputs ``[T, width]`` over one whole game ``x [T, columns]`` as it is played: a recurrent
+    backbone from a fresh state carried to the end (in chunks of ``CHUNK``), the transformer baseline on a sliding
+    window of its training length (each frame sees the frames before it up to that length)."""
+    model.eval()
+    bb, T = model.backbone, x.shape[0]
+    h = model._join_ids(x[None])
+    if hasattr(bb, "max_len"):
+        w = bb.max_len
+        first = bb(h[:, :w], return_sequence=True)[0]
+        wins = h.unfold(1, w, 1).permute(0, 1, 3, 2)[0, 1:]  # [T - w, w, C]
+        return torch.cat([first, *[bb(c, return_sequence=False) for c in wins.split(256)]])[:T]
+    state, outs = model.init_state(1, device="cpu"), []
+    for a in range(0, T, CHUNK):
+        o, state = bb(h[:, a:a + CHUNK], state, return_sequence=True, return_state=True)
+        outs.append(o[0])
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def score_sequence(model, targets: list, x, ys: dict, delay: int, keep: bool = False) -> dict:
+    """Sums over one game's scored frames (``x [T, columns]`` the model's input rows, ``ys`` ``{target: [T] class
+    ids or [T, K] bits}``): ``{component: {nll (bits), hit, change, hit_change, copy}}`` and ``frames``; with
+    ``keep`` also ``pred``, the greedy values of every frame ``{component: array}``."""
+    kinds = {t.name: t.kind for t in targets if t.kind in ("categorical", "bernoulli")}
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    ys = {n: torch.as_tensor(np.asarray(ys[n]).astype(np.float32 if k == "bernoulli" else np.int64))
+          for n, k in kinds.items()}
+    T = x.shape[0]
+    h = hidden(model, x)
+    forced, _ = model.decode_heads(h, targets=ys)
+    nll = frame_nll(forced, ys, targets)
+    greedy, values = model.decode_heads(h)
+    out = {"frames": max(0, T - delay)}
+    for n, kind in kinds.items():
+        y = ys[n]
+        p = values[n] if n in values else model_greedy(kind, greedy[n])
+        same = (lambda u, v: (u == v).all(-1)) if kind == "bernoulli" else (lambda u, v: u == v)
+        hit = same(p, y)[delay:]
         copy = same(y[:T - delay], y[delay:]) if delay > 0 else torch.ones(T, dtype=torch.bool)
         change = ~copy
-        out[n] = dict(nll=float(torch.cat(nll[n])[lo:].sum()) / math.log(2), hit=int(hit.sum()),
-                      change=int(change.sum()), hit_change=int((hit & change).sum()), copy=int(copy.sum()))
+        out[n] = dict(nll=float(nll[n][delay:].sum()) / math.log(2), hit=int(hit.sum()), change=int(change.sum()),
+                      hit_change=int((hit & change).sum()), copy=int(copy.sum()))
         if keep:
             out.setdefault("pred", {})[n] = p.numpy()
     return out
+
+
+def score_game(model, targets: list, ep: dict, delay: int, keep: bool = False) -> dict:
+    """``score_sequence`` of one episode dict (``load_replay``'s)."""
+    return score_sequence(model, targets, _inputs(model, ep), {t.name: ep[f"target_{t.name}"] for t in targets},
+                          delay, keep)
+
+
+def summarise(games: list) -> dict:
+    """The per-game sums of ``score_sequence`` -> ``{component: {nll_bits, acc, acc_changes, changes, copy_acc}}``
+    per scored frame, with ``all`` (the summed NLL: the joint NLL of the controller)."""
+    frames = sum(g["frames"] for g in games)
+    totals = {n: {k: sum(g[n][k] for g in games) for k in games[0][n]} for n in HEAD_ORDER}
+    f = max(frames, 1)
+    rows = {n: dict(nll_bits=t["nll"] / f, acc=t["hit"] / f, acc_changes=t["hit_change"] / max(t["change"], 1),
+                    changes=t["change"] / f, copy_acc=t["copy"] / f) for n, t in totals.items()}
+    rows["all"] = dict(nll_bits=sum(r["nll_bits"] for r in rows.values()), acc=None, acc_changes=None, changes=None,
+                       copy_acc=None)
+    return rows
 
 
 def model_greedy(kind: str, out: torch.Tensor) -> torch.Tensor:
@@ -130,19 +159,9 @@ def evaluate_run(run, data=None, *, max_games: int | None = None) -> dict:
     games = _games(ckpt, data, delay, max_games)
     if not games:
         raise ValueError(f"{data}: no games to score")
-    totals = {n: dict(nll=0.0, hit=0, change=0, hit_change=0, copy=0) for n in HEAD_ORDER}
-    frames = 0
-    for _, ep in games:
-        g = score_game(model, targets, ep, delay)
-        frames += g["frames"]
-        for n in HEAD_ORDER:
-            for k, v in g[n].items():
-                totals[n][k] += v
-    rows = {n: dict(nll_bits=t["nll"] / max(frames, 1), acc=t["hit"] / max(frames, 1),
-                    acc_changes=t["hit_change"] / max(t["change"], 1), changes=t["change"] / max(frames, 1),
-                    copy_acc=t["copy"] / max(frames, 1)) for n, t in totals.items()}
-    rows["all"] = dict(nll_bits=sum(r["nll_bits"] for r in rows.values()), acc=None, acc_changes=None, changes=None,
-                       copy_acc=None)
+    scored = [score_game(model, targets, ep, delay) for _, ep in games]
+    rows = summarise(scored)
+    frames = sum(g["frames"] for g in scored)
     return dict(run=str(run), backbone=ckpt["config"].get("backbone"), controller_head=model.controller_head,
                 action_delay=delay, feature_version=info["feature_version"], games=len(games), frames=frames,
                 components=rows)
