@@ -202,6 +202,12 @@ def test_independent_flag_and_old_checkpoints_load_as_independent(tmp_path):
     torch.save(ckpt, path)
     pol = Policy.from_run(tmp_path / "ind")
     assert pol.controller_head == "independent" and pol.feature_version is None and pol.action_delay == 3
+    # fine-tuning such a run keeps its heads (the .slp default does not override them); asking for others is refused
+    _train(tmp_path, out=str(tmp_path / "ft"), init_from=str(tmp_path / "ind"), steps=1)
+    assert Policy.from_run(tmp_path / "ft").controller_head == "independent"
+    with pytest.raises(ValueError, match="--controller-head autoregressive contradicts --init-from"):
+        _train(tmp_path, out=str(tmp_path / "ft2"), init_from=str(tmp_path / "ind"), steps=1,
+               controller_head="autoregressive")
 
 
 def test_controller_head_is_for_episode_data(tmp_path):
