@@ -142,8 +142,9 @@ def spread(values: list, digits: int = 3) -> str:
     return m if len(v) == 1 else f"{m} ({min(v):.{digits}f}-{max(v):.{digits}f})"
 
 
-def plot(groups: dict, delays: list, path) -> None:
-    """Per delay: held-out accuracy per component (seed means) and the training curves (first seed)."""
+def plot(groups: dict, copies: dict, delays: list, path) -> None:
+    """Per delay: held-out accuracy per component (seed means; the copy rule as a black mark) and the training
+    curves (first seed)."""
     plt = pyplot()
     fig, axes = plt.subplots(len(delays), 2, figsize=(15, 4.5 * len(delays)), squeeze=False)
     for row, delay in zip(axes, delays):
@@ -154,7 +155,10 @@ def plot(groups: dict, delays: list, path) -> None:
                        width, label=g["label"])
             if g.get("curves"):
                 t, loss = zip(*g["curves"][0])
-                row[1].plot(t, loss, label=g["label"])
+                row[1].plot(t, loss, marker=".", label=g["label"])
+        if delay in copies:
+            row[0].scatter(np.arange(len(HEADS)) + 0.4 - width / 2, [copies[delay][f"acc_{h}"] for h in HEADS],
+                           marker="_", s=900, color="k", label="copy rule", zorder=3)
         row[0].set_xticks(np.arange(len(HEADS)) + 0.4 - width / 2, HEADS)
         row[0].set_ylim(0, 1)
         row[0].grid(alpha=0.3, axis="y")
@@ -288,7 +292,8 @@ def main(argv=None) -> list:
             + "![melee](melee.png)")
     seconds = time.perf_counter() - t_start
     report(out, "melee", "Melee behavioural cloning from Slippi replays", command_line("melee", argv), body, seconds)
-    plot(groups, args.delay_list, out / "melee.png")
+    copies = {r["delay"]: r["acc"] for r in results if r["variant"] == "copy"}
+    plot(groups, copies, args.delay_list, out / "melee.png")
     print(f"wrote {out / 'melee.md'} and {out / 'melee.png'} ({seconds:.0f} s)")
     return results
 

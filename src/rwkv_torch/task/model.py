@@ -115,15 +115,17 @@ class TaskModel(nn.Module):
 
 
 class ARHead(nn.Module):
-    """One autoregressive head: ``Linear(in, width) -> GELU -> Linear(width, size)``."""
+    """One autoregressive head: a linear layer plus an MLP, ``Linear(x) + Linear(GELU(Linear(x)))`` (the linear path
+    learns as fast as an independent head; the MLP adds what the values before it change beyond a bias)."""
 
     def __init__(self, in_features: int, width: int, size: int):
         super().__init__()
         self.in_features, self.out_features = in_features, size
+        self.linear = nn.Linear(in_features, size)
         self.hidden, self.out = nn.Linear(in_features, width), nn.Linear(width, size)
 
     def forward(self, x):
-        return self.out(F.gelu(self.hidden(x)))
+        return self.linear(x) + self.out(F.gelu(self.hidden(x)))
 
 
 def autoregressive_order(targets: list) -> tuple:
