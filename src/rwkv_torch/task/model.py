@@ -23,8 +23,9 @@ CONTROLLER_HEADS = ("autoregressive", "independent")
 
 
 class TaskModel(nn.Module):
-    """A backbone (``[B, T, in] -> [B, T, width]``) with one linear head per episode target; a text model uses the
-    backbone's own LM head. ``forward(x, state) -> ({target: out [B, T, size]}, state)``."""
+    """A backbone (``[B, T, in] -> [B, T, width]``) with one head per episode target: independent linear heads, or
+    autoregressive ones in ``order`` (see the module doc); a text model uses the backbone's own LM head.
+    ``forward(x, state, targets=None) -> ({target: out [B, T, size]}, state)``."""
 
     def __init__(self, backbone: nn.Module, targets: list, width: int, lm: bool, ids: list = (),
                  frame_dim: int | None = None, order: tuple = ()):
