@@ -40,7 +40,7 @@ from bench_cpu import machine  # noqa: E402
 
 import rwkv_torch as rt  # noqa: E402
 from rwkv_torch.slippi import load_replay, replay_to_umi  # noqa: E402
-from rwkv_torch.slippi.bot import BatchPolicy  # noqa: E402
+from rwkv_torch.slippi.batch_policy import BatchPolicy  # noqa: E402
 from rwkv_torch.train import TrainConfig, build_model  # noqa: E402
 from rwkv_torch.train.data import episodes_dataset  # noqa: E402
 
@@ -148,7 +148,7 @@ def row(pol, model, lstm, frames, n: int, steps: int, sock: bool) -> str:
            f"{pct(floor)} ({rate:.0f}) | {np.median(step) / np.median(floor):.2f} | ")
     if lstm is None:
         return out + "- | - |"
-    xj = model._join_ids(x)
+    xj = model.join_ids(x)
     hc = [(torch.zeros(n, 512), torch.zeros(n, 512)) for _ in range(3)]
     lt = timed(lambda i: lstm(xj, hc), steps)
     return out + f"{pct(lt)} | {np.median(step) / np.median(lt):.2f} |"

@@ -19,7 +19,7 @@ from umi.frame import CHARACTERS, FRAME  # noqa: E402
 
 from rwkv_torch.cli import main as cli  # noqa: E402
 from rwkv_torch.slippi import DATA_SOURCES, Policy, load_replay, replay_to_umi  # noqa: E402
-from rwkv_torch.slippi.bot import NEUTRAL, BatchPolicy  # noqa: E402
+from rwkv_torch.slippi.batch_policy import NEUTRAL, BatchPolicy  # noqa: E402
 from rwkv_torch.train import train  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "slippi"
@@ -124,7 +124,8 @@ def test_umi_conform_realtime_passes(bot, monkeypatch):
 SANDBOX_CHECK = """
 import sys, torch
 from rwkv_torch.ops import cpu_lib
-from rwkv_torch.slippi.bot import BatchPolicy, use_kernels, writable_cache
+from rwkv_torch.slippi.batch_policy import BatchPolicy
+from rwkv_torch.slippi.bot import use_kernels, writable_cache
 assert writable_cache().startswith(sys.argv[2]), writable_cache()  # $TMPDIR: home and ~/.cache are not writable
 print(use_kernels(sys.argv[1]))
 assert cpu_lib.available()  # the bundled library, no compiler

@@ -92,12 +92,17 @@ def test_control_task_targets(script):
 
 def test_melee_quick(script, tmp_path):
     pytest.importorskip("peppi_py", reason="peppi-py (the melee extra) is not installed")
-    results = run(script("melee"), tmp_path)
-    assert [r["variant"] for r in results] == ["copy", "rwkv7", "rwkv7-windowed", "lstm", "transformer"]
+    melee = script("melee")
+    results = run(melee, tmp_path)
+    assert [(r["delay"], r["variant"]) for r in results] == [(d, v) for d in (1, 18) for v in ("copy", *melee.VARIANTS)]
     copy = results[0]["acc"]
     assert copy["acc_main_x"] > 0.8 and copy["chg_main_x"] == 0.0  # players hold the stick; changes are misses
-    for r in results[1:]:
+    for r in results:
+        if r["variant"] == "copy":
+            continue
         assert r["steps"] == 3 and r["params"] > 0
         accs = [v for k, v in r["acc"].items() if k.startswith("acc_")]
         assert len(accs) == 6 and all(in_unit_range(a) for a in accs), r
-        assert all(math.isfinite(v) and v > 0 for k, v in r["acc"].items() if k.startswith("loss_"))
+        parts = [v for k, v in r["acc"].items() if k.startswith("nll_")]
+        assert len(parts) == 6 and all(math.isfinite(v) and v > 0 for v in parts)
+        assert r["acc"]["nll"] == pytest.approx(sum(parts))

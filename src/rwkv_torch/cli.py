@@ -21,6 +21,7 @@ from .demo import (  # noqa: F401  (bench_stream, DEMO_PROMPT: re-exported for s
     train_and_report,
 )
 from .slippi.bot import add_parser as _add_bot
+from .slippi.evaluate import add_parser as _add_eval
 from .slippi.prepare import add_parser as _add_prepare_replays
 from .train import BACKBONES
 
@@ -136,6 +137,9 @@ def _add_train(sub):
     a("--max-bytes", type=int, default=None, help="read at most this many bytes of text (default corpus: 8 MB)")
     a("--tokenizer", choices=["byte", "world"], default=None,
       help="text as bytes (vocab 256, default) or RWKV World tokens (vocab 65536; needs the rwkv package)")
+    a("--controller-head", choices=["autoregressive", "independent"], default=None,
+      help="episode heads: autoregressive (buttons, main stick, C-stick, shoulder, each seeing the ones before; "
+           "the default for .slp replays) or independent (the default for .npz)")
     a("--action-delay", type=int, default=None,
       help=".slp replays: predict the controller K frames after the observed state (default 1, the least a bot has)")
     a("--val-fraction", type=float, default=None, help="fraction of episodes/documents held out (default 0.05)")
@@ -237,7 +241,7 @@ def _add_merge(sub):
 
 COMMANDS = {"demo": _add_demo, "check": _add_check, "stream-bench": _add_stream_bench, "export": _add_export,
             "train": _add_train, "generate": _add_generate, "info": _add_info, "convert": _add_convert,
-            "merge": _add_merge, "bot": _add_bot, "prepare-replays": _add_prepare_replays}
+            "merge": _add_merge, "bot": _add_bot, "prepare-replays": _add_prepare_replays, "eval": _add_eval}
 
 
 def main(argv=None) -> int:

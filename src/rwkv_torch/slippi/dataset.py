@@ -346,4 +346,7 @@ def training_data(ds, episodes_dataset, action_delay: int = 1, progress: bool = 
             if row["types"][i] == "human" and row["frames"] > eps.delay:
                 port = row["ports"][i]
                 sides.append(_Side(games, k, f"{row['source']}:P{port}", row["source"], row["frames"] - eps.delay))
-    return dataclasses.replace(spec, sequences=sides)
+    from .features import FEATURE_VERSION
+
+    meta = dict(feature_version=FEATURE_VERSION, action_delay=int(eps.delay))  # what a run records (``eval``)
+    return dataclasses.replace(spec, sequences=sides, meta=meta)

@@ -1,14 +1,16 @@
-"""A streaming Melee policy: a model trained on replays (``rwkv-torch train --data DIR`` of ``.slp`` files) played
-one frame at a time.
+"""A streaming Melee policy: a model trained on replays (``rwkv-torch train --data DIR`` of ``.slp`` files) played one
+frame at a time.
 
 ``Policy.from_run(run_dir)`` loads the newest checkpoint of a run. Each frame, ``act(frame, ids)`` takes the frame's
 features (a row of ``frames``, ``[FRAME_WIDTH]`` float) and its ids (``{name: int or [K] ints}``, the row of each
 ``ids_<name>``), advances the carried recurrent state by one step (O(1): the C step for fp32 RWKV-7 on CPU) and
 returns a ``Controller`` decoded from the heads: greedy (arg-max classes, buttons above one half) or sampled
-(``sample=True``, reproducible with ``seed``). ``snapshot()`` / ``restore()`` rewind state, position and the
-sampler (netplay rollback: restore then replay gives the same controllers). ``export_onnx`` writes the whole step,
-id embeddings, backbone and heads, as one ONNX graph.
-"""
+(``sample=True``, reproducible with ``seed``). An autoregressive head (``train --controller-head``, the default for
+replays) is decoded in its order, buttons, main stick, C-stick, shoulder, each head fed the values chosen before it.
+``action_delay`` and ``feature_version`` come from the checkpoint. ``snapshot()`` / ``restore()`` rewind state,
+position and the sampler (netplay rollback: restore then replay gives the same controllers). ``export_onnx`` writes
+the whole step, id embeddings, backbone and heads (an autoregressive head decoded greedily in the graph), as one ONNX
+graph."""
 
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from ..task import TaskModel, load_task_model
-from .targets import BUTTONS, SHOULDER_VALUES, STICK_VALUES, STICKS
+from .features import FEATURE_VERSION
+from .targets import BUTTONS, HEAD_ORDER, SHOULDER_VALUES, STICK_VALUES, STICKS
 
 # Each of the policy's buttons (``targets.BUTTONS``) -> the name of its ``melee.Button`` member (libmelee).
 LIBMELEE_BUTTONS = {b: f"BUTTON_{b}" for b in BUTTONS}
@@ -69,7 +72,12 @@ class PolicySnapshot:
 class Policy:
     """A ``TaskModel`` with the controller heads of ``slippi.targets`` and an RWKV backbone, one frame at a time."""
 
-    def __init__(self, model: TaskModel, *, sample: bool = False, seed: int = 0, temperature: float = 1.0):
+    def __init__(self, model: TaskModel, *, sample: bool = False, seed: int = 0, temperature: float = 1.0,
+                 action_delay: int | None = None, feature_version: int | None = None):
+        if feature_version is not None and feature_version != FEATURE_VERSION:
+            raise ValueError(f"the model was trained on features version {feature_version}; this rwkv-torch makes "
+                             f"version {FEATURE_VERSION} (retrain, or use the rwkv-torch it was trained with)")
+        self.action_delay, self.feature_version = action_delay, feature_version
         if not hasattr(model.backbone, "step_"):
             raise ValueError(f"a streaming policy needs an RWKV backbone (one step per frame), got "
                              f"{type(model.backbone).__name__}")
@@ -90,8 +98,8 @@ class Policy:
     @classmethod
     def from_run(cls, run, **kw) -> "Policy":
         """The newest checkpoint of a training run (a run folder or a ``ckpt-*.pt`` file); ``kw`` as ``Policy``."""
-        model, _ = load_task_model(run)
-        return cls(model, **kw)
+        model, ckpt = load_task_model(run)
+        return cls(model, **{**checkpoint_info(ckpt), **kw})
 
     def reset(self) -> None:
         """A new game: a fresh state."""
@@ -120,36 +128,61 @@ class Policy:
             cols.append(v.astype(np.float32))
         return torch.from_numpy(np.concatenate(cols))[None]
 
-    @torch.inference_mode()
-    def logits(self, frame, ids: dict) -> dict:
-        """Advance one frame; the heads' raw outputs ``{head: [size]}``."""
-        x = self.model._join_ids(self.row(frame, ids))
+    @property
+    def controller_head(self) -> str:
+        return self.model.controller_head
+
+    def _advance(self, frame, ids: dict) -> torch.Tensor:
+        x = self.model.join_ids(self.row(frame, ids))
         h = self.model.backbone.step_(x, self.state, weights=self.decode_weights)
         self.position += 1
-        return {name: head(h)[0] for name, head in self.model.heads.items()}
+        return h
 
+    @torch.inference_mode()
+    def logits(self, frame, ids: dict) -> dict:
+        """Advance one frame; the heads' raw outputs ``{head: [size]}`` (an autoregressive head's conditioned on
+        the greedy values before each)."""
+        outs, _ = self.model.decode_heads(self._advance(frame, ids))
+        return {name: o[0] for name, o in outs.items()}
+
+    @torch.inference_mode()
     def act(self, frame, ids: dict) -> Controller:
         """Advance one frame; the controller to press (see the module doc)."""
-        return self.decode(self.logits(frame, ids))
+        h = self._advance(frame, ids)
+        if not self.model.order:
+            return self.decode({name: o[0] for name, o in self.model.decode_heads(h)[0].items()})
+        _, values = self.model.decode_heads(h, choose=self.choose)
+        return self.controller({k: v[0] for k, v in values.items()})
+
+    def choose(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """One head's value from its output ``[..., size]``: greedy, or drawn from the policy's generator."""
+        t = self.temperature
+        if name == "buttons":
+            if not self.sample:
+                return (out > 0).to(out.dtype)
+            return (torch.rand(out.shape, generator=self.generator) < torch.sigmoid(out / t)).to(out.dtype)
+        if not self.sample:
+            return out.argmax(-1)
+        p = torch.softmax(out.reshape(-1, out.shape[-1]) / t, -1)
+        return torch.multinomial(p, 1, generator=self.generator).reshape(out.shape[:-1])
 
     def decode(self, out: dict) -> Controller:
-        t = self.temperature
+        """The controller from independent heads' outputs ``{head: [size]}`` (drawn in ``HEAD_ORDER``)."""
+        return self.controller({name: self.choose(name, out[name]) for name in HEAD_ORDER})
 
-        def pick(logits):
-            if not self.sample:
-                return int(logits.argmax())
-            return int(torch.multinomial(torch.softmax(logits / t, -1), 1, generator=self.generator))
-
-        p = torch.sigmoid(out["buttons"] / t)
-        pressed = torch.rand(p.shape, generator=self.generator) < p if self.sample else p > 0.5
-        return Controller(buttons={b: bool(v) for b, v in zip(BUTTONS, pressed.tolist())},
-                          **{s: float(STICK_VALUES[pick(out[s])]) for s in STICKS},
-                          shoulder=float(SHOULDER_VALUES[pick(out["shoulder"])]))
+    @staticmethod
+    def controller(values: dict) -> Controller:
+        """``{head: value}`` (button bits ``[8]``, class ids) -> the ``Controller``."""
+        return Controller(buttons={b: bool(v) for b, v in zip(BUTTONS, values["buttons"].tolist())},
+                          **{s: float(STICK_VALUES[int(values[s])]) for s in STICKS},
+                          shoulder=float(SHOULDER_VALUES[int(values["shoulder"])]))
 
     def export_onnx(self, path, opset: int = 17):
         """The whole step as one ONNX graph: inputs ``frame [B, frame_dim]`` float32, ``ids [B, id columns]``
         int64 (the ``ids_*`` columns in name order), then the state as in ``export.export_onnx``; outputs
-        ``heads [B, sum of head sizes]`` (heads in name order) then the new state."""
+        ``heads [B, sum of head sizes]`` (heads in name order; an autoregressive head's conditioned on the greedy
+        values before each) then the new state. The model's metadata (``metadata()``) rides in the graph's
+        ``metadata_props``."""
         from ..checks import check_output_file
         from ..export import state_names
 
@@ -164,11 +197,41 @@ class Policy:
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (frame, ids, *state.flat()), str(path), input_names=ins, output_names=outs,
                               dynamic_axes={n: {0: "batch"} for n in ins + outs}, opset_version=opset, dynamo=False)
+        try:
+            import onnx
+        except ImportError:
+            warnings.warn("onnx is not installed: the graph is written without its metadata", stacklevel=2)
+            return path
+        proto = onnx.load(str(path))
+        for k, v in self.metadata().items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.save(proto, str(path))
         return path
 
     def head_sizes(self) -> dict:
         """``{head: size}`` in the order of the ONNX graph's ``heads`` output."""
         return {name: head.out_features for name, head in self.model.heads.items()}
+
+    def metadata(self) -> dict:
+        """What a player of the ONNX graph needs to know, as strings (JSON lists/dicts): ``action_delay``,
+        ``feature_version``, ``controller_head``, ``head_order`` (the decode order), ``head_sizes`` (the ``heads``
+        output's slices, in order), ``id_columns`` (the ``ids`` input's columns: ``[[name, K], ...]``)."""
+        import json
+
+        order = list(self.model.order) or list(HEAD_ORDER)
+        return dict(action_delay=json.dumps(self.action_delay), feature_version=json.dumps(self.feature_version),
+                    controller_head=self.controller_head, head_order=json.dumps(order),
+                    head_sizes=json.dumps(list(self.head_sizes().items())),
+                    id_columns=json.dumps([[s.name, s.columns] for s in self.model.id_specs]))
+
+
+def checkpoint_info(ckpt: dict) -> dict:
+    """The policy's ``action_delay`` and ``feature_version`` from a training checkpoint (None where it does not
+    say: a checkpoint from before they were recorded)."""
+    meta = ckpt.get("data_meta") or {}
+    return dict(action_delay=meta.get("action_delay", ckpt.get("config", {}).get("action_delay")),
+                feature_version=meta.get("feature_version"))
 
 
 class _PolicyGraph(nn.Module):
@@ -179,6 +242,6 @@ class _PolicyGraph(nn.Module):
         self.model, self.step = model, StepGraph(model.backbone)
 
     def forward(self, frame, ids, *flat):
-        x = self.model._join_ids(torch.cat([frame, ids.to(frame.dtype)], dim=-1))
+        x = self.model.join_ids(torch.cat([frame, ids.to(frame.dtype)], dim=-1))
         h, *new = self.step(x, *flat)
-        return (torch.cat([head(h) for head in self.model.heads.values()], dim=-1), *new)
+        return (torch.cat(list(self.model.decode_heads(h)[0].values()), dim=-1), *new)

@@ -175,4 +175,6 @@ def _say(line: str) -> None:
 def load_dataset(path, action_delay: int = DEFAULT_ACTION_DELAY, progress: bool = True) -> Dataset:
     """A ``.slp`` replay or a folder of them as a training Dataset (``load_replays``: parsed once and cached, bad
     files skipped with a warning): one episode per human player, held out by game (file)."""
-    return episodes_dataset(load_replays(path, action_delay, progress=progress), str(path))
+    data = episodes_dataset(load_replays(path, action_delay, progress=progress), str(path))
+    data.meta = dict(feature_version=FEATURE_VERSION, action_delay=int(action_delay))
+    return data

@@ -12,6 +12,10 @@ A stick axis has 16 buckets plus neutral, as ExPhil's: class 8 is neutral (|v| i
 which the processed value already reads as 0), classes 9..16 split (0.2875, 1] into 8 equal buckets and 0..7
 mirror them below zero. Decoding gives the bucket centre (0 for neutral). The shoulder classes are 5 equal buckets
 of [0, 1] decoded to 0, 0.25, 0.5, 0.75, 1.
+
+An autoregressive head (``train --controller-head autoregressive``, the default for replays) predicts them in
+``HEAD_ORDER``: buttons, main stick, C-stick, shoulder, each conditioned on the ones before
+(``task.model.CONTROLLER_ORDER``, the same order: the task layer does not import this package).
 """
 
 import numpy as np
@@ -21,6 +25,7 @@ BUTTONS = ("A", "B", "X", "Y", "Z", "L", "R", "D_UP")
 BUTTON_BITS = {"A": 0x0100, "B": 0x0200, "X": 0x0400, "Y": 0x0800, "Z": 0x0010, "L": 0x0040, "R": 0x0020,
                "D_UP": 0x0008}
 STICKS = ("main_x", "main_y", "c_x", "c_y")
+HEAD_ORDER = ("buttons", *STICKS, "shoulder")
 STICK_CLASSES = 17
 NEUTRAL = 8
 DEADZONE = 0.2875

@@ -1,6 +1,6 @@
 """The task layer, shared by ``train`` and ``slippi`` (neither imports the other): the episode format
-(``episodes``), ``TaskModel`` and the learned start state (``model``), LoRA (``lora``), the transformer and LSTM
-baselines (``baselines``), and building and loading task models and training checkpoints (``runs``)."""
+(``episodes``), ``TaskModel`` and the learned start state (``model``), LoRA (``lora``), the transformer, LSTM and
+residual-LSTM baselines (``baselines``), and building and loading task models and training checkpoints (``runs``)."""
 
 from .episodes import MAX_ID, Dataset, IdSpec, Sequence, Target, episodes_dataset
 from .model import InitialState, TaskModel, id_embed_dim, input_width

@@ -1,10 +1,12 @@
-"""Baselines for ``rwkv-torch train --backbone transformer|lstm``, with the RWKV backbone's calling convention:
-``forward(x, state, return_sequence=True, return_state=True) -> (out, state)`` and ``init_state(batch_size)``.
+"""Baselines for ``rwkv-torch train --backbone transformer|lstm|residual-lstm``, with the RWKV backbone's calling
+convention: ``forward(x, state, return_sequence=True, return_state=True) -> (out, state)`` and
+``init_state(batch_size)``.
 
-States are tuples of tensors with the batch first (the trainer resets and detaches rows generically). The
-transformer sees only the current window (its state is empty); the LSTM carries ``(h, c)`` like RWKV carries its
-state. ``matched_width`` picks the width that gives about the RWKV model's parameter count (same budget).
-"""
+States are tuples of tensors with the batch first (the trainer resets and detaches rows generically). The transformer
+sees only the current window (its state is empty); the LSTM and the residual LSTM carry ``(h, c)`` like RWKV carries
+its state. The residual LSTM is the shape of slippi-ai's default core: per layer a residual LSTM (pre-LayerNorm) then
+a residual pre-LayerNorm feed-forward block. ``matched_width`` picks the width that gives about the RWKV model's
+parameter count (same budget)."""
 
 import torch
 import torch.nn as nn
@@ -107,20 +109,59 @@ class LSTM(nn.Module):
         return (out, (h.transpose(0, 1), c.transpose(0, 1))) if return_state else out
 
 
+class ResidualLSTM(nn.Module):
+    """``num_layers`` x (``x + LSTM(LN(x))``, then ``x + MLP(LN(x))``, the MLP 4x wide), the input and output layers
+    of the others; state ``(h, c)`` each ``[B, num_layers, width]`` like ``LSTM``."""
+
+    def __init__(self, *, width: int, num_layers: int, embed_dim: int | None = None, vocab_size: int | None = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.width, self.num_layers, self.output_size = width, num_layers, vocab_size or width
+        self.inp = _Input(width, embed_dim, vocab_size)
+        self.ln_rnn = nn.ModuleList(nn.LayerNorm(width) for _ in range(num_layers))
+        self.rnn = nn.ModuleList(nn.LSTM(width, width, batch_first=True) for _ in range(num_layers))
+        self.ln_ffn = nn.ModuleList(nn.LayerNorm(width) for _ in range(num_layers))
+        self.ffn = nn.ModuleList(nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+                                 for _ in range(num_layers))
+        self.drop = nn.Dropout(dropout)
+        self.out = _Output(width, vocab_size)
+
+    init_state = LSTM.init_state
+
+    def forward(self, x, state=None, *, return_sequence=True, return_state=False):
+        if not state:
+            state = self.init_state(x.shape[0], device=x.device)
+        dtype = self.out.ln.weight.dtype
+        h0, c0 = (s.to(dtype) for s in state)
+        y, hs, cs = self.inp(x), [], []
+        for i in range(self.num_layers):
+            r, (h, c) = self.rnn[i](self.ln_rnn[i](y), (h0[:, i][None].contiguous(), c0[:, i][None].contiguous()))
+            y = y + self.drop(r)
+            y = y + self.drop(self.ffn[i](self.ln_ffn[i](y)))
+            hs.append(h[0])
+            cs.append(c[0])
+        out = self.out(y)
+        out = out if return_sequence else out[:, -1]
+        return (out, (torch.stack(hs, 1), torch.stack(cs, 1))) if return_state else out
+
+
 def build_baseline(kind: str, *, width: int, num_layers: int, head_size: int, max_len: int,
                    embed_dim: int | None = None, vocab_size: int | None = None, dropout: float = 0.0) -> nn.Module:
-    """``kind`` is ``"transformer"`` (heads of ``head_size``) or ``"lstm"``."""
+    """``kind`` is ``"transformer"`` (heads of ``head_size``), ``"lstm"`` or ``"residual-lstm"``."""
     if kind == "transformer":
         heads = max(1, width // head_size)
         return Transformer(width=width, num_layers=num_layers, num_heads=heads, max_len=max_len,
                            embed_dim=embed_dim, vocab_size=vocab_size, dropout=dropout)
     if kind == "lstm":
         return LSTM(width=width, num_layers=num_layers, embed_dim=embed_dim, vocab_size=vocab_size, dropout=dropout)
-    raise ValueError(f"unknown baseline {kind!r}; expected 'transformer' or 'lstm'")
+    if kind == "residual-lstm":
+        return ResidualLSTM(width=width, num_layers=num_layers, embed_dim=embed_dim, vocab_size=vocab_size,
+                            dropout=dropout)
+    raise ValueError(f"unknown baseline {kind!r}; expected 'transformer', 'lstm' or 'residual-lstm'")
 
 
 def matched_width(kind: str, budget: int, *, head_size: int, **options) -> int:
-    """The width (a multiple of ``head_size`` for the transformer, of 8 for the LSTM) whose parameter count is
+    """The width (a multiple of ``head_size`` for the transformer, of 8 for the LSTMs) whose parameter count is
     closest to ``budget``. Models are built on the meta device, so this allocates nothing."""
     unit = head_size if kind == "transformer" else 8
     best, best_gap, width = unit, None, unit

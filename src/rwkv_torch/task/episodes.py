@@ -59,6 +59,7 @@ class Dataset:
     vocab_size: int | None = None
     source: str = ""
     ids: list = field(default_factory=list)  # IdSpec per ids_<name>, sorted by name
+    meta: dict = field(default_factory=dict)  # what the loader records in checkpoints (e.g. feature_version)
 
     @property
     def is_text(self) -> bool:
@@ -66,7 +67,7 @@ class Dataset:
 
     def subset(self, indices) -> "Dataset":
         return Dataset([self.sequences[i] for i in indices], self.targets, self.embed_dim, self.vocab_size,
-                       self.source, self.ids)
+                       self.source, self.ids, self.meta)
 
 
 def _episode_targets(path: Path, arrays: dict, T: int) -> tuple[dict, dict]:

@@ -18,12 +18,13 @@ from ..model import build
 from . import lora
 from .baselines import build_baseline, matched_width
 from .episodes import Dataset, IdSpec, Target
-from .model import InitialState, TaskModel, input_width
+from .model import InitialState, TaskModel, autoregressive_order, input_width
 
 CHECKPOINT_FORMAT = "rwkv-torch-train"
 # What a model description needs beside the backbone and its sizes, where an older checkpoint's config lacks it.
 OPTION_DEFAULTS = dict(seed=0, dropout=0.0, init_from=None, lora_rank=None, lora_alpha=None, lora_targets=None,
-                       train_state=False, train_also=None, tokenizer="byte", window_size=256)
+                       train_state=False, train_also=None, tokenizer="byte", window_size=256,
+                       controller_head=None)  # None: independent heads (checkpoints from before the option)
 
 
 def model_options(cfg, **overrides) -> SimpleNamespace:
@@ -87,7 +88,13 @@ def _fresh(cfg, data: Dataset) -> TaskModel:
                     dropout=cfg.dropout, **io)
         width = matched_width(cfg.backbone, param_count(**rwkv), **opts)
         backbone = build_baseline(cfg.backbone, width=width, **opts)
-    return TaskModel(backbone, data.targets, width, data.is_text, ids, data.embed_dim)
+    return TaskModel(backbone, data.targets, width, data.is_text, ids, data.embed_dim, head_order(cfg, data))
+
+
+def head_order(cfg, data: Dataset) -> tuple:
+    """The autoregressive order of ``data``'s targets when ``cfg.controller_head`` is ``"autoregressive"``, else
+    () (independent heads)."""
+    return autoregressive_order(data.targets) if getattr(cfg, "controller_head", None) == "autoregressive" else ()
 
 
 def _from_init(cfg, data: Dataset) -> TaskModel:
@@ -114,7 +121,8 @@ def _from_init(cfg, data: Dataset) -> TaskModel:
     if c.embed_dim != input_width(data):
         raise ValueError(f"--init-from {cfg.init_from}: a backbone of embed_dim {c.embed_dim}, the episodes give "
                          f"{input_width(data)} input features")
-    return TaskModel(backbone, data.targets, c.output_size, False, list(data.ids), data.embed_dim)
+    return TaskModel(backbone, data.targets, c.output_size, False, list(data.ids), data.embed_dim,
+                     head_order(cfg, data))
 
 
 def load_task_model(run) -> tuple[TaskModel, dict]:

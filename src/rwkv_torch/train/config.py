@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from ..checks import check_device
 from ..tokenizer import TOKENIZERS
 
-BACKBONES = ("rwkv7", "rwkv6", "rwkv5", "rwkv4", "transformer", "lstm")
+BACKBONES = ("rwkv7", "rwkv6", "rwkv5", "rwkv4", "transformer", "lstm", "residual-lstm")
+CONTROLLER_HEADS = ("autoregressive", "independent")
 
 
 @dataclass
@@ -26,6 +27,9 @@ class TrainConfig:
     data: str | None = None  # None: the Python standard library sources as byte-level text
     max_bytes: int | None = None
     tokenizer: str = "byte"  # text data as "byte" (vocab 256) or "world" (RWKV World tokens, vocab 65536)
+    # Episode data: "autoregressive" (targets in order, each head sees the values before it; the default for .slp
+    # replays) or "independent" heads; None: the data's default (task/model.py).
+    controller_head: str | None = None
     action_delay: int = 1  # .slp data: predict the input this many frames after the observed state (slippi.replays)
     val_fraction: float = 0.05
     out: str | None = None  # None: runs/<time>
@@ -77,6 +81,8 @@ class TrainConfig:
         for f in ("stride", "truncate_bptt", "stop_after", "max_bytes"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"{f}={getattr(self, f)!r}: must be None or >= 1")
+        if self.controller_head not in (None, *CONTROLLER_HEADS):
+            raise ValueError(f"controller_head={self.controller_head!r}: must be one of {CONTROLLER_HEADS}")
         if self.bptt not in ("chunk", "full"):
             raise ValueError(f"bptt={self.bptt!r}: must be 'chunk' or 'full'")
         if self.tokenizer not in TOKENIZERS:

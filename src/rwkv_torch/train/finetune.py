@@ -39,6 +39,8 @@ def init_config(cfg, given: dict):
     if kind == "run":
         arch = {k: loaded["config"][k] for k in ARCHITECTURE}
         tokenizer = loaded["config"].get("tokenizer") if loaded.get("vocab_size") else None
+        if not loaded.get("vocab_size"):  # its heads too: a run from before --controller-head has independent ones
+            arch["controller_head"] = loaded["config"].get("controller_head") or "independent"
     else:
         c = loaded.config
         arch = dict(backbone=f"rwkv{c.version}", hidden_size=c.hidden_size, num_layers=c.num_layers,

@@ -80,6 +80,7 @@ def train(args_or_config, *, sources: dict | None = None) -> dict:
                              f"give --steps N with N > {ckpt['step']} to train it further")
     else:
         check_action_delay(cfg, given)
+        cfg = controller_head(cfg)
         if cfg.init_from is not None:
             cfg = init_config(cfg, given)
     rank, world, device, created_group = init_distributed(cfg)
@@ -106,6 +107,17 @@ def check_action_delay(cfg: TrainConfig, given: dict) -> None:
                          f"state after frame t already shows the input on frame t)")
 
 
+def controller_head(cfg: TrainConfig) -> TrainConfig:
+    """``--controller-head``: autoregressive by default for ``.slp`` replays, independent heads for other episode
+    data; a text model has its LM head (refused)."""
+    kind = data_kind(cfg.data)
+    if kind == "slippi" and cfg.controller_head is None:
+        return dataclasses.replace(cfg, controller_head="autoregressive")
+    if kind not in ("slippi", "episodes") and cfg.controller_head is not None:
+        raise ValueError(f"--controller-head is for episode data (.slp, .npz); --data {cfg.data} is {kind} data")
+    return cfg
+
+
 @dataclass
 class Run:
     """What the loop works on: the configuration, this process's place, the data, model, optimizer and position."""
@@ -126,6 +138,7 @@ class Run:
     lanes: slice  # this rank's rows of each batch
     state: object  # the carried recurrent state of this rank's lanes
     step: int = 0
+    held_out: list = dataclasses.field(default_factory=list)  # names of the held-out sequences (in checkpoints)
 
     @property
     def lead(self) -> bool:
@@ -148,6 +161,7 @@ def setup(cfg: TrainConfig, ckpt, rank: int, world: int, device, sources: dict |
     data = load_data(cfg.data, cfg.max_bytes, cfg.tokenizer, cfg.action_delay, cfg.progress and lead, sources)
     check_window(data, cfg.window_size)
     train_data, val_data = split_by_sequence(data, cfg.val_fraction, cfg.seed)
+    held_out = [] if val_data is None else [s.name for s in val_data.sequences]
     check_window(train_data, cfg.window_size)
     if val_data is not None and max(len(s) for s in val_data.sequences) < cfg.window_size:
         val_data = None  # no held-out sequence holds a full window
@@ -171,7 +185,7 @@ def setup(cfg: TrainConfig, ckpt, rank: int, world: int, device, sources: dict |
                          cfg.batch_size, cfg.seed)
     lanes = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     run = Run(cfg, rank, world, device, run_dir, data, train_data, val_data, model, net, opt, sched, plans, lanes,
-              model.init_state(lanes.stop - lanes.start, device=device))
+              model.init_state(lanes.stop - lanes.start, device=device), held_out=held_out)
     if ckpt is None:
         if lead:  # the run starts: only now its folder changes
             claim_run_dir(run_dir, cfg.overwrite, lead)
@@ -223,7 +237,8 @@ def save(run: Run):
     payload = dict(format=CHECKPOINT_FORMAT, format_version=1, step=run.step, config=dataclasses.asdict(cfg),
                    targets=[dataclasses.asdict(t) for t in data.targets], embed_dim=data.embed_dim,
                    ids=[dataclasses.asdict(i) for i in data.ids], vocab_size=data.vocab_size,
-                   partial=cfg.finetune_mode,
+                   partial=cfg.finetune_mode, held_out=run.held_out, data_meta=dict(data.meta),
+                   run_cwd=os.getcwd(),  # where the held-out names' relative paths start
                    model=trainable_state_dict(model) if cfg.finetune_mode else model.state_dict(),
                    optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), plans=run.plans.state_dict(),
                    rng_cpu=torch.get_rng_state(), rng_cpu_ranks=rngs if run.world > 1 else None,

@@ -96,7 +96,7 @@ def train_step(model, opt, data: Dataset, batch: tuple, state, cfg: TrainConfig,
     for a in range(0, T, span):
         b = min(T, a + span)
         with _autocast(cfg, device):
-            outs, state = model(x[:, a:b], state)
+            outs, state = model(x[:, a:b], state, targets={k: v[:, a:b] for k, v in ys.items()})
         loss, p = task_loss(outs, {k: v[:, a:b] for k, v in ys.items()}, data.targets, data.is_text)
         (loss * ((b - a) / T)).backward()
         state = state_like(state, [t.detach() for t in state_tensors(state)])
@@ -125,7 +125,7 @@ def _full_bptt(model, data: Dataset, x, ys: dict, state, cfg: TrainConfig, devic
 
     def chunk(xs, ys_chunk, *flat):
         with _autocast(cfg, device):
-            outs, st = model(xs, state_like(meta, list(flat)))
+            outs, st = model(xs, state_like(meta, list(flat)), targets=dict(zip(names, ys_chunk)))
         loss, p = task_loss(outs, dict(zip(names, ys_chunk)), data.targets, data.is_text)
         return (loss, torch.stack([p[n].detach() for n in names]), *state_tensors(st))
 
@@ -152,7 +152,7 @@ def evaluate(model, data: Dataset, cfg: TrainConfig, device) -> dict:
         x, ys, reset = _to_tensors(data, make_batch(data, plan, cfg.window_size), device)
         state = _reset_rows(state, model.init_state(x.shape[0], device=device), reset)
         with _autocast(cfg, device):
-            outs, state = model(x, state)
+            outs, state = model(x, state, targets=ys)
         loss, p = task_loss(outs, ys, data.targets, data.is_text)
         total += loss.item() / cfg.eval_batches
         for k, v in p.items():
