@@ -108,12 +108,13 @@ def check_action_delay(cfg: TrainConfig, given: dict) -> None:
 
 
 def controller_head(cfg: TrainConfig) -> TrainConfig:
-    """``--controller-head``: autoregressive by default for ``.slp`` replays, independent heads for other episode
-    data; a text model has its LM head (refused)."""
+    """``--controller-head``: autoregressive by default for Melee replays (``.slp`` or a prepared dataset of them),
+    independent heads for other episode data; a text model has its LM head (refused)."""
     kind = data_kind(cfg.data)
-    if kind == "slippi" and cfg.controller_head is None:
+    replays = ("slippi", "slippi-dataset")
+    if kind in replays and cfg.controller_head is None:
         return dataclasses.replace(cfg, controller_head="autoregressive")
-    if kind not in ("slippi", "episodes") and cfg.controller_head is not None:
+    if kind not in (*replays, "episodes") and cfg.controller_head is not None:
         raise ValueError(f"--controller-head is for episode data (.slp, .npz); --data {cfg.data} is {kind} data")
     return cfg
 
