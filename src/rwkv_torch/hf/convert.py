@@ -25,8 +25,6 @@ def save_hf(model_or_path, dst, *, dtype: torch.dtype | None = None, tokenizer: 
     """Write ``dst`` (config.json, model.safetensors, generation_config.json and, for vocab 256 / 65536, the
     byte / World tokenizer) for ``AutoModelForCausalLM.from_pretrained`` after ``rwkv_torch.hf.register()``."""
     m = model_or_path if isinstance(model_or_path, RWKV) else load(str(model_or_path), dtype=dtype)
-    if dtype is not None:
-        m = m.to(dtype)
     hf = to_hf(m)
     hf.save_pretrained(str(dst))
     kind = TOKENIZER_BY_VOCAB.get(m.config.vocab_size)
