@@ -5,6 +5,7 @@ character per byte), so any token round-trips and ``convert_tokens_to_string`` i
 end-of-text separator, no bytes) is ``<|endoftext|>``: bos, eos and pad.
 """
 
+import filecmp
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,9 @@ class RWKVTokenizer(PreTrainedTokenizer):
     def __init__(self, vocab_file: str | None = None, kind: str = "world", **kwargs):
         if kind not in ("world", "byte"):
             raise ValueError(f"RWKVTokenizer kind={kind!r}: must be 'world' or 'byte'")
+        shipped = _shipped_vocab() if kind == "world" and vocab_file is not None else None
+        if shipped is not None and filecmp.cmp(vocab_file, shipped, shallow=False):
+            vocab_file = None  # the shipped vocabulary (a saved copy): its trie is built once per process
         self.kind, self.vocab_file = kind, vocab_file
         self.core = WorldTokenizer(vocab_file) if kind == "world" else ByteTokenizer()
         n = self.core.vocab_size
@@ -66,12 +70,20 @@ class RWKVTokenizer(PreTrainedTokenizer):
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         if self.kind == "byte":
             return ()
-        src = self.vocab_file
+        src = self.vocab_file or _shipped_vocab()
         if src is None:
-            from importlib.resources import files
-
-            src = str(files("rwkv") / WORLD_VOCAB)
+            raise ImportError("saving the World tokenizer needs its vocabulary: pip install rwkv>=0.8.32")
         dst = Path(save_directory) / ((filename_prefix + "-" if filename_prefix else "") + WORLD_VOCAB)
         if Path(src).resolve() != dst.resolve():
             shutil.copyfile(src, dst)
         return (str(dst),)
+
+
+def _shipped_vocab() -> str | None:
+    """The vocabulary file of the ``rwkv`` package, or None when it is not installed."""
+    from importlib.resources import files
+
+    try:
+        return str(files("rwkv") / WORLD_VOCAB)
+    except ModuleNotFoundError:
+        return None
