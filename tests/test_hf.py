@@ -81,6 +81,30 @@ def test_generate_prefills_once_then_steps_and_equals_no_cache():
     assert lengths == list(range(9, 15))
     hook.remove()
     assert torch.equal(cached, plain)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # beam search reorders the state rows (RWKVCache.reorder_cache)
+    kw = dict(attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(hf.generate(ids, **kw), hf.generate(ids, use_cache=False, **kw))
+
+
+def test_training_with_right_padding_is_exact_and_checkpointing_keeps_the_gradient():
+    m = rt.build(vocab_size=V, hidden_size=64, num_layers=2, head_size=16, version=7, seed=0)
+    hf = to_hf(m).train()
+    ids = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a collator's right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    out = hf(ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grads = lambda: torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])  # noqa: E731
+    grad = grads().clone()
+    assert grad.abs().max() > 0
+    assert rel(out.logits[1, :7], hf(ids[1:, :7]).logits[0]) <= 1e-5
+    hf.zero_grad()
+    (getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable)()  # 5.x / 4.x name
+    assert m.gradient_checkpointing
+    hf(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert rel(grads(), grad) <= 1e-5
 
 
 def test_save_pretrained_from_pretrained_and_auto_classes(tmp_path):
