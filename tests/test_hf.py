@@ -184,6 +184,9 @@ def test_peft_lora_through_trainer_lowers_the_loss_and_merges(tmp_path):
     lora = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["key", "value", "receptance",
                                                                                        "output"]))
     before = loss_now(lora.eval())
+    prompt = torch.tensor([list(b"abca")])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    hf.generate(prompt, **kw)  # builds the decode weights of the one-token step: training must make them stale
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8,
                                           learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
                                           logging_steps=10, disable_tqdm=True, dataloader_num_workers=0)
@@ -194,7 +197,10 @@ def test_peft_lora_through_trainer_lowers_the_loss_and_merges(tmp_path):
     x = torch.stack(data[:2])
     with torch.no_grad():
         adapted = lora(input_ids=x).logits
+    generated = lora.generate(input_ids=prompt, **kw)
+    assert torch.equal(generated, lora.generate(input_ids=prompt, use_cache=False, **kw))
     merged = lora.merge_and_unload()
+    assert torch.equal(merged.generate(prompt, **kw), generated)
     assert isinstance(merged, RWKVForCausalLM)
     assert all(type(b.att.key) is torch.nn.Linear for b in merged.rwkv.blocks)
     with torch.no_grad():

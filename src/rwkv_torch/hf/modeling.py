@@ -120,7 +120,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
 
         hidden = None
         if (input_ids is not None and T == 1 and mask is None and not output_hidden_states and labels is None
-                and not torch.is_grad_enabled()):
+                and not torch.is_grad_enabled() and not _adapted(m)):
             logits, state = m.step(input_ids[:, 0], state, weights=self._decode_handle())
             logits = logits[:, None]
         else:
@@ -214,6 +214,12 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
             if k in kwargs:
                 inputs[k] = kwargs[k]
         return inputs
+
+
+def _adapted(model: RWKV) -> bool:
+    """Whether adapter wrappers (peft's, holding the projection as ``base_layer``) replace some projections: the
+    one-token step then runs the spec form, which calls the wrappers (the C step reads plain weights)."""
+    return any(hasattr(mod, "base_layer") for mod in model.blocks.modules())
 
 
 def register() -> None:
