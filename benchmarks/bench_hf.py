@@ -30,10 +30,10 @@ def parse():
     p.add_argument("--vocab-size", type=int, default=65536)
     p.add_argument("--batch", type=int, default=4, help="prompts per generate call")
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--train-batch", type=int, default=4)
-    p.add_argument("--train-len", type=int, default=256)
-    p.add_argument("--train-steps", type=int, default=4, help="Trainer steps timed (after one warm-up step)")
+    p.add_argument("--train-len", type=int, default=128)
+    p.add_argument("--train-steps", type=int, default=2, help="Trainer steps timed (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args()
 

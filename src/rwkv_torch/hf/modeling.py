@@ -16,6 +16,9 @@ from ..ops.packing import PackedOffsets
 from ..state import RWKVState
 from .configuration import RWKVConfig
 
+# transformers 5 names the cache `cache`; 4.x `past_key_values`
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class RWKVCache:
     """The generation cache of an RWKV model: ``state`` (an ``RWKVState``, one row per sequence) and ``seen``
@@ -144,7 +147,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         if use_cache:
             new_cache = cache if isinstance(cache, RWKVCache) else RWKVCache()
             new_cache.state, new_cache.seen = state, new_cache.seen + T
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=new_cache, hidden_states=hidden)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden, **{_CACHE_FIELD: new_cache})
         return out if return_dict is not False else out.to_tuple()
 
     def _run(self, h, state: RWKVState, mask, collect: bool):
@@ -205,7 +208,7 @@ class RWKVForCausalLM(RWKVPreTrainedModel, GenerationMixin):
         """Only the tokens the cache has not seen: the whole prompt once (prefill), then one token per step."""
         cache = cache if cache is not None else past_key_values
         seen = cache.get_seq_length() if isinstance(cache, RWKVCache) else 0
-        inputs = {"attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
+        inputs = {"attention_mask": attention_mask, _CACHE_FIELD: cache, "use_cache": use_cache}
         if inputs_embeds is not None and seen == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:
