@@ -225,8 +225,10 @@ def _add_convert(sub):
     p.add_argument("--overwrite", action="store_true", help="replace a model already at dst (default: refuse)")
     p.add_argument("--weights", choices=["fp32", "bf16", "int8"], default=None,
                    help="write a quantized native directory: int8 (per-row scales) or bf16 (default: keep)")
+    p.add_argument("--format", choices=["hf"], default=None,
+                   help="hf: a transformers directory (rwkv_torch.hf; default: native, or official for .pth)")
 
-    _command(p, lambda a: convert(a.src, a.dst, a.dtype, a.overwrite, a.weights),
+    _command(p, lambda a: convert(a.src, a.dst, a.dtype, a.overwrite, a.weights, a.format),
              errors=(ValueError, FileNotFoundError))
 
 

@@ -334,12 +334,16 @@ def merge(run: str, dst: str, overwrite: bool = False) -> str:
     return str(out)
 
 
-def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, weights: str | None = None) -> str:
+def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = False, weights: str | None = None,
+            format: str | None = None) -> str:
     """Official ``.pth`` (or native directory) ``src`` -> native directory ``dst``, or official ``.pth`` when
     ``dst`` ends in ``.pth``; ``dtype`` (a key of ``DTYPES``) casts the weights; ``weights`` ("int8", "bf16")
     writes a quantized native directory that loads without re-quantizing. An existing model at ``dst``
-    (the ``.pth`` file, or a directory's ``config.json``/``model.safetensors``) is replaced only with ``overwrite``."""
+    (the ``.pth`` file, or a directory's ``config.json``/``model.safetensors``) is replaced only with ``overwrite``.
+    ``format="hf"`` writes a transformers directory instead (``rwkv_torch.hf.save_hf``)."""
     _refuse_taken(dst, overwrite)
+    if format == "hf":
+        return _convert_hf(src, dst, dtype, weights)
     if weights not in (None, "fp32") and dst.endswith(".pth"):
         raise ValueError(f"--weights {weights} writes the native format (a directory); official .pth files hold "
                          f"float weights, so choose a destination that does not end in .pth")
@@ -353,4 +357,18 @@ def convert(src: str, dst: str, dtype: str | None = None, overwrite: bool = Fals
     print(f"wrote {out} ({'official .pth' if dst.endswith('.pth') else 'model.safetensors + config.json'}): "
           f"RWKV-{c.version}, {c.num_layers} layers, hidden {c.hidden_size}, {m.param_count():,} parameters, "
           f"{kind.replace('torch.', '')}")
+    return str(out)
+
+
+def _convert_hf(src: str, dst: str, dtype: str | None, weights: str | None) -> str:
+    from .hf import save_hf
+
+    if weights not in (None, "fp32"):
+        raise ValueError(f"--weights {weights} writes the native format; --format hf writes float weights")
+    m = load(src, dtype=DTYPES[dtype] if dtype else None)
+    out = save_hf(m, dst)
+    c = m.config
+    print(f"wrote {out} (transformers: rwkv_torch.hf.register(), then AutoModelForCausalLM.from_pretrained): "
+          f"RWKV-{c.version}, {c.num_layers} layers, hidden {c.hidden_size}, {m.param_count():,} parameters, "
+          f"{str(next(m.parameters()).dtype).replace('torch.', '')}")
     return str(out)
