@@ -342,3 +342,37 @@ def test_batched_engine_picks_by_rows_and_format(monkeypatch):
     assert not batched.applies(q, 256)  # no bf16 matrix units: the fused step reads bf16 faster than a slow GEMM
     monkeypatch.setattr(batched, "bf16_matmul", lambda: True)
     assert batched.applies(q, batched.MIN_ROWS[torch.bfloat16])
+
+
+class _Adapter(torch.nn.Module):
+    """A projection that computes more than x @ Wᵀ (as a LoRA adapter does): the C step must not read its base."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Parameter(0.3 * torch.randn(rank, base.in_features))
+        self.up = torch.nn.Parameter(0.3 * torch.randn(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.down.t() @ self.up.t()
+
+
+def test_wrapped_projections_step_through_the_forward_and_a_merge_rebuilds(calls):
+    model, x = build("frames", 16)
+    att = model.blocks[1].att
+    att.key = _Adapter(att.key)
+    dw = model.decode_weights()
+    with torch.no_grad():
+        full = model(x, return_sequence=True)
+        steps, _ = run_steps(model, x, model.init_state(3), weights=dw)
+    assert_close("wrapped projection: step vs forward", full, steps, 1e-5)
+    assert calls and not any(calls)  # every step declined the C path (it would have ignored the adapter)
+    with torch.no_grad():
+        merged = torch.nn.Linear(64, 64, bias=False)
+        merged.weight.copy_(att.key.base.weight + att.key.up @ att.key.down)
+    att.key = merged  # the adapter merged into a plain projection: the C path again, same outputs
+    calls.clear()
+    with torch.no_grad():
+        again, _ = run_steps(model, x, model.init_state(3), weights=dw)
+    assert all(calls) and dw.rebuilds == 1
+    assert_close("merged projection: C step vs the wrapped one", steps, again, 1e-5)

@@ -51,6 +51,8 @@ class QuantLinear(nn.Module):
     Build it with ``QuantLinear.from_linear(linear, "int8" | "bf16")``; ``dequantized()`` is the fp32 ``W [out, in]``.
     """
 
+    READ_BY_DECODE = True  # the C step reads ``weight`` (and ``scale``) directly: the module is exactly x @ Wᵀ
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
         if weight.dim() != 2 or weight.dtype not in (torch.int8, torch.bfloat16, torch.float32):

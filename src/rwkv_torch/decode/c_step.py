@@ -86,6 +86,8 @@ def blocks_step(weights: DecodeWeights, config, h: torch.Tensor, state, *, inpla
     weight format applies; else the fused C step): returns (h [B, C] before ln_out, the new per-layer state lists
     (shift_att, shift_ffn, wkv)), or None when these weights cannot run in C. ``inplace`` overwrites ``state``'s
     tensors; otherwise they are only read."""
+    if not weights.layers:  # projections the C step cannot read (decode.weights.NotReadable)
+        return None
     if weights.table is None:
         weights.table = _Table(weights.layers, config)
     table = weights.table

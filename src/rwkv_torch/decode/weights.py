@@ -29,6 +29,7 @@ import dataclasses
 import operator
 
 import torch
+import torch.nn as nn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,12 @@ class _Reader:
         return obj
 
 
+class NotReadable(Exception):
+    """A block whose projections the C step cannot read as plain weights: a module that computes more than
+    ``x @ Wᵀ`` (a LoRA adapter, peft's wrappers, any other module): its handle holds no layers and the step runs
+    the blocks' own forward."""
+
+
 def _scale(r: _Reader, linear) -> torch.Tensor:
     """An int8 ``QuantLinear``'s per-row scale (read live), else an empty fp32 tensor (the C step ignores it)."""
     scale = r.param(linear, "scale")
@@ -148,6 +155,10 @@ def rwkv7_layer_weights(block, reader: _Reader | None = None) -> tuple[RWKV7Laye
     if att.layer_id > 0:
         loras.insert(0, (p["v1"], p["v2"], p["v0"]))
         derived_from += [p["v1"], p["v2"], p["v0"]]
+
+    for proj in (*(lin[n] for n in ("receptance", "key", "value", "output")), fkey, fval):
+        if not (type(proj) is nn.Linear or getattr(type(proj), "READ_BY_DECODE", False)):
+            raise NotReadable(f"{type(proj).__name__} projection (a wrapper such as a LoRA adapter)")
 
     def w(module, name="weight"):
         return r.param(module, name).detach()
@@ -196,7 +207,10 @@ class DecodeWeights:
         model = self.model
         reader = _Reader()
         blocks = reader.child(model, "blocks")
-        built = [rwkv7_layer_weights(reader.child(blocks, str(i)), reader) for i in range(len(blocks))]
+        try:
+            built = [rwkv7_layer_weights(reader.child(blocks, str(i)), reader) for i in range(len(blocks))]
+        except NotReadable:  # the step runs the blocks' forward; replacing the wrappers (e.g. a merge) rebuilds
+            built = []
         watched = [p for _, ps in built for p in ps if not p.is_inference()]  # inference tensors have no version
         self._epoch = model._decode_epoch
         self._dicts, self._keys, self._objs = (tuple(x) for x in zip(*reader.slots))
