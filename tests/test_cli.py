@@ -127,8 +127,10 @@ def readme_data_blocks():
 
 
 def readme_run_blocks():
-    """The README's Python blocks that use what the CLI examples wrote (a trained run: ``from_run``)."""
-    return [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "from_run(" in b]
+    """The README's Python blocks that use what the CLI examples wrote (a trained run: ``from_run``; a converted
+    Hugging Face folder: ``from_pretrained``)."""
+    return [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+            if "from_run(" in b or "from_pretrained(" in b]
 
 
 def readme_paths(text: str, tmp: str) -> str:

@@ -39,6 +39,8 @@ class RWKVTokenizer(PreTrainedTokenizer):
             self._id_to_str[0] = EOT
             for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
                 kwargs.setdefault(k, EOT)
+        else:  # bytes have no special token; padding needs one (masked positions never reach the state): byte 0
+            kwargs.setdefault("pad_token", self._id_to_str[0])
         self._str_to_id = {}
         for i, s in self._id_to_str.items():
             if s:  # the World's padding ids 65530.. have no bytes: decode only
