@@ -64,6 +64,34 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
     return (probs / q).argmax(-1)
 
 
+def penalize(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, presence, frequency) -> torch.Tensor:
+    """``[B, V]`` logits less the penalties: ``presence`` where a token was seen (``seen [B, V]`` bool) plus
+    ``frequency * counts [B, V]``; ``presence``/``frequency`` floats or per-row ``[B, 1]`` tensors."""
+    return logits.float() - presence * seen - frequency * counts
+
+
+def count_sampled(seen: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None,
+                  decay: float = 1.0) -> None:
+    """Record ``tokens [B]`` in ``seen``/``counts`` (in place): every count decays by ``decay``, then the sampled
+    token's count grows by 1, in the rows where ``rows [B]`` (bool) is true (None: all)."""
+    if decay != 1.0:
+        counts.mul_(decay)
+    idx = torch.arange(tokens.shape[0], device=tokens.device) if rows is None else rows.nonzero()[:, 0]
+    counts[idx, tokens[idx]] += 1
+    seen[idx, tokens[idx]] = True
+
+
+def sample_rows(logits: torch.Tensor, options: list[dict], generators: list) -> torch.Tensor:
+    """``[B, V]`` logits -> ``[B]`` ids, row b sampled by ``sample`` with its own ``options[b]`` (temperature, top_k,
+    top_p) and ``generators[b]``: each row draws exactly what ``sample`` on that row alone draws (a seeded request
+    samples the same tokens whatever else shares its batch). The greedy rows take one argmax together."""
+    out = logits.argmax(-1)
+    for b, (opts, gen) in enumerate(zip(options, generators)):
+        if opts.get("temperature", 1.0) != 0:
+            out[b] = sample(logits[b:b + 1], generator=gen, **opts)[0]
+    return out
+
+
 def prefill(model: RWKV, tokens: torch.Tensor, state: RWKVState | None = None, chunk_len: int = 512) -> RWKVState:
     """Feed ``tokens [B, T]`` through the parallel form in chunks of ``chunk_len`` (bounding the ``[B, T, V]``
     logits) and return the state after them."""
@@ -176,11 +204,9 @@ def _decode(model, rows, state, max_tokens, opts, penalty, stop_tokens, seed):
     for _ in range(max_tokens):
         logits, new_state = decode_one_token(model, pending, state, weights)
         state = _where(done, state, new_state) if bool(done.any()) else new_state
-        logits = logits.float() - presence * seen - frequency * counts
+        logits = penalize(logits, seen, counts, presence, frequency)
         nxt = torch.where(done, pending, sample(logits, generator=gen, **opts))
-        counts.mul_(decay)
-        counts[~done, nxt[~done]] += 1
-        seen[~done, nxt[~done]] = True
+        count_sampled(seen, counts, nxt, ~done, decay)
         stopped = torch.isin(nxt, stop) & ~done
         out = [None if d or s else t for t, d, s in zip(nxt.tolist(), done.tolist(), stopped.tolist())]
         for b, t in enumerate(out):
