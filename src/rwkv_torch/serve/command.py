@@ -4,6 +4,7 @@ The ASGI stack (FastAPI/Starlette and uvicorn) is the ``serve`` extra, imported 
 ``--check`` loads the model, binds the port and exits: what a server that blocks can show in a test.
 """
 
+import contextlib
 import json
 import socket
 import sys
@@ -34,12 +35,24 @@ def make_server(model, tokenizer, *, model_name: str = "rwkv", api_key: str | No
 
 def uvicorn_server(app, host: str, port: int):
     """A ``uvicorn.Server`` for ``app``: SIGTERM/SIGINT stop accepting, in-flight requests get 5 s to finish (then
-    they are cancelled) and the engine stops."""
+    they are cancelled) and the engine stops; ``server.signalled`` then lists the signals (uvicorn itself would raise
+    them again once shut down, killing the process before the CLI's exit code)."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        signalled: list = []
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                captured = getattr(self, "_captured_signals", [])
+                self.signalled = list(captured)
+                captured.clear()
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
                             access_log=False)
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def _template(text: str | None):
@@ -95,7 +108,9 @@ def serve_command(a) -> dict:
           f"{a.cache_mb:g} MB)", file=sys.stderr, flush=True)
     server.run()
     sched.close()
-    return {"checked": False}
+    sig = int(server.signalled[-1]) if server.signalled else None
+    print(f"rwkv-torch serve: stopped{f' (signal {sig})' if sig else ''}", file=sys.stderr, flush=True)
+    return {"checked": False, "interrupted": sig is not None, "signal": sig}
 
 
 def add_parser(sub):

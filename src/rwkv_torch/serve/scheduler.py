@@ -92,7 +92,8 @@ class Scheduler:
         self._rows: list[Request] = []
         self._state = self._seen = self._counts = None
         self._closing = False
-        self.counters = dict(requests=0, finished=0, cancelled=0, steps=0, tokens=0, prefill_tokens=0)
+        self.counters = dict(requests=0, finished=0, cancelled=0, steps=0, tokens=0, prefill_tokens=0,
+                             peak_rows=0)
         self._thread = threading.Thread(target=self._run, name="rwkv-serve-engine", daemon=True)
         self._thread.start()
 
@@ -246,6 +247,7 @@ class Scheduler:
         count_sampled(self._seen, self._counts, nxt)
         self.counters["steps"] += 1
         self.counters["tokens"] += len(rows)
+        self.counters["peak_rows"] = max(self.counters["peak_rows"], len(rows))
         keep = []
         for i, (r, t) in enumerate(zip(rows, nxt.tolist())):
             if r.fresh:  # the state after the whole prompt: where a longer prompt (the next chat turn) resumes
