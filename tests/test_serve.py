@@ -299,3 +299,17 @@ def test_chat_template_override(model, tmp_path):
     with pytest.raises(ValueError, match="--chat-template"):
         _template('{"nope": 1}')
     assert torch.get_num_threads() >= 1
+
+
+def test_sample_rows_draws_what_each_row_alone_draws():
+    from rwkv_torch.generate import sample, sample_rows
+
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * 3
+    opts = [dict(temperature=0.7, top_p=0.9), dict(temperature=0), dict(temperature=1.3, top_k=20),
+            dict(temperature=0.7, top_p=0.9), dict(temperature=1.0), dict(temperature=2.0, top_k=5, top_p=0.5)]
+    for seed in range(5):
+        gens = [torch.Generator().manual_seed(seed * 10 + b) for b in range(6)]
+        got = sample_rows(logits, opts, gens)
+        want = [int(sample(logits[b:b + 1], generator=torch.Generator().manual_seed(seed * 10 + b), **o)[0])
+                for b, o in enumerate(opts)]
+        assert got.tolist() == want

@@ -82,13 +82,24 @@ def count_sampled(seen: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor
 
 
 def sample_rows(logits: torch.Tensor, options: list[dict], generators: list) -> torch.Tensor:
-    """``[B, V]`` logits -> ``[B]`` ids, row b sampled by ``sample`` with its own ``options[b]`` (temperature, top_k,
-    top_p) and ``generators[b]``: each row draws exactly what ``sample`` on that row alone draws (a seeded request
-    samples the same tokens whatever else shares its batch). The greedy rows take one argmax together."""
+    """``[B, V]`` logits -> ``[B]`` ids, row b drawn as ``sample(logits[b:b+1], generator=generators[b],
+    **options[b])`` draws it (options: temperature, top_k, top_p): a seeded request samples the same tokens whatever
+    else shares its batch. The work is batched: one argmax for the greedy rows, one ``logits_to_probs`` per group of
+    rows with the same top_k and top_p (each row's own temperature); only the noise is drawn row by row, each from
+    its own generator."""
     out = logits.argmax(-1)
-    for b, (opts, gen) in enumerate(zip(options, generators)):
-        if opts.get("temperature", 1.0) != 0:
-            out[b] = sample(logits[b:b + 1], generator=gen, **opts)[0]
+    groups: dict[tuple, list[int]] = {}
+    for b, o in enumerate(options):
+        if o.get("temperature", 1.0) != 0:
+            groups.setdefault((o.get("top_k", 0), o.get("top_p", 1.0)), []).append(b)
+    for (top_k, top_p), rows in groups.items():
+        idx = torch.tensor(rows, device=logits.device)
+        temps = torch.tensor([[max(options[b].get("temperature", 1.0), 1e-5)] for b in rows], device=logits.device)
+        probs = logits_to_probs(logits.index_select(0, idx).float() / temps, 1.0, top_k, top_p)  # / 1.0: exact
+        q = torch.empty_like(probs)
+        for i, b in enumerate(rows):
+            q[i].exponential_(1, generator=generators[b])
+        out[idx] = (probs / q).argmax(-1)
     return out
 
 
