@@ -200,6 +200,16 @@ def test_cache_hit_equals_cold_path(model, client):
     assert r.choices[0].text == solo(model, longer, 16)
 
 
+def test_chat_resumes_after_a_shared_system_prompt(model, client):
+    system = {"role": "system", "content": "You answer in riddles. " * 6}
+    a, b = ([system, {"role": "user", "content": q}] for q in ("Who are you?", "Where am I?"))
+    client.chat.completions.create(model="tiny", messages=a, max_tokens=4, temperature=0)
+    r = client.chat.completions.create(model="tiny", messages=b, max_tokens=12, temperature=0)
+    assert r.usage.prompt_tokens_details.cached_tokens == len(TOK.encode(f"System: {system['content'].strip()}\n\n"))
+    prompt = f"System: {system['content'].strip()}\n\nUser: Where am I?\n\nAssistant:"
+    assert r.choices[0].message.content == solo(model, prompt, 12).split("\n\nUser:")[0]
+
+
 def test_prefix_cache_lru_budget():
     m = rt.build(version=7, vocab_size=256, hidden_size=32, num_layers=1, head_size=16, seed=0)
     s = m.init_state(1)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .protocol import (
     APIError,
     ChatTemplate,
-    chat_prompt,
+    chat_messages,
     chunk,
     completion,
     completion_prompt,
@@ -93,10 +93,11 @@ def create_app(scheduler, model_name: str, *, api_key: str | None = None, max_pr
         body = await body_of(request)
         opts = sampling_options(body, default_max_tokens=256)
         opts["stop"] = opts["stop"] + [s for s in template.stop if s not in opts["stop"]]
-        ids = tok.encode(chat_prompt(body, template))
-        return await run(request, body, ids, opts, chat=True)
+        msgs = chat_messages(body)
+        ids = tok.encode(template.render(msgs))
+        return await run(request, body, ids, opts, chat=True, marks=template.marks(msgs, tok.encode, ids))
 
-    async def run(request: Request, body: dict, ids: list[int], opts: dict, chat: bool):
+    async def run(request: Request, body: dict, ids: list[int], opts: dict, chat: bool, marks=()):
         if len(ids) > max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}",
                            "messages" if chat else "prompt", "context_length_exceeded")
@@ -105,7 +106,7 @@ def create_app(scheduler, model_name: str, *, api_key: str | None = None, max_pr
         def emit(event):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(prompt=ids, emit=emit, stop_tokens=tuple(eos_tokens), **opts)
+        job = Job(prompt=ids, emit=emit, stop_tokens=tuple(eos_tokens), marks=marks, **opts)
         try:
             scheduler.submit(job)
         except QueueFull as e:

@@ -23,13 +23,28 @@ class ChatTemplate:
     squash_blank_lines: bool = True
 
     def render(self, messages: list[dict]) -> str:
+        return self.sep.join([*self.turns(messages), self.prompt])
+
+    def turns(self, messages: list[dict]) -> list[str]:
         turns = []
         for m in messages:
             role, content = m["role"], m["content"]
             if self.squash_blank_lines:
                 content = "\n".join(ln for ln in content.strip().replace("\r\n", "\n").split("\n") if ln.strip())
             turns.append(f"{self.roles.get(role, role.capitalize())}: {content}")
-        return self.sep.join([*turns, self.prompt])
+        return turns
+
+    def marks(self, messages: list[dict], encode, ids: list[int]) -> tuple:
+        """Where each message ends in the prompt's tokens ``ids`` (after its ``sep``): the positions whose states the
+        cache keeps, so that the next request with the same first messages (a system prompt, a conversation so far)
+        resumes there. A boundary whose tokens differ from the whole prompt's (a token across it) is left out."""
+        out, text = [], ""
+        for t in self.turns(messages):
+            text += t + self.sep
+            part = encode(text)
+            if ids[:len(part)] == part:
+                out.append(len(part))
+        return tuple(out)
 
 
 class APIError(Exception):
@@ -108,7 +123,7 @@ def completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
     return ids
 
 
-def chat_prompt(body: dict, template: ChatTemplate) -> str:
+def chat_messages(body: dict) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError(400, "messages must be a non-empty list", "messages")
@@ -122,7 +137,7 @@ def chat_prompt(body: dict, template: ChatTemplate) -> str:
         if not isinstance(content, str):
             raise APIError(400, "a message's content must be a string (or text parts)", "messages")
         out.append({"role": m["role"], "content": content})
-    return template.render(out)
+    return out
 
 
 def new_id(prefix: str) -> str:

@@ -3,8 +3,9 @@
 Each round of the loop (1) admits new requests up to ``max_streams`` rows, each resuming from the longest prefix of
 its prompt in the ``PrefixCache``; (2) prefills up to ``prefill_chunk`` prompt tokens of the requests still reading
 their prompts, several prompts packed into one parallel forward (``cu_seqlens``), so a long prompt arrives a chunk
-per round while the running streams keep their pace; (3) runs one batched ``model.step`` for every decoding row and
-samples each row with its own options (``generate.sample_rows``: a seeded request draws what it would alone).
+per round while the running streams keep their pace (a chunk also ends at each of a request's ``marks``, e.g. where
+a chat message ends, and every chunk's end state is cached); (3) runs one batched ``model.step`` for every decoding
+row and samples each row with its own options (``generate.sample_rows``: a seeded request draws what it would alone).
 Requests join and leave the batch between rounds; a cancelled request (its client gone) leaves at the next round.
 
 As in ``generate``, a prompt's tokens but the last go through the parallel form and the last through the step, so a
@@ -43,6 +44,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     stop_tokens: tuple = ()
     seed: int | None = None
+    marks: tuple = ()  # prompt positions whose state is worth caching (chat: where each message ends)
     # engine-side
     cancelled: bool = False
     cached_tokens: int = 0
@@ -187,7 +189,7 @@ class Scheduler:
             need = len(r.prompt) - 1 - r.pos
             if need <= 0 or budget <= 0:
                 continue
-            take = min(need, budget)
+            take = min(need, budget, *(m - r.pos for m in r.marks if r.pos < m < len(r.prompt) - 1))
             batch.append(r)
             pieces.append(r.prompt[r.pos:r.pos + take])
             budget -= take
@@ -254,6 +256,7 @@ class Scheduler:
                 r.fresh = False
                 self.cache.put(r.prompt, self._state.select(i))
             if r.cancelled:
+                self.counters["cancelled"] += 1
                 continue
             finish = self._advance(r, t)
             if finish is None:
@@ -262,8 +265,6 @@ class Scheduler:
             self.cache.put(r.prompt + r.generated[:-1], self._state.select(i))
             r.emit(("done", finish, r.usage()))
             self.counters["finished"] += 1
-        if any(r.cancelled for r in rows):
-            self.counters["cancelled"] += sum(r.cancelled for r in rows)
         if len(keep) < len(rows):
             self._leave(keep)
 
