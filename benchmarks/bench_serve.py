@@ -1,10 +1,12 @@
 """rwkv-torch serve under load: streaming ``openai`` clients against a live server in its own process.
 
 Per model shape (random weights in the official layout, World vocab 65536): aggregate tok/s and per-stream p50/p95
-time between streamed chunks at 1, 4, 8, 16 concurrent streaming clients; time to first token of a 2,000-token
-prompt cold, and of a prompt sharing that prefix once it is cached (the prefix sent first, as a system prompt would
-be). With ``--rwkvserve`` (default: on when it imports) the same model, prompts and clients against rwkvserve
-(PyPI) side by side. The default run (C256 L6 and the 0.1B shape, 2 threads) takes about two minutes here.
+time between streamed chunks at 1, 4, 8, 16 concurrent streaming chat clients; time to first token of a chat with a
+2,000-token system prompt cold, and of the next chat with the same system prompt (cached). With ``--rwkvserve``
+(default: on when it imports; ``pip install --no-deps rwkvserve``: its other requirements are ours) the same model,
+prompts and clients against rwkvserve (PyPI) side by side, on its chat endpoint (its /v1/completions stream is not
+server-sent events), with fewer tokens per stream (``--rwkvserve-tokens``): it is ~20x slower here. The default run
+(C256 L6 and the 0.1B shape, 2 threads) takes about two minutes here.
 
     python benchmarks/bench_serve.py                      # both shapes, both servers
     python benchmarks/bench_serve.py --shapes c256 --streams 1,8 --tokens 32 --no-rwkvserve   # ~20 s
@@ -119,14 +121,15 @@ class Server:
             self.proc.kill()
         self.log.close()
 
-    def stream(self, prompt: str, max_tokens: int, seed: int) -> dict:
-        """One streaming completion: its chunk times and token count."""
+    def stream(self, messages: list[dict], max_tokens: int, seed: int) -> dict:
+        """One streaming chat completion (rwkvserve's /v1/completions stream is not server-sent events; its chat
+        one is): its chunk times and token count."""
         t0, times, usage = time.perf_counter(), [], None
-        chunks = self.client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, stream=True,
-                                                temperature=1.0, top_p=1.0, seed=seed,
-                                                stream_options={"include_usage": True})
+        chunks = self.client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
+                                                     stream=True, temperature=1.0, top_p=1.0, seed=seed,
+                                                     stream_options={"include_usage": True})
         for c in chunks:
-            if c.choices and c.choices[0].text:
+            if c.choices and c.choices[0].delta.content:
                 times.append(time.perf_counter())
             if getattr(c, "usage", None):
                 usage = c.usage.completion_tokens
@@ -137,7 +140,8 @@ def load_run(server: Server, n: int, tokens: int) -> dict:
     results = [None] * n
 
     def one(i):
-        results[i] = server.stream(f"Stream {i}: " + " ".join(random.Random(i).choices(WORDS.split(), k=12)), tokens, i)
+        text = f"Stream {i}: " + " ".join(random.Random(i).choices(WORDS.split(), k=12))
+        results[i] = server.stream([{"role": "user", "content": text}], tokens, i)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     t0 = time.perf_counter()
@@ -153,12 +157,13 @@ def load_run(server: Server, n: int, tokens: int) -> dict:
 
 
 def ttft(server: Server, prefix: str) -> dict:
-    def first(prompt):
-        r = server.stream(prompt, 2, 0)
+    """First-token time of a chat whose system prompt is ``prefix``: cold, then another question after it."""
+    def first(question):
+        r = server.stream([{"role": "system", "content": prefix}, {"role": "user", "content": question}], 2, 0)
         return (r["times"][0] if r["times"] else time.perf_counter()) - r["t0"]
 
-    cold = first(prefix)  # the shared prefix itself (a system prompt): cold
-    cached = first(prefix + "Question: what is the next word?")  # the same prefix, then new text
+    cold = first("What is the first word?")
+    cached = first("What is the next word?")
     return dict(cold_s=cold, cached_s=cached, ratio=cached / cold)
 
 
@@ -213,7 +218,7 @@ def main():
                     print(f"{kind} {shape}: could not start ({e}):\n{log}", file=sys.stderr)
                     continue
                 try:
-                    srv.stream("warm up", 4, 0)
+                    srv.stream([{"role": "user", "content": "warm up"}], 4, 0)
                     for n in streams:
                         r = dict(server=kind, shape=shape, tokens=tokens, **load_run(srv, n, tokens))
                         rows.append(r)
