@@ -1,10 +1,11 @@
 """Sampling and streaming generation for token models (the shape of gpt-fast's generate.py).
 
-A prompt's tokens except the last go through the parallel form (``prefill``); every later token, the prompt's last
-included, goes through the one-token ``model.step`` (``decode_one_token``). A generation can therefore stop after
-any token and resume bit for bit: the returned ``state`` has seen everything except ``pending`` (per row, the last
-token, sampled or the prompt's own), and ``generate(model, pending, state=state)`` carries on exactly as an
-uninterrupted run would (pass the same ``torch.Generator`` to continue its random stream too).
+A prompt's tokens except the last go through the parallel form (``prefill_rows``: a batch's prompts packed into
+one forward); every later token, the prompt's last included, goes through the one-token ``model.step``
+(``decode_one_token``). A generation can therefore stop after any token and resume bit for bit: the returned
+``state`` has seen everything except ``pending`` (per row, the last token, sampled or the prompt's own), and
+``generate(model, pending, state=state)`` carries on exactly as an uninterrupted run would (pass the same
+``torch.Generator`` to continue its random stream too).
 
 >>> import rwkv_torch as rt
 >>> m = rt.build(vocab_size=256, hidden_size=64, num_layers=2, head_size=16, seed=0).eval()
@@ -111,6 +112,20 @@ def prefill(model: RWKV, tokens: torch.Tensor, state: RWKVState | None = None, c
     return state
 
 
+def prefill_rows(model: RWKV, pieces: list[list[int]], state: RWKVState) -> RWKVState:
+    """S token lists (each non-empty) from the S rows of ``state``, back to back in one parallel forward
+    (``cu_seqlens`` packing: no padding, each row as if alone): the state after each, one row per piece. The
+    prefill of ``generate``'s batches and of ``serve``'s chunks."""
+    offsets = [0]
+    for p in pieces:
+        offsets.append(offsets[-1] + len(p))
+    device = state.wkv[0].device
+    x = torch.tensor([[t for p in pieces for t in p]], device=device)
+    _, state = model(x, state, cu_seqlens=torch.tensor(offsets, device=device), return_sequence=False,
+                     return_state=True)
+    return state
+
+
 def decode_one_token(model: RWKV, token: torch.Tensor, state: RWKVState, weights=None
                      ) -> tuple[torch.Tensor, RWKVState]:
     """One token per row ``[B]`` -> ``(logits [B, V], state)``; ``weights``: the caller's decode-weights handle
@@ -199,10 +214,14 @@ def _decode(model, rows, state, max_tokens, opts, penalty, stop_tokens, seed):
     device = next(model.parameters()).device
     B, V = len(rows), model.config.vocab_size
     state = state if state is not None else model.init_state(B)
-    # Rows are prefilled one by one, so different prompt lengths need no padding.
-    states = [prefill(model, torch.tensor([r[:-1]], device=device), state.select(b)) if len(r) > 1
-              else state.select(b) for b, r in enumerate(rows)]
-    state = RWKVState.cat(states)
+    # The rows with more than one token are prefilled together, packed (different lengths need no padding).
+    long = [b for b, r in enumerate(rows) if len(r) > 1]
+    if long:
+        done = prefill_rows(model, [rows[b][:-1] for b in long], state.select(long))
+        states = [state.select(b) for b in range(B)]
+        for i, b in enumerate(long):
+            states[b] = done.select(i)
+        state = RWKVState.cat(states)
     pending = torch.tensor([r[-1] for r in rows], device=device)
     gen = seed if isinstance(seed, torch.Generator) or seed is None else torch.Generator(device).manual_seed(seed)
     presence, frequency, decay = penalty

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import count_sampled, penalize, sample_rows
+from ..generate import count_sampled, penalize, prefill_rows, sample_rows
 from ..state import RWKVState
 from .cache import PrefixCache
 
@@ -194,18 +194,12 @@ class Scheduler:
             pieces.append(r.prompt[r.pos:r.pos + take])
             budget -= take
         if batch:
-            offsets = [0]
-            for p in pieces:
-                offsets.append(offsets[-1] + len(p))
-            x = torch.tensor([[t for p in pieces for t in p]], device=self.device)
-            state = RWKVState.cat([r.state for r in batch])
-            _, state = self.model(x, state, cu_seqlens=torch.tensor(offsets), return_sequence=False,
-                                  return_state=True)
+            state = prefill_rows(self.model, pieces, RWKVState.cat([r.state for r in batch]))
             for i, (r, p) in enumerate(zip(batch, pieces)):
                 r.state = state.select(i)
                 r.pos += len(p)
                 self.cache.put(r.prompt[:r.pos], r.state)  # every chunk's end, the prompt's (but its last) included
-            self.counters["prefill_tokens"] += offsets[-1]
+            self.counters["prefill_tokens"] += sum(map(len, pieces))
         ready = [r for r in self._prefilling if r.pos >= len(r.prompt) - 1]
         with self._cv:
             self._prefilling = [r for r in self._prefilling if r.pos < len(r.prompt) - 1]
