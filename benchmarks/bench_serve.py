@@ -184,12 +184,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="c256,0.1b")
     p.add_argument("--streams", default="1,4,8,16")
-    p.add_argument("--tokens", type=int, default=48, help="tokens per stream (default 48)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens per stream (default 32)")
     p.add_argument("--prefix", type=int, default=2000, help="shared prefix tokens for the first-token times")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rwkvserve", action=argparse.BooleanOptionalAction, default=None,
                    help="also run rwkvserve (default: when it is installed)")
-    p.add_argument("--rwkvserve-tokens", type=int, default=16, help="tokens per stream for rwkvserve (default 16)")
+    p.add_argument("--rwkvserve-tokens", type=int, default=8, help="tokens per stream for rwkvserve (default 8)")
+    p.add_argument("--rwkvserve-streams", default="1,8", help="concurrent streams for rwkvserve (default 1,8)")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -210,6 +211,7 @@ def main():
         for shape in args.shapes.split(","):
             for kind in kinds:
                 tokens = args.tokens if kind == "rwkv-torch" else args.rwkvserve_tokens
+                counts = streams if kind == "rwkv-torch" else [int(n) for n in args.rwkvserve_streams.split(",")]
                 t0 = time.time()
                 try:
                     srv = Server(kind, shape, args.threads, Path(tmp))
@@ -219,7 +221,7 @@ def main():
                     continue
                 try:
                     srv.stream([{"role": "user", "content": "warm up"}], 4, 0)
-                    for n in streams:
+                    for n in counts:
                         r = dict(server=kind, shape=shape, tokens=tokens, **load_run(srv, n, tokens))
                         rows.append(r)
                         print(f"{kind:10s} {shape:5s} {n:2d} streams: {r['tok_s']:7.1f} tok/s aggregate, between "

@@ -273,6 +273,10 @@ def test_cli_check_and_sigterm(model, tmp_path, capsys):
     rt.save(model, tmp_path / "m")
     assert cli.main(["serve", "--model", str(tmp_path / "m"), "--port", "0", "--check"]) == 0
     assert "binds" in capsys.readouterr().out
+    assert cli.main(["serve", "--model", str(tmp_path / "m"), "--port", "0", "--weights", "int8", "--check"]) == 0
+    assert "int8 weights" in capsys.readouterr().out
+    assert cli.main(["serve", "--model", str(tmp_path / "m"), "--max-streams", "0", "--check"]) == 2
+    assert "--max-streams 0: must be >= 1" in capsys.readouterr().err
     assert cli.main(["serve", "--model", str(tmp_path / "nope"), "--check"]) == 2
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -293,8 +297,14 @@ def test_cli_check_and_sigterm(model, tmp_path, capsys):
                 time.sleep(0.1)
         r = http(port, "POST", "/v1/completions", dict(model="m", prompt="hi", max_tokens=3, temperature=0))[1]
         assert r["choices"][0]["text"] == solo(model, "hi", 3)
+        conn = open_stream(port, dict(model="m", prompt="in flight", max_tokens=100_000))  # cancelled after 5 s
+        t0 = time.time()
         p.send_signal(signal.SIGTERM)
         assert p.wait(20) == 128 + signal.SIGTERM  # the CLI's rule (as for training): 143 after SIGTERM
+        assert time.time() - t0 < 15
+        conn.close()
+        with pytest.raises(OSError):
+            http(port, "GET", "/health")  # no longer accepting
         assert "stopped (signal 15)" in p.stderr.read().decode()
     finally:
         if p.poll() is None:
