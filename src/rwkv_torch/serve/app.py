@@ -113,7 +113,10 @@ def create_app(scheduler, model_name: str, *, api_key: str | None = None, max_pr
             raise APIError(429, str(e), code="rate_limit_exceeded") from None
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.get("stream"):
-            usage_chunk = bool((body.get("stream_options") or {}).get("include_usage"))
+            so = body.get("stream_options") or {}
+            if not isinstance(so, dict):
+                raise APIError(400, "stream_options must be an object", "stream_options")
+            usage_chunk = bool(so.get("include_usage"))
             return StreamingResponse(sse(job, events, rid, chat, usage_chunk), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         pieces = []

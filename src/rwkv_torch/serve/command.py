@@ -80,9 +80,10 @@ def serve_command(a) -> dict:
     from ..checks import check_threads
     from ..tokenizer import get_tokenizer
 
-    for name in ("max_streams", "port"):
-        if getattr(a, name) < (1 if name == "max_streams" else 0):
-            raise ValueError(f"{name}={getattr(a, name)}: must be >= 1")
+    for name, lo in (("max_streams", 1), ("prefill_chunk", 1), ("max_prompt_tokens", 1), ("port", 0),
+                     ("max_queue", 0), ("cache_mb", 0)):
+        if getattr(a, name) < lo:
+            raise ValueError(f"{name}={getattr(a, name)}: must be >= {lo}")
     if a.threads is not None:
         check_threads(a.threads)
         import torch
@@ -95,7 +96,7 @@ def serve_command(a) -> dict:
     name = a.model_name or Path(a.model.rstrip("/")).name.removesuffix(".pth")
     app, sched = make_server(model, tok, model_name=name, api_key=a.api_key, max_streams=a.max_streams,
                              max_queue=a.max_queue, cache_mb=a.cache_mb, max_prompt_tokens=a.max_prompt_tokens,
-                             chat_template=template)
+                             prefill_chunk=a.prefill_chunk, chat_template=template)
     server = uvicorn_server(app, a.host, a.port)
     if a.check:
         with socket.create_server((a.host, a.port)) as s:
@@ -125,6 +126,8 @@ def add_parser(sub):
     a("--max-queue", type=int, default=0, help="requests waiting for a row beyond them; more get 429 (default 0)")
     a("--cache-mb", type=float, default=512, help="prefix state cache budget in MB; 0 is off (default 512)")
     a("--max-prompt-tokens", type=int, default=16384, help="longer prompts get 400 (default 16384)")
+    a("--prefill-chunk", type=int, default=256,
+      help="prompt tokens prefilled between two decode steps, all new prompts together (default 256)")
     a("--weights", choices=["fp32", "bf16", "int8"], default=None,
       help="weight format: int8 (per-row scales) or bf16 quantize as the model loads (default: the file's)")
     a("--tokenizer", choices=["byte", "world"], default=None, help="default: by vocab size (256 byte, 65536 world)")

@@ -55,6 +55,9 @@ class Request:
     text: str = ""
     sent: int = 0
     submitted: float = field(default_factory=time.perf_counter)
+    decoder: object = None  # the tokenizer's IncrementalDecoder
+    generator: torch.Generator | None = None
+    fresh: bool = False  # joined the batch, its first step not yet taken
 
     def cancel(self) -> None:
         self.cancelled = True
