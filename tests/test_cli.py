@@ -31,8 +31,8 @@ README_OVERRIDES = {
     "demo": ["--seconds", "1"],  # 60 s (the default) and 10 s of training -> 1 s, still sized by the timing probe
     # the default 5.2M-parameter backbone over 500 frames in two runtimes takes ~1 min: a tiny one over 50 frames
     "stream-bench": ["--frames", "50", "--embed-dim", "16", "--hidden-size", "64", "--num-layers", "2"],
-    "bot": ["--no-kernels"],
-    "serve": ["--port", "0"],  # --check binds the port: any free one (8000 may be taken where the tests run)  # three builds of the C kernels (~15 s of CPU); the slow pass builds them
+    "bot": ["--no-kernels"],  # three builds of the C kernels (~15 s of CPU); the slow pass builds them
+    "serve": ["--port", "0"],  # --check binds the port: any free one (8000 may be taken where the tests run)
 }
 
 
