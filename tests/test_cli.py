@@ -32,6 +32,7 @@ README_OVERRIDES = {
     # the default 5.2M-parameter backbone over 500 frames in two runtimes takes ~1 min: a tiny one over 50 frames
     "stream-bench": ["--frames", "50", "--embed-dim", "16", "--hidden-size", "64", "--num-layers", "2"],
     "bot": ["--no-kernels"],  # three builds of the C kernels (~15 s of CPU); the slow pass builds them
+    "serve": ["--port", "0"],  # --check binds the port: any free one (8000 may be taken where the tests run)
 }
 
 

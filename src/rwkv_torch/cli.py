@@ -20,6 +20,7 @@ from .demo import (  # noqa: F401  (bench_stream, DEMO_PROMPT: re-exported for s
     stream_bench,
     train_and_report,
 )
+from .serve.command import add_parser as _add_serve
 from .slippi.bot import add_parser as _add_bot
 from .slippi.evaluate import add_parser as _add_eval
 from .slippi.prepare import add_parser as _add_prepare_replays
@@ -243,7 +244,8 @@ def _add_merge(sub):
 
 COMMANDS = {"demo": _add_demo, "check": _add_check, "stream-bench": _add_stream_bench, "export": _add_export,
             "train": _add_train, "generate": _add_generate, "info": _add_info, "convert": _add_convert,
-            "merge": _add_merge, "bot": _add_bot, "prepare-replays": _add_prepare_replays, "eval": _add_eval}
+            "merge": _add_merge, "bot": _add_bot, "prepare-replays": _add_prepare_replays, "eval": _add_eval,
+            "serve": _add_serve}
 
 
 def main(argv=None) -> int:
