@@ -38,12 +38,13 @@ from rwkv_torch.slippi.prepare import prepare_replays  # noqa: E402
 
 MEMORY_PROBE = """
 import json, resource, sys
+from rwkv_torch.slippi import DATA_SOURCES
 from rwkv_torch.train.data import load_data, make_batch, window_plans
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
-data = load_data(sys.argv[1], progress=False)
+data = load_data(sys.argv[1], progress=False, sources=DATA_SOURCES)
 before = rss()
 plans = window_plans([len(s) for s in data.sequences], 60, 60, 16, 0)
 for _ in range(200):
@@ -79,9 +80,10 @@ def prepare_row(src: Path, out: Path, workers: int) -> dict:
 
 
 def loader_row(ds: Path) -> float:
+    from rwkv_torch.slippi import DATA_SOURCES
     from rwkv_torch.train.data import load_data
 
-    data = load_data(ds, progress=False)
+    data = load_data(ds, progress=False, sources=DATA_SOURCES)
     t0, frames = time.perf_counter(), 0
     for s in data.sequences:  # each game read and featurized once (its two sides come from one read)
         frames += len(s.x) + 0 * len(s.y["buttons"])
