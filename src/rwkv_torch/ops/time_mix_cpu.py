@@ -36,7 +36,7 @@ def _gated_output_bwd_fake(dzg, y, r, k, v, g, r_k, ln_w, ln_b, n_head, eps):
 
 def gated_output_backward(dzg, y, r, k, v, g, r_k, ln_w, ln_b, n_head: int, eps: float) -> list:
     """The elementwise backward of the time mix's gated output ``((group_norm(y) ln_w + ln_b + bonus v) g) @ W_outᵀ``
-    (``layers/gated_output.py``) in one pass (``csrc/time_mix_cpu.c``): from ``dzg = d_out @ W_out`` and the saved
+    (``ops/gated_output.py``) in one pass (``csrc/time_mix_cpu.c``): from ``dzg = d_out @ W_out`` and the saved
     ``[..., C]`` tensors, returns ``[dy, dr, dk, dv, dg, zg, dr_k, dln_w, dln_b]`` (``zg = z g``, the projection's
     input; the last three ``[C]``, summed over fixed row blocks: independent of the thread count). RWKV-7's bonus
     ``Σ_head r k r_k`` needs r, k, v and r_k; RWKV-5/6 pass all four as None and get None for dr, dk, dv and dr_k.
@@ -81,7 +81,7 @@ def _wkv_inputs_bwd_fake(dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, 
 
 def wkv_inputs_backward(dw, dk, d_minus_kk, db, k0, a, norm, w, minus_kk, k_k, k_a, decay_scale: float,
                         eps: float) -> list:
-    """The elementwise backward of RWKV-7's WKV inputs (``layers/rwkv7_fused.py``, ``wkv_inputs``) in one pass
+    """The elementwise backward of RWKV-7's WKV inputs (``ops/wkv7/fused_inputs.py``, ``wkv_inputs``) in one pass
     (``csrc/time_mix_cpu.c``): from the gradients of ``(w, k, -kk, kk a)`` and the saved ``k0, a, w, -kk``
     (``[..., C]``), the per-head norms of ``k0 k_k`` (``[..., H, 1]``) and ``k_k, k_a`` (``C`` elements), returns
     ``[dk0, dw_raw, da_raw, dk_k, dk_a]`` (the last two ``[C]``, summed over fixed row blocks). float32 or float64 CPU

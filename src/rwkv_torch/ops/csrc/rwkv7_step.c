@@ -13,7 +13,7 @@
  *   matrices ([out] each, read only for int8). Everything is float32 except the six matrices, which are in the
  *   weight format wfmt: 0 float32, 1 bfloat16 (raw uint16), 2 int8 (row o of the matrix is q[o, :] * scale[o]).
  * Activations, sums and the state are float32 in every format. The library is compiled on first use with
- * -march=native on the CPU that runs it (ops/cpu_kernel.py), so the ISA is the running CPU's: AVX2+FMA gets
+ * -march=native on the CPU that runs it (ops/cpu_lib.py), so the ISA is the running CPU's: AVX2+FMA gets
  * hand-written widening dot products for int8/bf16, anything else the portable loops.
  * State per layer: shift_att [B, C], shift_ffn [B, C], wkv [B, H, N, N] (official layout S[i][j], i = value index);
  * read from *_in, written to *_out (the same pointers for an in-place step).

@@ -1,4 +1,4 @@
-/* The elementwise backwards of the time mix's training form (layers/gated_output.py, layers/rwkv7_fused.py), one pass
+/* The elementwise backwards of the time mix's training form (ops/gated_output.py, ops/wkv7/fused_inputs.py), one pass
  * per row each.
  *
  * gated_output's, forward per row (token) and head (N channels): yn = (y - mean(y)) * rstd, rstd = 1 / sqrt(var(y) + eps);
@@ -107,7 +107,7 @@ int rwkv_gated_output_backward(int64_t R, int64_t H, int64_t N, const void *cons
                           out[1], out[2], out[3], out[4], out[5], part, threads);
 }
 
-/* The elementwise backward of RWKV-7's WKV inputs (layers/rwkv7_fused.py, wkv_inputs). Forward, per row and head:
+/* The elementwise backward of RWKV-7's WKV inputs (ops/wkv7/fused_inputs.py, wkv_inputs). Forward, per row and head:
  *     w = -s sigmoid(w_raw), a = sigmoid(a_raw), k = k0 (1 + (a - 1) k_a),
  *     kk = kh / max(|kh|, eps) with kh = k0 k_k over the head's N channels, outputs (w, k, -kk, kk a).
  * Given the four output gradients, writes
