@@ -55,7 +55,6 @@ class _ShiftMixLinear(torch.autograd.Function):
         weights = tensors[n:]
         need = ctx.needs_input_grad
         xx = token_shift(x, shift, cu_seqlens=cu) - x
-        dmus = [None] * n
         dws = [None] * len(weights)
         used, dxms = [], []  # the lerps whose output has a gradient, and their input gradients
         for i, (g, m, w) in enumerate(zip(grads, which, weights)):
@@ -67,29 +66,38 @@ class _ShiftMixLinear(torch.autograd.Function):
             dxms.append(g @ w)
         if not dxms:
             return (None,) * (4 + n + len(weights))
-        mus = [tensors[m] for m in used]
-        if c_pass(x, [*dxms, *mus]):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
-            dx, dxx, dmu_rows = mix_backward(dxms, mus, xx)
-            for m, dmu in zip(used, dmu_rows):
-                if need[4 + m]:
-                    dmu = dmu.view(tensors[m].shape)
-                    dmus[m] = dmu if dmus[m] is None else dmus[m] + dmu
-        else:
-            dx = dxx = None
-            for m, mu, dxm in zip(used, mus, dxms):
-                if need[4 + m]:
-                    dmu = channel_sum(dxm * xx, mu.shape)
-                    dmus[m] = dmu if dmus[m] is None else dmus[m].add_(dmu)
-                dx = dxm if dx is None else dx.add_(dxm)
-                dxx = dxm * mu if dxx is None else dxx.addcmul_(dxm, mu)
-            dx = dx.sub_(dxx)
+        dx, dxx, dmus = lerps_backward(x, xx, tensors[:n], used, dxms, need[4:4 + n])
         d_shift = None
         if need[0] or need[1]:
-            dx, d_shift = _through_token_shift(dx, dxx, cu)
+            dx, d_shift = through_token_shift(dx, dxx, cu)
         return (dx if need[0] else None, d_shift if need[1] else None, None, None, *dmus, *dws)
 
 
-def _through_token_shift(dx: torch.Tensor, dxx: torch.Tensor, cu_seqlens) -> tuple:
+def lerps_backward(x: torch.Tensor, xx: torch.Tensor, mus, used, dxms, need_mu) -> tuple:
+    """The lerps ``x + xx * mus[m]`` backwards from their input gradients ``dxms`` (one per lerp, ``used[i]`` the
+    index of its mixing vector in ``mus``): ``(dx - dxx, dxx, dmus)``, with ``dmus[m]`` summed over the lerps sharing
+    ``mus[m]`` (None where ``need_mu[m]`` is False or no lerp used it). On CPU one C pass over the ``dxm``
+    (``mix_cpu.mix_backward``), else torch ops."""
+    dmus = [None] * len(mus)
+    used_mus = [mus[m] for m in used]
+    if c_pass(x, [*dxms, *used_mus]):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
+        dx, dxx, dmu_rows = mix_backward(dxms, used_mus, xx)
+        for m, dmu in zip(used, dmu_rows):
+            if need_mu[m]:
+                dmu = dmu.view(mus[m].shape)
+                dmus[m] = dmu if dmus[m] is None else dmus[m] + dmu
+        return dx, dxx, dmus
+    dx = dxx = None
+    for m, mu, dxm in zip(used, used_mus, dxms):
+        if need_mu[m]:
+            dmu = channel_sum(dxm * xx, mu.shape)
+            dmus[m] = dmu if dmus[m] is None else dmus[m].add_(dmu)
+        dx = dxm if dx is None else dx.add_(dxm)
+        dxx = dxm * mu if dxx is None else dxx.addcmul_(dxm, mu)
+    return dx.sub_(dxx), dxx, dmus
+
+
+def through_token_shift(dx: torch.Tensor, dxx: torch.Tensor, cu_seqlens) -> tuple:
     """The gradients of x and of the shift row from ``dx`` (x's direct gradient, with the ``- x`` of
     ``xx = x_prev - x`` already taken out) and ``dxx``, whose ``x_prev`` part is shifted back (``dx`` is updated in
     place)."""
@@ -217,7 +225,7 @@ class _DataLerpLinear(torch.autograd.Function):
             dx = dx.sub_(dxx)
         dz = torch.einsum("jbtc,jdc->btjd", dm, w2) if need[3] else None
         dw2 = torch.einsum("btjd,jbtc->jdc", z, dm) if need[4] else None
-        dx, d_shift = _through_token_shift(dx, dxx, cu)
+        dx, d_shift = through_token_shift(dx, dxx, cu)
         return (dx if need[0] else None, d_shift if need[1] else None, None, dz, dw2, None, *dmus, *dws)
 
 

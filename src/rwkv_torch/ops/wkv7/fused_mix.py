@@ -17,10 +17,9 @@ values are the spec form's.
 
 import torch
 
-from .. import mix_cpu
 from ..gated_output import autocast_dtype, module_params, projection_vjp
-from ..mix import c_pass, channel_sum, flat
-from ..token_shift import token_shift, token_shift_backward
+from ..mix import flat, lerps_backward, through_token_shift
+from ..token_shift import token_shift
 
 
 def _times(xm: torch.Tensor, w: torch.Tensor, autocast) -> torch.Tensor:
@@ -55,7 +54,7 @@ class _ShiftMixProject(torch.autograd.Function):
         need = ctx.needs_input_grad
         off = 8 + n  # the first projection tensor among apply's arguments
         xx = token_shift(x, shift, cu_seqlens=cu) - x
-        dmus, drest = [None] * n, [None] * ctx.n_rest
+        drest = [None] * ctx.n_rest
         used, dxms = [], []  # the lerps whose output has a gradient, and their input gradients
         for g, m, mod, (a, b) in zip(grads, which, modules, slices):
             w = next(weights) if mod is None else None
@@ -73,26 +72,10 @@ class _ShiftMixProject(torch.autograd.Function):
             dxms.append(dxm)
         if not dxms:
             return (None,) * (8 + n + ctx.n_rest)
-        used_mus = [mus[m] for m in used]
-        if c_pass(x, [*dxms, *used_mus]):  # dx - dxx, dxx and every dmu from one read of each dxm (csrc/mix_cpu.c)
-            dx, dxx, dmu_rows = mix_cpu.mix_backward(dxms, used_mus, xx)
-            for m, dmu in zip(used, dmu_rows):
-                if need[8 + m]:
-                    dmu = dmu.view(mus[m].shape)
-                    dmus[m] = dmu if dmus[m] is None else dmus[m] + dmu
-        else:
-            dx = dxx = None
-            for m, mu, dxm in zip(used, used_mus, dxms):
-                if need[8 + m]:
-                    dmu = channel_sum(dxm * xx, mu.shape)
-                    dmus[m] = dmu if dmus[m] is None else dmus[m].add_(dmu)
-                dx = dxm if dx is None else dx.add_(dxm)
-                dxx = dxm * mu if dxx is None else dxx.addcmul_(dxm, mu)
-            dx = dx.sub_(dxx)
+        dx, dxx, dmus = lerps_backward(x, xx, mus, used, dxms, need[8:8 + n])
         d_shift = None
         if need[0] or need[1]:
-            dx_prev, d_shift = token_shift_backward(dxx, cu_seqlens=cu)
-            dx = dx.add_(dx_prev)
+            dx, d_shift = through_token_shift(dx, dxx, cu)
         return (dx if need[0] else None, d_shift if need[1] else None, None, None, None, None, None, None, *dmus,
                 *drest)
 
