@@ -8,7 +8,7 @@ import torch
 
 import rwkv_torch as rt
 from rwkv_torch.ops import cpu_lib
-from tests.utils import assert_close
+from tests.utils import ReadBacks, assert_close
 
 SMALL = dict(hidden_size=64, num_layers=2, head_size=16)
 
@@ -439,23 +439,6 @@ def test_wkv7_w_min_is_checked():
         assert_close("w_min", x, y, 1e-5)
 
 
-class _ReadBacks:
-    """Counts device-to-host reads (``.item()``, ``.tolist()``, ``bool(tensor)``) while active."""
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        for name in ("item", "tolist", "__bool__"):
-            real = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._counting(real))
-
-    def _counting(self, real):
-        def wrapper(t, *args, **kwargs):
-            self.count += 1
-            return real(t, *args, **kwargs)
-
-        return wrapper
-
-
 @pytest.mark.parametrize("version", [4, 5, 6, 7])
 @pytest.mark.parametrize("kind", ["frames", "tokens"])
 def test_no_value_read_back_per_layer_or_per_token(version, kind, monkeypatch):
@@ -470,7 +453,7 @@ def test_no_value_read_back_per_layer_or_per_token(version, kind, monkeypatch):
         model = rt.build(embed_dim=8, **opts) if kind == "frames" else rt.build(vocab_size=20, **opts)
         model.set_input_checks(checks)
         x = torch.randn(2, 20, 8) if kind == "frames" else torch.randint(0, 20, (2, 20))
-        counter = _ReadBacks(monkeypatch)
+        counter = ReadBacks(monkeypatch)
         model(x, return_sequence=True).sum().backward()
         train_reads, counter.count = counter.count, 0
         state = model.init_state(2)
@@ -505,7 +488,7 @@ def test_one_read_back_per_packed_forward(version, backend, monkeypatch):
         x = torch.randn(1, T, 8)
         cu = torch.tensor([0, 7, 12, T - 3, T])
         cu = packed_offsets(cu) if packed else cu
-        counter = _ReadBacks(monkeypatch)
+        counter = ReadBacks(monkeypatch)
         model(x, cu_seqlens=cu, return_sequence=True, backend=backend).sum().backward()
         monkeypatch.undo()
         return counter.count

@@ -152,3 +152,20 @@ def torchrun_train(flags: list, out, nproc: int = 2):
            "rwkv_torch.cli", "train", *flags, f"--out={out}", "--device=cpu", "--no-progress"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
 
+
+class ReadBacks:
+    """Counts device-to-host reads (``.item()``, ``.tolist()``, ``bool(tensor)``: the Tensor methods ``names``)
+    while active (``count``)."""
+
+    def __init__(self, monkeypatch, names=("item", "tolist", "__bool__")):
+        self.count = 0
+        for name in names:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(real))
+
+    def _counting(self, real):
+        def wrapper(t, *args, **kwargs):
+            self.count += 1
+            return real(t, *args, **kwargs)
+
+        return wrapper

@@ -22,31 +22,14 @@ from rwkv_torch.ops.packing import (
 from rwkv_torch.ops.token_shift import last_token
 from tests.ops import test_wkv6 as t6
 from tests.ops import test_wkv7 as t7
-from tests.utils import assert_varlen_matches, cu_seqlens_of, each_sequence, needs_c_kernel
+from tests.utils import ReadBacks, assert_varlen_matches, cu_seqlens_of, each_sequence, needs_c_kernel
 
 LENS = [5, 0, 9, 3]
 
 
-class _Reads:
-    """Counts ``.tolist()`` / ``.item()`` on tensors (device-to-host reads) while active."""
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        for name in ("tolist", "item"):
-            real = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._counting(real))
-
-    def _counting(self, real):
-        def wrapper(t, *args, **kwargs):
-            self.count += 1
-            return real(t, *args, **kwargs)
-
-        return wrapper
-
-
 def test_packed_offsets_holds_the_tensor_and_its_host_copy(monkeypatch):
     cu = cu_seqlens_of(LENS, dtype=torch.int32)
-    reads = _Reads(monkeypatch)
+    reads = ReadBacks(monkeypatch, ("tolist", "item"))
     p = packed_offsets(cu)
     assert reads.count == 1
     assert p.offsets == (0, 5, 5, 14, 17) and p.num_sequences == 4 and p.tolist() == [0, 5, 5, 14, 17]
@@ -59,7 +42,7 @@ def test_packed_offsets_holds_the_tensor_and_its_host_copy(monkeypatch):
 
 
 def test_check_cu_seqlens_checks_packed_offsets_without_reading_back(monkeypatch):
-    reads = _Reads(monkeypatch)
+    reads = ReadBacks(monkeypatch, ("tolist", "item"))
     with pytest.raises(ValueError, match="end at T=16"):
         check_cu_seqlens(PackedOffsets(torch.tensor([0, 17]), (0, 17)), 1, 16)
     with pytest.raises(ValueError, match="non-decreasing"):
@@ -98,7 +81,7 @@ def test_every_op_takes_packed_offsets_and_reads_them_back_at_most_once(name, op
     cu = cu_seqlens_of(LENS)
     want = op(cu)
     packed = packed_offsets(cu)
-    reads = _Reads(monkeypatch)
+    reads = ReadBacks(monkeypatch, ("tolist", "item"))
     got = op(packed)
     from_packed, reads.count = reads.count, 0
     op(cu)
