@@ -14,6 +14,7 @@ from rwkv_torch.task import Target, TaskModel
 from rwkv_torch.task.baselines import ResidualLSTM, build_baseline, matched_width
 from rwkv_torch.task.model import CONTROLLER_ORDER, autoregressive_order, frame_nll
 from rwkv_torch.train.step import task_loss
+from tests.utils import assert_onnx_policy_matches, episode_row
 
 SLP = Path(__file__).resolve().parent / "data" / "slippi"
 SMALL = ["unranked_game1.slp", "unranked_game2.slp", "KirbyVMario-nB.slp"]
@@ -169,10 +170,6 @@ def ar_run(tmp_path_factory):
     return root / "run"
 
 
-def _rows(ep, t):
-    return ep["frames"][t], {k[4:]: ep[k][t] for k in ep if k.startswith("ids_")}
-
-
 def test_run_records_head_delay_features_and_held_out_games(ar_run):
     from rwkv_torch.slippi import Policy
     from rwkv_torch.slippi.features import FEATURE_VERSION
@@ -234,7 +231,7 @@ def test_policy_greedy_is_the_argmax_chain_and_bot_decodes_the_same(ar_run):
     with torch.no_grad():
         par, _ = pol.model(x, pol.model.init_state(1))  # greedy decode over the window
     for t in range(T):
-        c = pol.act(*_rows(ep, t))
+        c = pol.act(*episode_row(ep, t))
         assert c.main_x == pytest.approx(float(STICK_VALUES[int(par["main_x"][0, t].argmax())]))
         assert [c.buttons[b] for b in BUTTONS] == (par["buttons"][0, t] > 0).tolist()
     bp = BatchPolicy(pol.model)
@@ -244,7 +241,7 @@ def test_policy_greedy_is_the_argmax_chain_and_bot_decodes_the_same(ar_run):
     for t in range(T):
         heads, state = bp.step(rows[t:t + 1].repeat(2, 1), state, np.array([t == 0] * 2))
         ctrl, _ = bp.controls(heads)
-        want = single.act(*_rows(ep, t))
+        want = single.act(*episode_row(ep, t))
         expect = [(want.main_x + 1) / 2, (want.main_y + 1) / 2, (want.c_x + 1) / 2, (want.c_y + 1) / 2,
                   want.shoulder] + [float(want.buttons[b]) for b in BUTTONS]
         np.testing.assert_allclose(ctrl[0], np.float32(expect), atol=1e-6)
@@ -275,9 +272,8 @@ def test_bot_sampling_decodes_the_ar_head_reproducibly(ar_run):
 
 
 def test_onnx_decodes_the_ar_head_with_metadata(ar_run, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    from rwkv_torch.export import state_names
     from rwkv_torch.slippi import Policy
     from rwkv_torch.slippi.features import FEATURE_VERSION
     from rwkv_torch.slippi.replays import load_replay
@@ -290,18 +286,7 @@ def test_onnx_decodes_the_ar_head_with_metadata(ar_run, tmp_path):
     assert json.loads(meta["head_order"]) == list(CONTROLLER_ORDER)
     assert [n for n, _ in json.loads(meta["head_sizes"])] == list(pol.head_sizes())
     assert [c for _, c in json.loads(meta["id_columns"])] == [s.columns for s in pol.model.id_specs]
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ep = load_replay(SLP / "unranked_game2.slp", action_delay=3)[0]
-    L = pol.model.backbone.config.num_layers
-    flat = [t.numpy() for t in pol.model.init_state(1).flat()]
-    for t in range(6):
-        frame, ids = _rows(ep, t)
-        id_row = np.concatenate([np.asarray(ids[s.name]).reshape(-1) for s in pol.model.id_specs])[None]
-        outs = sess.run(None, {"frame": frame[None], "ids": id_row.astype(np.int64),
-                               **dict(zip(state_names(L), flat))})
-        heads, flat = outs[0][0], outs[1:]
-        want = torch.cat(list(pol.logits(frame, ids).values())).numpy()
-        np.testing.assert_allclose(heads, want, rtol=1e-4, atol=1e-4)
+    assert_onnx_policy_matches(pol, path, load_replay(SLP / "unranked_game2.slp", action_delay=3)[0], 6)
 
 
 # ---- rwkv-torch eval
@@ -328,7 +313,7 @@ def test_eval_scores_the_held_out_games_as_the_policy_plays_them(ar_run, monkeyp
     file, _, port = held[0].rpartition(":P")
     ep = load_replay(file, port=int(port), action_delay=3)[0]
     pol = Policy.from_run(ar_run)
-    acted = [pol.act(*_rows(ep, t)) for t in range(len(ep["frames"]))]
+    acted = [pol.act(*episode_row(ep, t)) for t in range(len(ep["frames"]))]
     g = evaluate.score_game(pol.model, _targets(ar_run), ep, 3, keep=True)
     for name in ("main_x", "c_y"):
         cls = np.array([int(np.argmin(np.abs(STICK_VALUES - getattr(c, name)))) for c in acted])

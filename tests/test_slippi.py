@@ -13,6 +13,7 @@ from rwkv_torch.slippi import DATA_SOURCES, FRAME_WIDTH, load_replay, load_repla
 from rwkv_torch.slippi.targets import NEUTRAL, STICK_VALUES, stick_class  # noqa: E402
 from rwkv_torch.train import train  # noqa: E402
 from rwkv_torch.train.data import load_episodes, split_by_sequence  # noqa: E402
+from tests.utils import assert_onnx_policy_matches, episode_row  # noqa: E402
 
 SLP = Path(__file__).resolve().parent / "data" / "slippi"  # copies of slippi-js test fixtures (see its README)
 SMALL = ["unranked_game1.slp", "unranked_game2.slp", "KirbyVMario-nB.slp"]
@@ -131,10 +132,6 @@ def slp_run(tmp_path_factory):
     return root / "run"
 
 
-def _rows(ep, t):
-    return ep["frames"][t], {k[4:]: ep[k][t] for k in ep if k.startswith("ids_")}
-
-
 def test_policy_streams_what_the_parallel_model_computes(slp_run):
     import torch
 
@@ -149,17 +146,17 @@ def test_policy_streams_what_the_parallel_model_computes(slp_run):
     with torch.no_grad():
         par, _ = pol.model(x, pol.model.init_state(1))
     for t in range(T):
-        out = pol.logits(*_rows(ep, t))
+        out = pol.logits(*episode_row(ep, t))
         for name, o in out.items():
             torch.testing.assert_close(o, par[name][0, t], rtol=1e-4, atol=1e-4)
-    c = pol.act(*_rows(ep, T))
+    c = pol.act(*episode_row(ep, T))
     assert isinstance(c, Controller) and set(c.buttons) == {"A", "B", "X", "Y", "Z", "L", "R", "D_UP"}
     assert c.main_x in STICK_VALUES and c.c_y in STICK_VALUES and c.shoulder in SHOULDER_VALUES
     assert pol.position == T + 1
     with pytest.raises(ValueError, match="frame has 3 features"):
-        pol.act(np.zeros(3), _rows(ep, 0)[1])
+        pol.act(np.zeros(3), episode_row(ep, 0)[1])
     with pytest.raises(ValueError, match="ids\\['stage'\\]"):
-        pol.act(ep["frames"][0], {**_rows(ep, 0)[1], "stage": 10_000})
+        pol.act(ep["frames"][0], {**episode_row(ep, 0)[1], "stage": 10_000})
 
 
 def test_policy_rollback_replays_sampled_controllers(slp_run):
@@ -168,36 +165,23 @@ def test_policy_rollback_replays_sampled_controllers(slp_run):
     ep = load_replay(SLP / "unranked_game2.slp")[0]
     pol = Policy.from_run(slp_run, sample=True, seed=3, temperature=2.0)
     for t in range(10):
-        pol.act(*_rows(ep, t))
+        pol.act(*episode_row(ep, t))
     snap = pol.snapshot()
-    first = [pol.act(*_rows(ep, t)) for t in range(10, 30)]
+    first = [pol.act(*episode_row(ep, t)) for t in range(10, 30)]
     pol.restore(snap)
-    again = [pol.act(*_rows(ep, t)) for t in range(10, 30)]
+    again = [pol.act(*episode_row(ep, t)) for t in range(10, 30)]
     assert first == again
     assert len({(c.main_x, c.main_y, tuple(c.buttons.values())) for c in first}) > 1  # it does sample
 
 
 def test_policy_onnx_covers_ids_backbone_and_heads(slp_run, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    import torch
+    pytest.importorskip("onnxruntime")
 
-    from rwkv_torch.export import state_names
     from rwkv_torch.slippi import Policy
 
     pol = Policy.from_run(slp_run)
     path = pol.export_onnx(tmp_path / "policy.onnx")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ep = load_replay(SLP / "unranked_game1.slp")[1]
-    L = pol.model.backbone.config.num_layers
-    flat = [t.numpy() for t in pol.model.init_state(1).flat()]
-    for t in range(5):
-        frame, ids = _rows(ep, t)
-        id_row = np.concatenate([np.asarray(ids[s.name]).reshape(-1) for s in pol.model.id_specs])[None]
-        outs = sess.run(None, {"frame": frame[None], "ids": id_row.astype(np.int64),
-                               **dict(zip(state_names(L), flat))})
-        heads, flat = outs[0][0], outs[1:]
-        want = torch.cat(list(pol.logits(frame, ids).values())).numpy()
-        np.testing.assert_allclose(heads, want, rtol=1e-4, atol=1e-4)
+    heads = assert_onnx_policy_matches(pol, path, load_replay(SLP / "unranked_game1.slp")[1], 5)
     assert heads.shape[0] == sum(pol.head_sizes().values())
 
 
@@ -289,7 +273,7 @@ def _with_items(replay):
 
 @pytest.mark.parametrize("name, port", [("KirbyVMario-nB.slp", 1), ("KirbyVMario-nB.slp", 2),
                                         ("unranked_game1.slp", 2), ("realtimeTest.slp", 3)])
-def test_live_gamestate_features_equal_the_replay_rows(name, port):
+def test_live_gamestate_features_equal_the_replayepisode_row(name, port):
     """Both sides of a game (a CPU's too), an old replay on ports 2 and 3, items (synthetic: the small replays have
     none). The Ice Climbers' Nana block is not covered here: none of the small replays has them."""
     from rwkv_torch.slippi.features import game_features
@@ -330,7 +314,7 @@ def test_policy_from_a_lora_and_state_tuned_run(slp_run, tmp_path):
     base, tuned = Policy.from_run(slp_run), Policy.from_run(tmp_path / "tuned")
     assert tuned.model.state0 is not None and any(t.abs().sum() > 0 for t in tuned.state.wkv)
     ep = load_replay(SLP / "KirbyVMario-nB.slp")[0]
-    outs = [pol.logits(*_rows(ep, 0)) for pol in (base, tuned)]
+    outs = [pol.logits(*episode_row(ep, 0)) for pol in (base, tuned)]
     assert not torch.allclose(outs[0]["main_x"], outs[1]["main_x"])  # the adaptation changed the policy
     assert (tmp_path / "tuned" / "state.safetensors").stat().st_size > 0
 

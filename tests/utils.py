@@ -169,3 +169,29 @@ class ReadBacks:
             return real(t, *args, **kwargs)
 
         return wrapper
+
+
+def episode_row(ep: dict, t: int) -> tuple:
+    """Frame ``t`` of a replay episode as ``Policy.act`` takes it: ``(frame row, {id name: ids})``."""
+    return ep["frames"][t], {k[4:]: ep[k][t] for k in ep if k.startswith("ids_")}
+
+
+def assert_onnx_policy_matches(pol, path, ep: dict, steps: int):
+    """The exported policy ``path`` (onnxruntime, state carried through its inputs and outputs) gives ``pol``'s head
+    logits on the first ``steps`` frames of ``ep``; returns the last frame's heads."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from rwkv_torch.export import state_names
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = state_names(pol.model.backbone.config.num_layers)
+    flat = [t.numpy() for t in pol.model.init_state(1).flat()]
+    for t in range(steps):
+        frame, ids = episode_row(ep, t)
+        id_row = np.concatenate([np.asarray(ids[s.name]).reshape(-1) for s in pol.model.id_specs])[None]
+        outs = sess.run(None, {"frame": frame[None], "ids": id_row.astype(np.int64), **dict(zip(names, flat))})
+        heads, flat = outs[0][0], outs[1:]
+        want = torch.cat(list(pol.logits(frame, ids).values())).numpy()
+        np.testing.assert_allclose(heads, want, rtol=1e-4, atol=1e-4)
+    return heads
